@@ -1,0 +1,37 @@
+"""Numpy-only quantization core: no onnx or onnxruntime import lives here.
+
+Everything below works on plain ``numpy`` arrays so that it can be reused by
+any graph layer (and tested without one).
+"""
+from onnxq.core.packing import pack_bits, pack_zero_points, unpack_bits, unpack_zero_points
+from onnxq.core.padding import blocks_to_weight, pad_tensor, weight_to_blocks
+from onnxq.core.quantize import (
+    check_quant_params,
+    quantize_with_params,
+    dequantize_blocks,
+    qdq_tensor,
+    quant_tensor,
+    quantize_blocks,
+    quantize_weight,
+    search_clip,
+)
+from onnxq.core.weight import QuantizedWeight
+
+__all__ = [
+    "QuantizedWeight",
+    "blocks_to_weight",
+    "check_quant_params",
+    "quantize_with_params",
+    "dequantize_blocks",
+    "pack_bits",
+    "pack_zero_points",
+    "pad_tensor",
+    "qdq_tensor",
+    "quant_tensor",
+    "quantize_blocks",
+    "quantize_weight",
+    "search_clip",
+    "unpack_bits",
+    "unpack_zero_points",
+    "weight_to_blocks",
+]

@@ -1,0 +1,243 @@
+"""Round-to-nearest blockwise quantization (the numerics of ORT's MLAS packer).
+
+Conventions, bit-exact with ``onnxruntime``'s ``quantize_matmul_{2,4,8}bits`` for
+float32 weights (checked in ``tests/test_core_ort_oracle.py``):
+
+* asymmetric: ``lo = min(min(x) * ratio, 0)``, ``hi = max(max(x) * ratio, 0)``,
+  ``scale = (hi - lo) / (2**b - 1)``, ``r = 1 / scale`` (0 when scale is 0),
+  ``zp = clip(floor(-lo * r + 0.5), 0, 2**b - 1)``,
+  ``q = clip(floor(x * r + zp + 0.5), 0, 2**b - 1)``.
+* symmetric ("full range"): the block's value of largest magnitude ``e`` (the
+  minimum on a tie) maps exactly to ``-2**(b-1)``: ``scale = e * ratio / -2**(b-1)``
+  (a signed scale), ``zp = 2**(b-1)``, so all ``2**b`` codes are usable.
+
+Scales are rounded to ``scale_dtype`` (the dtype they will be stored in) *before*
+codes are computed, so the codes are the best ones for the scale the runtime sees.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from onnxq.core.padding import weight_to_blocks
+from onnxq.core.weight import QuantizedWeight
+
+__all__ = [
+    "DEFAULT_CLIP_RATIOS",
+    "check_quant_params",
+    "quantize_blocks",
+    "quantize_with_params",
+    "dequantize_blocks",
+    "quantize_weight",
+    "quant_tensor",
+    "qdq_tensor",
+    "search_clip",
+]
+
+DEFAULT_CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(11))  # 1.00 .. 0.80
+
+_COLUMN_CHUNK = 512  # output columns quantized at once: bounds temporaries to ~chunk*K*4 bytes
+
+
+def check_quant_params(bits: int, block_size: int) -> None:
+    """Raise ``ValueError`` for settings no format can hold."""
+    if not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+    if block_size != -1 and (not isinstance(block_size, (int, np.integer)) or block_size < 1):
+        raise ValueError(f"block_size must be a positive integer or -1 (per channel), got {block_size!r}")
+
+
+def _round_half_up(x: np.ndarray) -> np.ndarray:
+    return np.floor(x + np.float32(0.5), out=x)
+
+
+def quantize_blocks(
+    blocks: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    ratio: float | np.ndarray = 1.0,
+    scale_dtype: np.dtype | type = np.float32,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize ``blocks: [..., block_size]`` block by block along the last axis.
+
+    Args:
+        blocks: float values, one quantization block per last-axis row.
+        bits: code width, 2..8.
+        symmetric: full-range symmetric (implied zero point ``2**(bits-1)``) or asymmetric.
+        ratio: clip ratio applied to the block range; a scalar or an array
+            broadcastable to ``blocks.shape[:-1]``.
+        scale_dtype: dtype the scales will be stored in (float32/float16/bfloat16 via ml_dtypes).
+
+    Returns:
+        ``(codes uint8 [..., block_size], scales float32 [...], zero_points uint8 [...])``;
+        for symmetric blocks every zero point equals ``2**(bits-1)``.
+    """
+    blocks = np.asarray(blocks, dtype=np.float32)
+    qmax = np.float32((1 << bits) - 1)
+    ratio = np.asarray(ratio, dtype=np.float32)
+    vmin = blocks.min(axis=-1)
+    vmax = blocks.max(axis=-1)
+    if symmetric:
+        extreme = np.where(np.abs(vmax) > np.abs(vmin), vmax, vmin) * ratio
+        scales = (extreme / np.float32(-(1 << (bits - 1)))).astype(np.float32)
+    else:
+        lo = np.minimum(vmin * ratio, np.float32(0))
+        hi = np.maximum(vmax * ratio, np.float32(0))
+        scales = ((hi - lo) / qmax).astype(np.float32)
+    scales = scales.astype(scale_dtype).astype(np.float32)
+    nonzero = scales != 0
+    recip = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=nonzero)
+    if symmetric:
+        zero_points = np.full(scales.shape, 1 << (bits - 1), dtype=np.float32)
+    else:
+        zero_points = np.clip(_round_half_up(-lo * recip), 0, qmax)
+    codes = blocks * recip[..., None]
+    codes += zero_points[..., None]
+    codes = np.clip(_round_half_up(codes), 0, qmax, out=codes)
+    return codes.astype(np.uint8), scales, zero_points.astype(np.uint8)
+
+
+def quantize_with_params(values: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int) -> np.ndarray:
+    """Codes for ``values: [..., L]`` given fixed ``scales``/``zero_points: [...]`` (uint8 ``[..., L]``).
+
+    Same rounding as :func:`quantize_blocks` (reciprocal multiply, round half up),
+    so ``quantize_with_params(b, *quantize_blocks(b, ...)[1:], bits)`` reproduces its codes.
+    Used by solvers (GPTQ) that fix a block's scale before quantizing its columns.
+    """
+    scales = np.asarray(scales, dtype=np.float32)
+    recip = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=scales != 0)
+    codes = np.asarray(values, dtype=np.float32) * recip[..., None]
+    codes += np.asarray(zero_points, dtype=np.float32)[..., None]
+    return np.clip(_round_half_up(codes), 0, (1 << bits) - 1, out=codes).astype(np.uint8)
+
+
+def dequantize_blocks(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray) -> np.ndarray:
+    """``(codes [..., bs] - zero_points[..., None]) * scales[..., None]`` in float32."""
+    zp = np.asarray(zero_points, dtype=np.float32)[..., None]
+    return (np.asarray(codes, dtype=np.float32) - zp) * np.asarray(scales, dtype=np.float32)[..., None]
+
+
+def _block_error(blocks: np.ndarray, bits: int, symmetric: bool, ratio, scale_dtype) -> np.ndarray:
+    codes, scales, zps = quantize_blocks(blocks, bits, symmetric, ratio, scale_dtype)
+    diff = dequantize_blocks(codes, scales, zps) - blocks
+    return np.einsum("...i,...i->...", diff, diff)
+
+
+def _best_block_ratios(blocks, bits, symmetric, ratios, scale_dtype) -> np.ndarray:
+    best_err = np.full(blocks.shape[:-1], np.inf, dtype=np.float32)
+    best_ratio = np.ones(blocks.shape[:-1], dtype=np.float32)
+    for ratio in ratios:
+        err = _block_error(blocks, bits, symmetric, ratio, scale_dtype)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_ratio = np.where(better, np.float32(ratio), best_ratio)
+    return best_ratio
+
+
+def quantize_weight(
+    weight: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = True,
+    ratio: float = 1.0,
+    mse_clip: bool = False,
+    clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS,
+    scale_dtype: np.dtype | type = np.float32,
+) -> QuantizedWeight:
+    """RTN-quantize ``weight: [K, N]`` in blocks of ``block_size`` along K.
+
+    ``block_size=-1`` quantizes each output column as one block (per channel).
+    With ``mse_clip`` each block picks, from ``clip_ratios``, the clip ratio that
+    minimises its squared reconstruction error (a per-block version of the
+    clip search in Neural Compressor / AWQ, arXiv 2306.00978 sec. 3.3).
+    Work is done on chunks of output columns so temporaries stay small.
+    """
+    check_quant_params(bits, block_size)
+    weight = np.asarray(weight)
+    if weight.ndim != 2:
+        raise ValueError(f"expected a 2-D weight [K, N], got shape {weight.shape}")
+    k, n = weight.shape
+    bs = k if block_size == -1 else block_size
+    k_blocks = -(-k // bs)
+    codes = np.empty((n, k_blocks, bs), dtype=np.uint8)
+    scales = np.empty((n, k_blocks), dtype=np.float32)
+    zero_points = np.empty((n, k_blocks), dtype=np.uint8)
+    for start in range(0, n, _COLUMN_CHUNK):
+        stop = min(start + _COLUMN_CHUNK, n)
+        blocks = weight_to_blocks(weight[:, start:stop], bs)
+        chunk_ratio = _best_block_ratios(blocks, bits, symmetric, clip_ratios, scale_dtype) if mse_clip else ratio
+        codes[start:stop], scales[start:stop], zero_points[start:stop] = quantize_blocks(
+            blocks, bits, symmetric, chunk_ratio, scale_dtype
+        )
+    return QuantizedWeight(codes, scales, None if symmetric else zero_points, bits, bs, k)
+
+
+def _as_groups(data: np.ndarray, group_size: int) -> np.ndarray:
+    data = np.asarray(data, dtype=np.float32)
+    if group_size == -1:
+        return data.reshape(data.shape[0], -1)
+    if data.size % group_size:
+        raise ValueError(f"data of size {data.size} does not split into groups of {group_size}")
+    return data.reshape(-1, group_size)
+
+
+def quant_tensor(
+    data: np.ndarray,
+    num_bits: int = 4,
+    group_size: int = 32,
+    scheme: str = "asym",
+    dtype: str = "int",
+    ratio: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize ``data`` group by group (Neural Compressor's signature and defaults).
+
+    ``data`` is reshaped to ``[-1, group_size]`` (``group_size=-1``: one group per row
+    of ``data``), each row being one group. Numerics follow this module's docstring.
+
+    Returns ``(q [G, group_size], scale [G, 1], zero_point [G, 1])``: for
+    ``scheme="asym"`` or ``dtype="uint"``, ``q`` is unsigned (uint8) with its zero
+    point; for ``scheme="sym", dtype="int"``, ``q`` is signed (int8) and the zero
+    point is 0. In all cases ``data ~= (q - zero_point) * scale``.
+    """
+    if scheme not in ("sym", "asym"):
+        raise ValueError(f"scheme must be 'sym' or 'asym', got {scheme!r}")
+    if dtype not in ("int", "uint"):
+        raise ValueError(f"dtype must be 'int' or 'uint', got {dtype!r}")
+    check_quant_params(num_bits, group_size)
+    groups = _as_groups(data, group_size)
+    codes, scales, zps = quantize_blocks(groups, num_bits, scheme == "sym", ratio)
+    if scheme == "sym" and dtype == "int":
+        signed = codes.astype(np.int16) - (1 << (num_bits - 1))
+        return signed.astype(np.int8), scales[:, None], np.zeros((len(scales), 1), dtype=np.int8)
+    return codes, scales[:, None], zps[:, None]
+
+
+def qdq_tensor(
+    data: np.ndarray,
+    num_bits: int = 4,
+    group_size: int = 32,
+    scheme: str = "asym",
+    dtype: str = "int",
+    ratio: float = 1.0,
+) -> np.ndarray:
+    """Quantize then dequantize ``data``; returns float32 of ``data``'s shape."""
+    q, scale, zp = quant_tensor(data, num_bits, group_size, scheme, dtype, ratio)
+    restored = (q.astype(np.float32) - zp.astype(np.float32)) * scale
+    return restored.reshape(np.shape(data))
+
+
+def search_clip(
+    tensor: np.ndarray,
+    bits: int = 4,
+    group_size: int = 32,
+    scheme: str = "asym",
+    ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS,
+) -> float:
+    """Pick the clip ratio (one for the whole tensor) with the lowest qdq MSE.
+
+    ``tensor: [K, N]`` is quantized in blocks of ``group_size`` along K, as the
+    weight of a MatMul. Returns the best ratio from ``ratios`` (ties: the first).
+    """
+    check_quant_params(bits, group_size)
+    blocks = weight_to_blocks(np.asarray(tensor), tensor.shape[0] if group_size == -1 else group_size)
+    errors = [float(_block_error(blocks, bits, scheme == "sym", r, np.float32).sum()) for r in ratios]
+    return float(ratios[int(np.argmin(errors))])
