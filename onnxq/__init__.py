@@ -1,0 +1,12 @@
+"""onnxq: weight-only quantization of ONNX models for ONNX Runtime.
+
+>>> import onnxq
+>>> model = onnxq.quantize("model.onnx", onnxq.QuantConfig(bits=4, block_size=32))
+>>> onnxq.save(model, "model.q4.onnx")
+"""
+from onnxq.api import inspect_model, quantize, save
+from onnxq.config import QuantConfig
+from onnxq.errors import OnnxqError
+
+__all__ = ["OnnxqError", "QuantConfig", "inspect_model", "quantize", "save"]
+__version__ = "0.1.0"

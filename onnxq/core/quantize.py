@@ -31,6 +31,7 @@ __all__ = [
     "quant_tensor",
     "qdq_tensor",
     "search_clip",
+    "relative_error",
 ]
 
 DEFAULT_CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(11))  # 1.00 .. 0.80
@@ -241,3 +242,18 @@ def search_clip(
     blocks = weight_to_blocks(np.asarray(tensor), tensor.shape[0] if group_size == -1 else group_size)
     errors = [float(_block_error(blocks, bits, scheme == "sym", r, np.float32).sum()) for r in ratios]
     return float(ratios[int(np.argmin(errors))])
+
+
+def relative_error(weight: np.ndarray, qweight: QuantizedWeight) -> float:
+    """``||W - dequant(Q)||_F / ||W||_F`` for ``weight: [K, N]``, computed in column chunks."""
+    err = 0.0
+    ref = 0.0
+    for start in range(0, qweight.n, _COLUMN_CHUNK):
+        stop = min(start + _COLUMN_CHUNK, qweight.n)
+        blocks = weight_to_blocks(weight[:, start:stop], qweight.block_size)
+        zp = qweight.effective_zero_points()[start:stop]
+        diff = dequantize_blocks(qweight.codes[start:stop], qweight.scales[start:stop], zp) - blocks
+        diff = diff.reshape(stop - start, -1)[:, : qweight.k]  # padded rows are not part of the weight
+        err += float(np.vdot(diff, diff))
+        ref += float(np.vdot(blocks, blocks))
+    return float(np.sqrt(err / ref)) if ref > 0 else float(np.sqrt(err))

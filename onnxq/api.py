@@ -1,0 +1,88 @@
+"""The Python API: ``quantize(model, config) -> ir.Model`` and ``save(model, path)``."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from typing import Callable, Iterable
+
+import onnx
+import onnx_ir as ir
+
+from onnxq.config import QuantConfig
+from onnxq.errors import OnnxqError
+from onnxq.io import load_model, save_model
+from onnxq.passes import MatMulToNBitsPass, QuantizedNodeRecord, SkippedNode, find_weight_sites
+
+__all__ = ["quantize", "save", "inspect_model", "records_of", "REPORT_KEY"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_KEY = "onnxq.report"
+"""``model.meta[REPORT_KEY]``: ``(records, skipped)`` of the last quantization (not saved to disk)."""
+
+
+def quantize(
+    model: str | os.PathLike | ir.Model | onnx.ModelProto,
+    config: QuantConfig | None = None,
+    *,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> ir.Model:
+    """Quantize the MatMul/Gemm weights of ``model`` to MatMulNBits.
+
+    Args:
+        model: a path (external data is read memory-mapped), an ``onnx.ModelProto``
+            or an ``onnx_ir.Model`` (modified in place and returned).
+        config: settings; defaults to ``QuantConfig()`` (4 bits, block 32, symmetric, RTN).
+        progress: wraps the list of weight sites (e.g. ``tqdm.tqdm``) to show progress.
+
+    Returns:
+        The rewritten model. ``model.meta["onnxq.report"]`` holds the per-node records.
+
+    Raises:
+        OnnxqError: unreadable model, nothing to quantize, NaN/Inf weights, bad settings.
+    """
+    config = config or QuantConfig()
+    ir_model = load_model(model)
+    quant_pass = MatMulToNBitsPass(config, progress=progress)
+    result = quant_pass(ir_model)
+    if not result.modified:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in quant_pass.skipped[:5])
+        found = f" (skipped: {reasons})" if reasons else " (no MatMul or Gemm nodes)"
+        raise OnnxqError(f"no quantizable MatMul/Gemm node found{found}")
+    ir_model.meta[REPORT_KEY] = (quant_pass.records, quant_pass.skipped)
+    ir_model.metadata_props["onnxq.config"] = json.dumps(asdict(config), default=list)
+    return result.model
+
+
+def save(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> None:
+    """Write ``model`` atomically; see :func:`onnxq.io.save_model`."""
+    save_model(model, path, external_data)
+
+
+def inspect_model(
+    model: str | os.PathLike | ir.Model | onnx.ModelProto, config: QuantConfig | None = None
+) -> tuple[list[tuple[str, str, int, int, str]], list[SkippedNode]]:
+    """What ``quantize`` would do, without changing anything.
+
+    Returns ``(planned, skipped)``: planned rows are ``(name, kind, K, N, settings)``.
+    """
+    config = config or QuantConfig()
+    sites, skipped = find_weight_sites(load_model(model))
+    planned = []
+    for site in sites:
+        settings = config.settings_for(site.name)
+        if settings is None:
+            skipped.append(SkippedNode(site.name, site.node.op_type, config.skip_reason(site.name)))
+            continue
+        desc = f"int{settings.bits} block {settings.block_size} {'sym' if settings.symmetric else 'asym'}"
+        planned.append((site.name, site.kind, site.k, site.n, desc))
+    return planned, skipped
+
+
+def records_of(model: ir.Model) -> tuple[list[QuantizedNodeRecord], list[SkippedNode]]:
+    """The per-node records ``quantize`` left on ``model``."""
+    if REPORT_KEY not in model.meta:
+        raise OnnxqError("model carries no onnxq report (was it produced by onnxq.quantize in this process?)")
+    return model.meta[REPORT_KEY]

@@ -1,0 +1,134 @@
+"""Quantization settings: a frozen :class:`QuantConfig` plus per-node overrides.
+
+Node selection (``include``/``exclude``) uses regular expressions searched in the
+node name (``re.search``). Override keys are shell-style wildcards matched
+against the whole node name (``fnmatch``), or regular expressions when written
+``"re:<pattern>"``; the first matching override wins.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from onnxq.errors import OnnxqError
+
+__all__ = ["QuantConfig", "NodeSettings", "ALGORITHMS", "FORMATS"]
+
+ALGORITHMS = ("rtn",)
+FORMATS = ("nbits",)
+_OVERRIDABLE = ("bits", "block_size", "symmetric", "accuracy_level", "mse_clip", "skip")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The effective settings for one weight site (after overrides)."""
+
+    bits: int
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+    mse_clip: bool
+
+
+def _validate(bits: Any, block_size: Any, accuracy_level: Any, where: str) -> None:
+    if bits not in (2, 4, 8):
+        raise OnnxqError(f"{where}bits must be 2, 4 or 8 for MatMulNBits, got {bits!r}")
+    per_channel = block_size == -1
+    is_pow2 = isinstance(block_size, int) and block_size >= 16 and block_size & (block_size - 1) == 0
+    if not (per_channel or is_pow2):
+        raise OnnxqError(
+            f"{where}block_size must be a power of two >= 16 (or -1 for per-channel), got {block_size!r}"
+        )
+    if bits == 2 and not per_channel and block_size > 256:
+        raise OnnxqError(f"{where}2-bit MatMulNBits needs block_size <= 256, got {block_size}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise OnnxqError(f"{where}accuracy_level must be in 0..4, got {accuracy_level!r}")
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    Attributes:
+        bits: 2, 4 or 8.
+        block_size: elements of K per scale; a power of two >= 16, or -1 for one block per
+            output channel (K is then padded to the next power of two for MatMulNBits).
+        symmetric: full-range symmetric codes (no zero points stored) or asymmetric.
+        accuracy_level: MatMulNBits compute mode (0 = the activation's own dtype;
+            4 = int8 activations: faster, small extra error, known wrong-result reports
+            on large-activation LLMs, so only on request).
+        algorithm: "rtn" (round to nearest).
+        mse_clip: per-block clip-ratio search minimising weight MSE.
+        include: regexes; when given, only nodes whose name matches one are quantized.
+        exclude: regexes; matching nodes are left in float.
+        overrides: ``{wildcard: {setting: value}}`` per-node settings, e.g.
+            ``{"*lm_head*": {"bits": 8}, "*.down_proj": {"skip": True}}``.
+    """
+
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 0
+    algorithm: str = "rtn"
+    mse_clip: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _validate(self.bits, self.block_size, self.accuracy_level, "")
+        if self.algorithm not in ALGORITHMS:
+            raise OnnxqError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        for kind in ("include", "exclude"):
+            for pattern in getattr(self, kind):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise OnnxqError(f"{kind} pattern {pattern!r} is not a valid regex: {exc}") from None
+        for pattern, settings in self.overrides.items():
+            unknown = set(settings) - set(_OVERRIDABLE)
+            if unknown:
+                raise OnnxqError(
+                    f"override {pattern!r} has unknown settings {sorted(unknown)}; allowed: {list(_OVERRIDABLE)}"
+                )
+            merged = {f.name: getattr(self, f.name) for f in fields(self)} | dict(settings)
+            _validate(merged["bits"], merged["block_size"], merged["accuracy_level"], f"override {pattern!r}: ")
+
+    def with_updates(self, **changes: Any) -> "QuantConfig":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def _override_for(self, node_name: str) -> tuple[str, Mapping[str, Any]] | None:
+        for pattern, settings in self.overrides.items():
+            if _matches(pattern, node_name):
+                return pattern, settings
+        return None
+
+    def skip_reason(self, node_name: str) -> str | None:
+        """Why the settings leave ``node_name`` in float, or ``None`` when it is quantized."""
+        if self.include and not any(re.search(p, node_name) for p in self.include):
+            return "not matched by include"
+        if any(re.search(p, node_name) for p in self.exclude):
+            return "matched by exclude"
+        override = self._override_for(node_name)
+        if override is not None and override[1].get("skip"):
+            return f"override {override[0]!r} says skip"
+        return None
+
+    def settings_for(self, node_name: str) -> NodeSettings | None:
+        """Effective settings for ``node_name``, or ``None`` when it must stay in float."""
+        if self.skip_reason(node_name) is not None:
+            return None
+        values = {name: getattr(self, name) for name in ("bits", "block_size", "symmetric", "accuracy_level", "mse_clip")}
+        override = self._override_for(node_name)
+        if override is not None:
+            values.update({k: v for k, v in override[1].items() if k != "skip"})
+        return NodeSettings(**values)

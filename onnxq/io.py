@@ -1,0 +1,79 @@
+"""Loading and saving models safely: clear errors in, atomic writes out.
+
+Large models keep their weights in external data; ``onnx_ir`` reads those
+lazily (memory-mapped), so only the weight being quantized is resident.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from onnxq.errors import OnnxqError
+
+__all__ = ["load_model", "save_model", "EXTERNAL_DATA_THRESHOLD"]
+
+EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024  # above this, weights go to external data (protobuf limit: 2 GB)
+
+
+def load_model(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Model:
+    """An ``ir.Model`` from a path, a ModelProto or an ``ir.Model`` (returned as is)."""
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    path = Path(model)
+    if not path.exists():
+        raise OnnxqError(f"model file not found: {path}")
+    if not path.is_file():
+        raise OnnxqError(f"model path is not a file: {path}")
+    try:
+        loaded = ir.load(path)
+    except PermissionError:
+        raise OnnxqError(f"cannot read model file {path}: permission denied") from None
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise OnnxqError(f"{path} is not a valid ONNX model ({type(exc).__name__}: {exc})") from None
+    if loaded.graph is None or (not len(loaded.graph) and not loaded.graph.outputs):
+        raise OnnxqError(f"{path} is not a valid ONNX model (it has an empty graph)")
+    return loaded
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> None:
+    """Write ``model`` to ``path`` atomically.
+
+    ``external_data``: ``True`` writes weights to ``<name>.data`` beside the model,
+    ``False`` embeds them, ``None`` decides by size (external above 1.5 GB).
+    Everything is written to a temporary folder in the destination's folder and
+    renamed into place only once complete, so a failure leaves nothing half-written.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxqError(f"output folder does not exist: {folder}")
+    if external_data is None:
+        external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = f"{path.name}.data"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    try:
+        tmp_model = tmp / path.name
+        ir.save(model, tmp_model, external_data=data_name if external_data else None)
+        if external_data:
+            os.replace(tmp / data_name, folder / data_name)
+        elif (folder / data_name).exists():
+            (folder / data_name).unlink()  # a stale data file from an earlier external save
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,196 @@
+"""Rewrite every weight site into com.microsoft MatMulNBits.
+
+For each :class:`~onnxq.passes.weight_sites.WeightSite` the pass asks the
+algorithm for a :class:`~onnxq.core.QuantizedWeight` (one weight in memory at a
+time), asks :mod:`onnxq.formats.matmul_nbits` for the initializers (shared by
+every site that uses the same weight with the same settings) and replaces the
+node, keeping output names. Float weights left without users are removed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.config import NodeSettings, QuantConfig
+from onnxq.core import QuantizedWeight
+from onnxq.core.quantize import quantize_weight, relative_error
+from onnxq.errors import OnnxqError
+from onnxq.formats.matmul_nbits import MS_DOMAIN, MatMulNBitsInitializers, make_matmul_nbits_initializers, make_matmul_nbits_node
+from onnxq.passes.weight_sites import SkippedNode, WeightSite, find_weight_sites
+
+__all__ = ["MatMulToNBitsPass", "QuantizedNodeRecord", "WeightQuantizer"]
+
+logger = logging.getLogger(__name__)
+
+WeightQuantizer = Callable[[WeightSite, np.ndarray, NodeSettings, np.dtype], QuantizedWeight]
+"""``(site, weight [K, N] float32, settings, scale_dtype) -> QuantizedWeight``."""
+
+
+@dataclass(frozen=True)
+class QuantizedNodeRecord:
+    """One row of the summary: what happened to one node."""
+
+    name: str
+    kind: str
+    k: int
+    n: int
+    bits: int
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+    bytes_before: int
+    bytes_after: int
+    relative_error: float
+    shared_with: str | None  # name of the first node that quantized this weight, when shared
+
+
+@dataclass(frozen=True)
+class _QuantizedSource:
+    """A weight quantized once and shared by every site that uses it with the same settings."""
+
+    inits: MatMulNBitsInitializers
+    first_site: str
+    relative_error: float
+
+
+def rtn_weight_quantizer(site: WeightSite, weight: np.ndarray, settings: NodeSettings, scale_dtype) -> QuantizedWeight:
+    """Round-to-nearest (optionally with per-block MSE clip search)."""
+    return quantize_weight(
+        weight, settings.bits, _block_size_for(settings.block_size, site.k), settings.symmetric,
+        mse_clip=settings.mse_clip, scale_dtype=scale_dtype,
+    )
+
+
+def _block_size_for(block_size: int, k: int) -> int:
+    """MatMulNBits needs a power-of-two block >= 16: per-channel (-1) becomes the next power of two >= K."""
+    if block_size != -1:
+        return block_size
+    return max(16, 1 << (k - 1).bit_length())
+
+
+def _unique_name(taken: set[str], wanted: str) -> str:
+    name, i = wanted, 1
+    while name in taken:
+        name, i = f"{wanted}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+class MatMulToNBitsPass(ir.passes.InPlacePass):
+    """Replace MatMul / Gemm / Transpose->MatMul on constant weights with MatMulNBits."""
+
+    def __init__(
+        self,
+        config: QuantConfig,
+        weight_quantizer: WeightQuantizer = rtn_weight_quantizer,
+        progress: Callable[[Iterable], Iterable] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.weight_quantizer = weight_quantizer
+        self.progress = progress
+        self.records: list[QuantizedNodeRecord] = []
+        self.skipped: list[SkippedNode] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        sites, self.skipped = find_weight_sites(model)
+        chosen: list[tuple[WeightSite, NodeSettings]] = []
+        for site in sites:
+            settings = self.config.settings_for(site.name)
+            if settings is None:
+                self.skipped.append(SkippedNode(site.name, site.node.op_type, self.config.skip_reason(site.name)))
+            else:
+                chosen.append((site, settings))
+        if not chosen:
+            return ir.passes.PassResult(model, False)
+        taken = {v.name for g in (model.graph, *model.graph.subgraphs()) for v in g.initializers.values()}
+        cache: dict[tuple, _QuantizedSource] = {}
+        for site, settings in self.progress(chosen) if self.progress else chosen:
+            key = (site.weight_key, settings)
+            if key not in cache:
+                cache[key] = self._quantize_site(site, settings, taken)
+            entry = cache[key]
+            self._replace(site, settings, entry.inits, taken)
+            self.records.append(QuantizedNodeRecord(
+                site.name, site.kind, site.k, site.n, settings.bits, entry.inits.qweight.block_size,
+                settings.symmetric, settings.accuracy_level, site.k * site.n * site.dtype.itemsize,
+                entry.inits.nbytes, entry.relative_error,
+                None if entry.first_site == site.name else entry.first_site,
+            ))
+        _remove_unused(model)
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        before = sum(r.bytes_before for r in self.records if r.shared_with is None)
+        after = sum(r.bytes_after for r in self.records if r.shared_with is None)
+        logger.info(
+            "MatMulNBits: quantized %d nodes (%d unique weights), skipped %d; weights %.1f MB -> %.1f MB",
+            len(self.records), len(cache), len(self.skipped), before / 1e6, after / 1e6,
+        )
+        return ir.passes.PassResult(model, True)
+
+    def _quantize_site(self, site: WeightSite, settings: NodeSettings, taken: set[str]) -> _QuantizedSource:
+        weight = site.weight()
+        if not np.isfinite(weight).all():
+            bad = int(np.size(weight) - np.isfinite(weight).sum())
+            raise OnnxqError(f"weight {site.source.name!r} of node {site.name!r} has {bad} NaN/Inf values")
+        scale_dtype = site.dtype
+        qweight = self.weight_quantizer(site, weight, settings, scale_dtype.numpy())
+        inits = make_matmul_nbits_initializers(qweight, scale_dtype, site.source.name or site.name)
+        for value in inits.values():
+            value.name = _unique_name(taken, value.name)
+            _owner_graph(site).register_initializer(value)
+        return _QuantizedSource(inits, site.name, relative_error(weight, qweight))
+
+    def _replace(self, site: WeightSite, settings: NodeSettings, inits: MatMulNBitsInitializers, taken: set[str]) -> None:
+        graph = site.node.graph
+        bias = None
+        if site.bias is not None:
+            bias_array = np.asarray(site.bias.const_value.numpy(), dtype=np.float32).reshape(-1) * np.float32(site.beta)
+            bias_name = _unique_name(taken, f"{site.name}_bias")
+            bias_tensor = ir.tensor(bias_array.astype(site.dtype.numpy()), dtype=site.dtype, name=bias_name)
+            bias = ir.Value(name=bias_name, shape=ir.Shape([site.n]), type=ir.TensorType(site.dtype), const_value=bias_tensor)
+            graph.register_initializer(bias)
+        node = make_matmul_nbits_node(
+            site.activation, inits, accuracy_level=settings.accuracy_level, bias=bias,
+            name=f"{site.name}_Q{settings.bits}",
+        )
+        new_nodes = [node]
+        result = node.outputs[0]
+        if site.output_rank_gap:
+            axes = ir.Value(name=_unique_name(taken, f"{site.name}_unsqueeze_axes"),
+                            const_value=ir.tensor(np.arange(site.output_rank_gap, dtype=np.int64)))
+            axes.shape, axes.type = ir.Shape([site.output_rank_gap]), ir.TensorType(ir.DataType.INT64)
+            graph.register_initializer(axes)
+            unsqueeze = ir.node("Unsqueeze", [result, axes], name=f"{site.name}_unsqueeze")
+            new_nodes.append(unsqueeze)
+            result = unsqueeze.outputs[0]
+        ir.convenience.replace_nodes_and_values(
+            graph, site.node, [site.node], new_nodes, [site.node.outputs[0]], [result]
+        )
+
+
+def _owner_graph(site: WeightSite) -> ir.Graph:
+    """The graph whose initializers hold the site's weight (outer scopes are visible to subgraphs)."""
+    return site.source.graph if site.source.is_initializer() else site.node.graph
+
+
+def _remove_unused(model: ir.Model) -> None:
+    """Drop nodes (Transpose, Constant) and float initializers that lost all their users."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        changed = True
+        while changed:
+            changed = False
+            for node in reversed(list(graph)):
+                if node.op_type in ("Transpose", "Constant") and node.domain == "" and not any(
+                    out.uses() or out.is_graph_output() for out in node.outputs
+                ):
+                    graph.remove(node, safe=True)
+                    changed = True
+        for name, value in list(graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output():
+                if value.is_graph_input():
+                    graph.inputs.remove(value)
+                del graph.initializers[name]

@@ -1,0 +1,174 @@
+"""Finding the MatMul-like nodes whose weight is a constant ("weight sites").
+
+A site is ``Y = A @ W (+ bias)`` with ``W: [K, N]`` derived from a constant:
+
+* ``MatMul(A, B)`` with B a constant ``[K, N]`` (or ``[1, .., 1, K, N]``);
+* ``Gemm(A, B, C)`` with ``transA=0``: ``W = alpha * (B or B^T)``, bias ``beta * C``;
+* ``MatMul(A, Transpose(B, perm=[1, 0]))`` with B constant (e.g. a tied lm_head): ``W = B^T``.
+
+Subgraphs (If/Loop/Scan bodies) are searched too. Nodes that look like sites but
+cannot be rewritten are returned as :class:`SkippedNode` with the reason.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["WeightSite", "SkippedNode", "find_weight_sites", "FLOAT_TYPES", "node_display_name"]
+
+logger = logging.getLogger(__name__)
+
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+@dataclass
+class WeightSite:
+    """One rewritable node. ``weight()`` returns float32 ``W: [K, N]``."""
+
+    node: ir.Node
+    name: str
+    kind: str  # "MatMul" | "Gemm" | "Transpose+MatMul"
+    activation: ir.Value
+    source: ir.Value  # the constant value the weight is read from
+    tensor: ir.TensorProtocol  # its data (lazy / memory-mapped for external data)
+    transpose: bool
+    alpha: float
+    bias: ir.Value | None
+    beta: float
+    k: int
+    n: int
+    dtype: ir.DataType
+    output_rank_gap: int  # leading 1-dims of B that the output keeps (unsqueeze after)
+    transpose_node: ir.Node | None = None
+
+    @property
+    def weight_key(self) -> tuple:
+        """Sites with equal keys share one quantized weight."""
+        return (id(self.source), self.transpose, self.alpha)
+
+    def weight(self) -> np.ndarray:
+        """float32 ``[K, N]`` (a fresh array for Gemm alpha / dtype casts; may be a memory-mapped view otherwise)."""
+        data = self.tensor.numpy()
+        data = data.reshape(data.shape[-2:])
+        if self.transpose:
+            data = data.T
+        if data.dtype != np.float32:
+            data = data.astype(np.float32)
+        if self.alpha != 1.0:
+            data = data * np.float32(self.alpha)
+        return data
+
+
+@dataclass(frozen=True)
+class SkippedNode:
+    """A MatMul/Gemm left in float, and why."""
+
+    name: str
+    op_type: str
+    reason: str
+
+
+def node_display_name(node: ir.Node, index: int) -> str:
+    """The node's name, or a stable synthetic one for unnamed nodes."""
+    return node.name or f"{node.op_type}_{index}"
+
+
+def _constant(value: ir.Value | None) -> tuple[ir.Value, ir.TensorProtocol] | None:
+    """``(value, tensor)`` if ``value`` is an initializer or a Constant node's output, else None.
+
+    Initializers that are also listed as graph inputs (old exporters do this) count
+    as constants; the rewrite removes them from the inputs once unused.
+    """
+    if value is None:
+        return None
+    if value.is_initializer() and value.const_value is not None:
+        return value, value.const_value
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
+        attr = producer.attributes.get("value")
+        if attr is not None and attr.type == ir.AttributeType.TENSOR:
+            return value, attr.as_tensor()
+    return None
+
+
+def _rank(value: ir.Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
+
+
+def _matmul_site(node: ir.Node, name: str) -> WeightSite | str:
+    a, b = node.inputs[0], node.inputs[1]
+    transpose_node = None
+    found = _constant(b)
+    transpose = False
+    kind = "MatMul"
+    if found is None and b is not None and b.producer() is not None:
+        producer = b.producer()
+        perm = producer.attributes.get("perm")
+        if producer.op_type == "Transpose" and producer.domain == "":
+            inner = _constant(producer.inputs[0])
+            if inner is not None and len(inner[1].shape) == 2 and (perm is None or list(perm.as_ints()) == [1, 0]):
+                found, transpose, kind, transpose_node = inner, True, "Transpose+MatMul", producer
+    if found is None:
+        return "B is not a constant"
+    source, tensor = found
+    shape = tuple(tensor.shape)
+    if len(shape) < 2:
+        return f"B has rank {len(shape)}; need [K, N]"
+    if any(d != 1 for d in shape[:-2]):
+        return f"B has batch dims {shape[:-2]}; only [K, N] or [1.., K, N] is supported"
+    rank_a = _rank(a)
+    gap = 0
+    if len(shape) > 2:
+        if rank_a is None:
+            return f"B has shape {shape} and A's rank is unknown"
+        gap = max(0, len(shape) - rank_a)
+    if rank_a is not None and rank_a < 2 and gap == 0:
+        return f"A has rank {rank_a}; MatMulNBits needs [.., M, K]"
+    k, n = (shape[-1], shape[-2]) if transpose else (shape[-2], shape[-1])
+    return WeightSite(node, name, kind, a, source, tensor, transpose, 1.0, None, 1.0, k, n,
+                      tensor.dtype, gap, transpose_node)
+
+
+def _gemm_site(node: ir.Node, name: str) -> WeightSite | str:
+    attrs = node.attributes
+    if attrs.get("transA") is not None and attrs["transA"].as_int() != 0:
+        return "Gemm with transA=1"
+    found = _constant(node.inputs[1])
+    if found is None:
+        return "B is not a constant"
+    source, tensor = found
+    shape = tuple(tensor.shape)
+    if len(shape) != 2:
+        return f"Gemm B has shape {shape}"
+    trans_b = attrs.get("transB") is not None and attrs["transB"].as_int() != 0
+    alpha = attrs["alpha"].as_float() if attrs.get("alpha") is not None else 1.0
+    beta = attrs["beta"].as_float() if attrs.get("beta") is not None else 1.0
+    k, n = (shape[1], shape[0]) if trans_b else shape
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None:
+        const_bias = _constant(bias)
+        if const_bias is None or const_bias[1].size != n:
+            return "Gemm C is not a constant of N elements"
+    return WeightSite(node, name, "Gemm", node.inputs[0], source, tensor, trans_b, float(alpha), bias, float(beta),
+                      k, n, tensor.dtype, 0)
+
+
+def find_weight_sites(model: ir.Model) -> tuple[list[WeightSite], list[SkippedNode]]:
+    """All rewritable MatMul/Gemm weight sites of ``model`` (subgraphs included), and the skipped ones."""
+    sites: list[WeightSite] = []
+    skipped: list[SkippedNode] = []
+    for index, node in enumerate(model.graph.all_nodes()):
+        if node.domain != "" or node.op_type not in ("MatMul", "Gemm"):
+            continue
+        name = node_display_name(node, index)
+        found = _matmul_site(node, name) if node.op_type == "MatMul" else _gemm_site(node, name)
+        if isinstance(found, str):
+            skipped.append(SkippedNode(name, node.op_type, found))
+        elif found.dtype not in FLOAT_TYPES:
+            skipped.append(SkippedNode(name, node.op_type, f"weight dtype {found.dtype.name} is not a float type"))
+        else:
+            sites.append(found)
+    return sites, skipped
