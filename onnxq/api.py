@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict
 from typing import Callable, Iterable
 
 import onnx
@@ -52,7 +51,7 @@ def quantize(
         found = f" (skipped: {reasons})" if reasons else " (no MatMul or Gemm nodes)"
         raise OnnxqError(f"no quantizable MatMul/Gemm node found{found}")
     ir_model.meta[REPORT_KEY] = (quant_pass.records, quant_pass.skipped)
-    ir_model.metadata_props["onnxq.config"] = json.dumps(asdict(config), default=list)
+    ir_model.metadata_props["onnxq.config"] = json.dumps(config.to_dict())
     return result.model
 
 

@@ -102,6 +102,23 @@ class QuantConfig:
             merged = {f.name: getattr(self, f.name) for f in fields(self)} | dict(settings)
             _validate(merged["bits"], merged["block_size"], merged["accuracy_level"], f"override {pattern!r}: ")
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> "QuantConfig":
+        """Build from a JSON-like mapping (lists become tuples); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise OnnxqError(f"{where} has unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+        values = {k: tuple(v) if k in ("include", "exclude") else v for k, v in data.items()}
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form; ``QuantConfig.from_dict(c.to_dict()) == c``."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["include"], data["exclude"] = list(self.include), list(self.exclude)
+        data["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
+        return data
+
     def with_updates(self, **changes: Any) -> "QuantConfig":
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)

@@ -12,7 +12,9 @@ float32 weights (checked in ``tests/test_core_ort_oracle.py``):
   (a signed scale), ``zp = 2**(b-1)``, so all ``2**b`` codes are usable.
 
 Scales are rounded to ``scale_dtype`` (the dtype they will be stored in) *before*
-codes are computed, so the codes are the best ones for the scale the runtime sees.
+codes are computed, so the codes fit the scale the runtime sees; asymmetric zero
+points come from the unrounded scale. This is also what ORT's float16 packer does,
+so float16 results are bit-exact with it too.
 """
 from __future__ import annotations
 
@@ -84,13 +86,13 @@ def quantize_blocks(
         lo = np.minimum(vmin * ratio, np.float32(0))
         hi = np.maximum(vmax * ratio, np.float32(0))
         scales = ((hi - lo) / qmax).astype(np.float32)
-    scales = scales.astype(scale_dtype).astype(np.float32)
-    nonzero = scales != 0
-    recip = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=nonzero)
     if symmetric:
         zero_points = np.full(scales.shape, 1 << (bits - 1), dtype=np.float32)
-    else:
-        zero_points = np.clip(_round_half_up(-lo * recip), 0, qmax)
+    else:  # the zero point comes from the unrounded scale, as in ORT's packer
+        exact_recip = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=scales != 0)
+        zero_points = np.clip(_round_half_up(-lo * exact_recip), 0, qmax)
+    scales = scales.astype(scale_dtype).astype(np.float32)
+    recip = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=scales != 0)
     codes = blocks * recip[..., None]
     codes += zero_points[..., None]
     codes = np.clip(_round_half_up(codes), 0, qmax, out=codes)

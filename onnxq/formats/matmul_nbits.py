@@ -44,12 +44,22 @@ def _initializer(array: np.ndarray, name: str, dtype: ir.DataType | None = None)
     return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
 
 
+def _zero_padding(qweight: QuantizedWeight) -> np.ndarray:
+    """Codes with the padded tail of K (never read by the kernel) set to 0, as ORT's packer writes."""
+    tail = qweight.k % qweight.block_size
+    if not tail:
+        return qweight.codes
+    codes = qweight.codes.copy()
+    codes[:, -1, tail:] = 0
+    return codes
+
+
 def make_matmul_nbits_initializers(
     qweight: QuantizedWeight, scale_dtype: ir.DataType, name_prefix: str
 ) -> MatMulNBitsInitializers:
     """Pack ``qweight`` into B / scales / zero_points initializer values named ``name_prefix + ...``."""
     bits = qweight.bits
-    packed = pack_bits(qweight.codes, bits)  # [N, k_blocks, block_size*bits/8]
+    packed = pack_bits(_zero_padding(qweight), bits)  # [N, k_blocks, block_size*bits/8]
     scales = qweight.scales.astype(scale_dtype.numpy())
     zero_points = None
     if qweight.zero_points is not None:

@@ -1,0 +1,6 @@
+"""``python -m onnxq``."""
+import sys
+
+from onnxq.cli import main
+
+sys.exit(main())

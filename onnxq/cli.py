@@ -1,0 +1,160 @@
+"""``python -m onnxq``: the command-line converter.
+
+Every user error (bad file, bad setting, nothing to quantize) is printed as one
+line ``onnxq: error: ...`` on stderr with exit code 2; nothing is written then.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from onnxq.api import inspect_model, quantize, records_of, save
+from onnxq.config import QuantConfig
+from onnxq.errors import OnnxqError
+from onnxq.report import format_records, format_skipped, format_table, summary_line
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("onnxq")
+
+_EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but with our one-line error format (argparse already exits 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(_EXIT_USAGE, f"onnxq: error: {message}\n")
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    """Quantization settings shared by ``quantize`` and ``inspect`` (None = not given)."""
+    group = parser.add_argument_group("quantization settings (override --config)")
+    group.add_argument("--config", type=Path, help="JSON file with QuantConfig fields (bits, block_size, overrides, ...)")
+    group.add_argument("--bits", type=int, help="2, 4 or 8 (default 4)")
+    group.add_argument("--block-size", type=int, help="power of two >= 16, or -1 for per-channel (default 32)")
+    scheme = group.add_mutually_exclusive_group()
+    scheme.add_argument("--asym", dest="symmetric", action="store_false", default=None, help="asymmetric (zero points)")
+    scheme.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric, full range (default)")
+    group.add_argument("--accuracy-level", type=int, help="MatMulNBits accuracy_level 0-4 (default 0; 4 = int8 activations)")
+    group.add_argument("--mse-clip", action="store_true", default=None, help="per-block clip-ratio search (weight MSE)")
+    group.add_argument("--include", action="append", metavar="REGEX", help="quantize only nodes matching (repeatable)")
+    group.add_argument("--exclude", action="append", metavar="REGEX", help="leave matching nodes in float (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m onnxq", description="Weight-only quantization of ONNX models for ONNX Runtime.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    q = commands.add_parser("quantize", help="quantize MatMul/Gemm weights to MatMulNBits")
+    q.add_argument("input", type=Path, help="float model (.onnx; external data is read memory-mapped)")
+    q.add_argument("output", type=Path, help="where to write the quantized model")
+    _add_settings(q)
+    q.add_argument(
+        "--external-data", choices=("auto", "always", "never"), default="auto",
+        help="write weights to OUTPUT.data (auto: when the weights exceed 1.5 GB)",
+    )
+    q.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
+
+    i = commands.add_parser("inspect", help="show what would be quantized and why nodes would be skipped")
+    i.add_argument("model", type=Path)
+    _add_settings(i)
+    return parser
+
+
+def _config_from(args: argparse.Namespace) -> QuantConfig:
+    base: dict = {}
+    if args.config is not None:
+        try:
+            base = json.loads(args.config.read_text())
+        except FileNotFoundError:
+            raise OnnxqError(f"config file not found: {args.config}") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise OnnxqError(f"cannot read config file {args.config}: {exc}") from None
+        if not isinstance(base, dict):
+            raise OnnxqError(f"config file {args.config} must hold a JSON object, found {type(base).__name__}")
+    given = {
+        "bits": args.bits, "block_size": args.block_size, "symmetric": args.symmetric,
+        "accuracy_level": args.accuracy_level, "mse_clip": args.mse_clip,
+        "include": args.include, "exclude": args.exclude,
+    }
+    base.update({k: v for k, v in given.items() if v is not None})
+    return QuantConfig.from_dict(base, where=str(args.config or "settings"))
+
+
+def _describe(config: QuantConfig) -> str:
+    block = "per-channel" if config.block_size == -1 else f"block {config.block_size}"
+    scheme = "sym" if config.symmetric else "asym"
+    extras = f", {len(config.overrides)} overrides" if config.overrides else ""
+    return (f"{config.algorithm} int{config.bits} {block} {scheme}, accuracy_level {config.accuracy_level}"
+            f"{', mse clip' if config.mse_clip else ''}{extras}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    config = _config_from(args)
+    if _same_file(args.input, args.output):
+        raise OnnxqError(f"output path is the input model ({args.output}); choose another output file")
+    if not args.quiet:
+        print(f"onnxq: {_describe(config)}", file=sys.stderr)
+    start = time.perf_counter()
+
+    def progress(items):
+        return tqdm(items, desc="quantizing", unit="node", disable=args.quiet, file=sys.stderr)
+
+    model = quantize(args.input, config, progress=progress)
+    external = {"auto": None, "always": True, "never": False}[args.external_data]
+    save(model, args.output, external_data=external)
+    records, skipped = records_of(model)
+    if not args.quiet:
+        print(format_records(records))
+        if skipped:
+            print()
+            print(format_skipped(skipped))
+        print()
+        print(summary_line(records, skipped))
+        print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    config = _config_from(args)
+    planned, skipped = inspect_model(args.model, config)
+    print(format_table(("node", "op", "K", "N", "would become"), planned) if planned else "nothing would be quantized")
+    if skipped:
+        print()
+        print(format_skipped(skipped))
+    print()
+    print(f"{len(planned)} nodes would be quantized, {len(skipped)} left in float (accuracy_level {config.accuracy_level})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    handlers = {"quantize": _quantize, "inspect": _inspect}
+    try:
+        return handlers[args.command](args)
+    except OnnxqError as exc:
+        print(f"onnxq: error: {exc}", file=sys.stderr)
+        return _EXIT_USAGE
+    except KeyboardInterrupt:
+        print("onnxq: interrupted; nothing was written", file=sys.stderr)
+        return 130
