@@ -20,7 +20,7 @@ from onnxq.core import QuantizedWeight
 from onnxq.core.quantize import quantize_weight, relative_error
 from onnxq.errors import OnnxqError
 from onnxq.formats.matmul_nbits import MS_DOMAIN, MatMulNBitsInitializers, make_matmul_nbits_initializers, make_matmul_nbits_node
-from onnxq.passes.weight_sites import SkippedNode, WeightSite, find_weight_sites
+from onnxq.passes.weight_sites import SkippedNode, WeightSite, constant_tensor, find_weight_sites
 
 __all__ = ["MatMulToNBitsPass", "QuantizedNodeRecord", "WeightQuantizer"]
 
@@ -148,7 +148,7 @@ class MatMulToNBitsPass(ir.passes.InPlacePass):
         graph = site.node.graph
         bias = None
         if site.bias is not None:
-            bias_array = np.asarray(site.bias.const_value.numpy(), dtype=np.float32).reshape(-1) * np.float32(site.beta)
+            bias_array = np.asarray(constant_tensor(site.bias).numpy(), dtype=np.float32).reshape(-1) * np.float32(site.beta)
             bias_name = _unique_name(taken, f"{site.name}_bias")
             bias_tensor = ir.tensor(bias_array.astype(site.dtype.numpy()), dtype=site.dtype, name=bias_name)
             bias = ir.Value(name=bias_name, shape=ir.Shape([site.n]), type=ir.TensorType(site.dtype), const_value=bias_tensor)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["WeightSite", "SkippedNode", "find_weight_sites", "FLOAT_TYPES", "node_display_name"]
+__all__ = ["WeightSite", "SkippedNode", "find_weight_sites", "FLOAT_TYPES", "node_display_name", "constant_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ class SkippedNode:
 def node_display_name(node: ir.Node, index: int) -> str:
     """The node's name, or a stable synthetic one for unnamed nodes."""
     return node.name or f"{node.op_type}_{index}"
+
+
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The data of ``value`` when it is an initializer or a Constant node's output, else None."""
+    found = _constant(value)
+    return None if found is None else found[1]
 
 
 def _constant(value: ir.Value | None) -> tuple[ir.Value, ir.TensorProtocol] | None:
