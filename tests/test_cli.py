@@ -1,0 +1,161 @@
+"""``python -m onnxq``: the converter end to end, and one-line errors with exit code 2 for bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxq.cli import main
+from tests.graphs import matmul_model, run, weight
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "models" / "example.onnx"
+
+
+@pytest.fixture
+def float_model(tmp_path) -> Path:
+    path = tmp_path / "float.onnx"
+    onnx.save(matmul_model(weight((128, 64), seed=0), name="layers.0.mlp"), path)
+    return path
+
+
+def test_module_entry_point_quantizes_the_example(tmp_path):
+    out = tmp_path / "example_q4.onnx"
+    proc = subprocess.run([sys.executable, "-m", "onnxq", "quantize", str(EXAMPLE), str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "lm_head" in proc.stdout and "rel_err" in proc.stdout
+    assert "accuracy_level 0" in proc.stderr  # the settings line
+    ids = np.array([[1, 2, 3, 400, 511]], dtype=np.int64)
+    (y_float,) = run(EXAMPLE, {"input_ids": ids})
+    (y_quant,) = run(out, {"input_ids": ids})
+    assert np.linalg.norm(y_quant - y_float) / np.linalg.norm(y_float) < 0.3  # 6 random layers at int4
+    assert out.stat().st_size < EXAMPLE.stat().st_size * 0.5  # the float embedding table stays for Gather
+
+
+def test_quantize_settings_reach_the_model(float_model, tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(float_model), str(out), "--bits", "8", "--block-size", "64", "--asym",
+                 "--accuracy-level", "4"]) == 0
+    node = onnx.load(out).graph.node[0]
+    attrs = {a.name: a.i for a in node.attribute}
+    assert node.op_type == "MatMulNBits" and attrs["bits"] == 8 and attrs["block_size"] == 64 and attrs["accuracy_level"] == 4
+    assert len(node.input) == 4  # zero points for --asym
+    assert "int8 block 64 asym" not in capsys.readouterr().out  # the table uses columns, not prose
+
+
+def test_config_file_and_flags(float_model, tmp_path):
+    config = tmp_path / "plan.json"
+    config.write_text(json.dumps({"bits": 8, "overrides": {"layers.*": {"block_size": 16}}}))
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(float_model), str(out), "--config", str(config), "--bits", "4", "--quiet"]) == 0
+    attrs = {a.name: a.i for a in onnx.load(out).graph.node[0].attribute}
+    assert attrs["bits"] == 4 and attrs["block_size"] == 16  # the flag wins over the file; override kept
+
+
+def test_external_data_output(float_model, tmp_path):
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(float_model), str(out), "--external-data", "always", "--quiet"]) == 0
+    assert (tmp_path / "q.onnx.data").stat().st_size > 0
+    x = np.random.default_rng(0).standard_normal((1, 7, 128)).astype(np.float32)
+    (y,) = run(out, {"x": x})
+    (y_float,) = run(float_model, {"x": x})
+    assert np.linalg.norm(y - y_float) / np.linalg.norm(y_float) < 0.15
+
+
+def test_inspect(float_model, capsys):
+    assert main(["inspect", str(float_model), "--exclude", "nothing"]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0.mlp" in out and "int4 block 32 sym" in out and "1 nodes would be quantized" in out
+
+
+def _expect_error(capsys, argv, message, out_path=None):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("onnxq: error: ") and message in err[-1], err
+    if out_path is not None:
+        assert not out_path.exists()
+        assert not [p for p in out_path.parent.iterdir() if p.name.startswith(f".{out_path.name}")]
+
+
+def test_missing_file(tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    _expect_error(capsys, ["quantize", str(tmp_path / "nope.onnx"), str(out)], "model file not found", out)
+
+
+def test_not_onnx(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf \x00\xff\x12")
+    out = tmp_path / "o.onnx"
+    _expect_error(capsys, ["quantize", str(bad), str(out)], "is not a valid ONNX model", out)
+
+
+def test_no_quantizable_node(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph), path)
+    out = tmp_path / "o.onnx"
+    _expect_error(capsys, ["quantize", str(path), str(out)], "no quantizable MatMul/Gemm node found", out)
+
+
+def test_nan_weights(tmp_path, capsys):
+    w = weight((64, 16), seed=1)
+    w[0, 0] = np.inf
+    path = tmp_path / "nan.onnx"
+    onnx.save(matmul_model(w), path)
+    out = tmp_path / "o.onnx"
+    _expect_error(capsys, ["quantize", str(path), str(out)], "NaN/Inf", out)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--bits", "3"], "bits must be 2, 4 or 8"),
+    (["--block-size", "48"], "block_size must be a power of two"),
+    (["--bits", "2", "--block-size", "512"], "block_size <= 256"),
+    (["--accuracy-level", "7"], "accuracy_level must be in 0..4"),
+    (["--exclude", "("], "not a valid regex"),
+    (["--bits", "four"], "invalid int value"),
+])
+def test_unsupported_settings(float_model, tmp_path, capsys, flags, message):
+    out = tmp_path / "o.onnx"
+    _expect_error(capsys, ["quantize", str(float_model), str(out), *flags], message, out)
+
+
+def test_output_equal_to_input(float_model, capsys):
+    before = float_model.read_bytes()
+    alias = float_model.parent / "." / float_model.name
+    _expect_error(capsys, ["quantize", str(float_model), str(alias)], "output path is the input model")
+    assert float_model.read_bytes() == before
+
+
+def test_missing_output_folder(float_model, tmp_path, capsys):
+    _expect_error(capsys, ["quantize", str(float_model), str(tmp_path / "no" / "such" / "q.onnx")], "output folder does not exist")
+
+
+def test_failed_write_leaves_nothing(float_model, tmp_path, monkeypatch, capsys):
+    """A crash in the middle of writing must not leave a half-written model or temp files."""
+    import onnx_ir
+
+    def broken_save(model, path, external_data=None, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx_ir, "save", broken_save)
+    out = tmp_path / "q.onnx"
+    with pytest.raises(OSError, match="disk full"):
+        main(["quantize", str(float_model), str(out), "--quiet"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.onnx"]
+
+
+def test_unreadable_file(float_model, tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: file permissions are not enforced")
+    float_model.chmod(0)
+    _expect_error(capsys, ["quantize", str(float_model), str(tmp_path / "o.onnx")], "permission denied")
