@@ -95,6 +95,9 @@ class MatMulToNBitsPass(ir.passes.InPlacePass):
         self.progress = progress
         self.records: list[QuantizedNodeRecord] = []
         self.skipped: list[SkippedNode] = []
+        self.quantized_weights: dict[tuple, tuple[ir.Value, MatMulNBitsInitializers]] = {}
+        """``(site.weight_key, settings) -> (source value, initializers)`` of every weight quantized,
+        for later passes that share them (a tied embedding's GatherBlockQuantized)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites, self.skipped = find_weight_sites(model)
@@ -114,6 +117,7 @@ class MatMulToNBitsPass(ir.passes.InPlacePass):
             if key not in cache:
                 cache[key] = self._quantize_site(site, settings, taken)
             entry = cache[key]
+            self.quantized_weights[key] = (site.source, entry.inits)
             self._replace(site, settings, entry.inits, taken)
             self.records.append(QuantizedNodeRecord(
                 site.name, site.kind, site.k, site.n, settings.bits, entry.inits.qweight.block_size,
