@@ -1,0 +1,279 @@
+"""GPTQ: second-order error-compensating weight quantization (Frantar et al., arXiv 2210.17323).
+
+Numpy only: the Hessian comes in as statistics, a :class:`~onnxq.core.QuantizedWeight`
+goes out, no graph and no session code.
+
+For a linear layer ``y = x @ W`` with ``W: [K, N]`` and calibration inputs
+``X: [n, K]``, GPTQ minimises ``||X W - X Q||_F^2 = n/2 * sum_j D[:, j]^T H D[:, j]``
+(``D = W - Q``, ``H = 2/n X^T X``), quantizing one input row ``k`` of ``W`` at a time (all ``N``
+output columns at once) and spreading the rounding error of that row over the rows
+not yet quantized:
+
+    U = chol_upper(H_damped^-1)           (H^-1 = U^T U)
+    e_k = (w_k - q_k) / U[k, k]           q_k = Q(w_k) with the block's fixed scale / zero point
+    w_j -= U[k, j] * e_k                  for every j processed after k
+
+Updates are applied lazily (``blocksize`` rows at a time, the rest with one matrix
+product per batch), which is the paper's "lazy batch" trick (sec. 4, step 2).
+With that ordering the solver's loss has the closed form
+``(W - Q)[:, n]^T H_damped (W - Q)[:, n] = sum_k e_k[n]^2``: :class:`GPTQResult.loss`.
+
+Conventions kept from :mod:`onnxq.core.quantize`: scales are rounded to
+``scale_dtype`` before any code is computed, codes use the same reciprocal
+multiply and round-half-up (:func:`~onnxq.core.quantize_with_params`), and the
+float weight a row is reconstructed to is computed exactly as
+:meth:`QuantizedWeight.dequantize` computes it, so the returned codes are the ones
+whose error was propagated and ``dequantize()`` is the solver's ``Q`` bit for bit.
+
+Groups (quantization blocks) are always contiguous runs of ``block_size`` rows in
+the original K order, so the result needs no ``g_idx``:
+
+* ``static_groups=True`` (the reference implementation's ``static_groups``): the
+  scale / zero point of every block is computed up front from the original weights
+  (after dead rows are zeroed).
+* ``static_groups=False``: the parameters of a block are computed when the first of
+  its rows is reached in processing order, from the current, error-updated rows of
+  the whole block (the pending lazy updates are applied to them first). Without
+  ``act_order`` this is the classic GPTQ group quantization.
+
+``act_order=True`` processes rows by descending ``diag(H)`` (the paper's "desc_act"):
+large-activation inputs are quantized first, while many rows are still free to absorb
+their error. Only the processing order changes; the blocks stay as above.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxq.core import QuantizedWeight, check_quant_params, quantize_weight, quantize_with_params
+from onnxq.errors import OnnxqError
+
+__all__ = ["GPTQResult", "gptq_solve", "gptq_quantize_weight"]
+
+logger = logging.getLogger(__name__)
+
+_CHOLESKY_RETRIES = 4  # damping tried: d, 10 d, 100 d, 1000 d
+_TRIANGULAR_BASE = 128  # below this size a triangular inverse is done by LAPACK directly
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """What the solver produced.
+
+    Attributes:
+        qweight: the quantized weight (``dequantize()`` is the solver's final ``Q``).
+        loss: float64 ``[N]``: ``sum_k e_k[n]^2``, which equals
+            ``(W' - Q)[:, n]^T H' (W' - Q)[:, n]`` where ``W'`` is the weight with dead rows
+            zeroed and ``H'`` the Hessian with dead diagonal entries set to 1 plus ``damp * I``.
+        damp: the damping actually added to the diagonal (after any Cholesky retries).
+        order: int64 ``[K]``: the original row index processed at each step.
+    """
+
+    qweight: QuantizedWeight
+    loss: np.ndarray
+    damp: float
+    order: np.ndarray
+
+
+def _inv_lower(lower: np.ndarray) -> np.ndarray:
+    """Inverse of a lower-triangular ``[n, n]`` matrix by 2x2 block recursion (matrix products only)."""
+    n = lower.shape[0]
+    if n <= _TRIANGULAR_BASE:
+        return np.tril(np.linalg.inv(lower))
+    m = n // 2
+    top = _inv_lower(lower[:m, :m])
+    bottom = _inv_lower(lower[m:, m:])
+    out = np.zeros_like(lower)
+    out[:m, :m] = top
+    out[m:, m:] = bottom
+    out[m:, :m] = -(bottom @ lower[m:, :m]) @ top
+    return out
+
+
+def _upper_cholesky_of_inverse(hessian: np.ndarray) -> np.ndarray:
+    """``U`` upper triangular with ``hessian^-1 = U^T U`` (raises ``LinAlgError`` if not SPD).
+
+    With ``J`` the reversal permutation and ``J H J = L L^T``: ``H^-1 = (J L^-T J)(J L^-1 J)``
+    and ``J L^-1 J`` is upper triangular. One Cholesky and one triangular inverse,
+    instead of the reference's Cholesky, inverse and second Cholesky.
+    """
+    lower = np.linalg.cholesky(np.ascontiguousarray(hessian[::-1, ::-1]))
+    return np.ascontiguousarray(_inv_lower(lower)[::-1, ::-1])
+
+
+def _damped_factor(hessian: np.ndarray, percdamp: float) -> tuple[np.ndarray, float]:
+    """Add ``percdamp * mean(diag H)`` to the diagonal and factor; retry with 10x damping on failure."""
+    mean_diag = float(np.mean(np.diag(hessian)))
+    damp = percdamp * mean_diag
+    eye = np.eye(hessian.shape[0])
+    for attempt in range(_CHOLESKY_RETRIES):
+        try:
+            return _upper_cholesky_of_inverse(hessian + damp * eye), damp
+        except np.linalg.LinAlgError:
+            next_damp = max(damp * 10.0, 1e-6 * max(mean_diag, 1.0))
+            logger.debug("GPTQ Cholesky failed with damp=%g (attempt %d); retrying with %g", damp, attempt + 1, next_damp)
+            damp = next_damp
+    raise OnnxqError(
+        f"GPTQ expected a positive semi-definite Hessian [K, K] (2/n X^T X); Cholesky failed even with "
+        f"damping {damp / 10.0:g} added to the diagonal (mean diagonal {mean_diag:g})"
+    )
+
+
+def _check_inputs(weight, hessian, bits, block_size, percdamp, blocksize) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        check_quant_params(bits, block_size)
+    except ValueError as exc:
+        raise OnnxqError(str(exc)) from None
+    weight = np.asarray(weight)
+    hessian = np.asarray(hessian)
+    if weight.ndim != 2:
+        raise OnnxqError(f"GPTQ expected a 2-D weight [K, N], got shape {weight.shape}")
+    k = weight.shape[0]
+    if hessian.shape != (k, k):
+        raise OnnxqError(f"GPTQ expected a Hessian of shape [K, K] = {(k, k)}, got {hessian.shape}")
+    if not np.all(np.isfinite(hessian)):
+        raise OnnxqError("GPTQ expected a finite Hessian, found NaN or inf")
+    if not np.all(np.isfinite(weight)):
+        raise OnnxqError("GPTQ expected a finite weight, found NaN or inf")
+    if not percdamp > 0:
+        raise OnnxqError(f"GPTQ percdamp must be > 0, got {percdamp!r}")
+    if not isinstance(blocksize, (int, np.integer)) or blocksize < 1:
+        raise OnnxqError(f"GPTQ blocksize (lazy batch) must be a positive integer, got {blocksize!r}")
+    return weight.astype(np.float32), hessian.astype(np.float64)  # private copies
+
+
+def gptq_solve(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = True,
+    *,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    act_order: bool = False,
+    static_groups: bool = True,
+    mse_clip: bool = False,
+    scale_dtype: np.dtype | type = np.float32,
+) -> GPTQResult:
+    """Run GPTQ (arXiv 2210.17323, Algorithm 1) on one weight and return the result with diagnostics.
+
+    Args:
+        weight: ``[K, N]`` float weight in MatMul orientation (``y = x @ weight``); not modified.
+        hessian: ``[K, K]`` ``H = 2/n X^T X`` of the layer's inputs (any positive scale works).
+        bits: code width, 2..8.
+        block_size: rows of K per scale (a quantization group); ``-1`` = one block over all of K.
+            K is zero-padded to a multiple of it (padded rows get an identity Hessian).
+        symmetric: full-range symmetric codes (no zero points) or asymmetric.
+        percdamp: damping ``percdamp * mean(diag H)`` added to the diagonal of ``H``.
+        blocksize: rows per lazy batch (the paper's ``B``).
+        act_order: process rows by descending ``diag(H)``.
+        static_groups: block parameters from the original weights up front (True) or from the
+            current rows when a block is first reached (False); see the module docstring.
+        mse_clip: choose each block's clip ratio by weight MSE (:func:`~onnxq.core.quantize_weight`).
+        scale_dtype: dtype the scales will be stored in; they are rounded to it before use.
+
+    Returns:
+        :class:`GPTQResult`. Rows of K whose ``H_kk == 0`` (inputs that were always zero) are
+        zeroed before quantization, as in the reference implementation.
+    """
+    weight, hessian = _check_inputs(weight, hessian, bits, block_size, percdamp, blocksize)
+    k, n = weight.shape
+    bs = k if block_size == -1 else int(block_size)
+    k_blocks = -(-k // bs)
+    kp = k_blocks * bs
+
+    dead = np.diag(hessian) == 0  # inputs that were always zero: H_kk = 1, weight row 0
+    hessian[dead, dead] = 1.0  # `hessian` is already a private copy
+    # Padded rows: zero weight, identity Hessian, hence decoupled (U is block diagonal).
+    padded = np.zeros((kp, n), dtype=np.float32)
+    padded[:k] = weight
+    padded[:k][dead] = 0.0
+
+    scales = np.empty((n, k_blocks), dtype=np.float32)
+    zero_points = np.empty((n, k_blocks), dtype=np.uint8)
+    have_params = np.zeros(k_blocks, dtype=bool)
+
+    def set_params(block: slice, rows: np.ndarray) -> None:
+        """Scales / zero points of ``block`` (a slice of block indices) from ``rows: [*, N]``."""
+        qw = quantize_weight(rows, bits, bs, symmetric, mse_clip=mse_clip, scale_dtype=scale_dtype)
+        scales[:, block] = qw.scales
+        zero_points[:, block] = qw.effective_zero_points()
+        have_params[block] = True
+
+    if static_groups:
+        set_params(slice(0, k_blocks), padded)
+
+    if act_order:
+        order = np.argsort(-np.diag(hessian), kind="stable")
+        hessian = hessian[np.ix_(order, order)]
+        order = np.concatenate([order, np.arange(k, kp)])
+    else:
+        order = np.arange(kp)
+    upper_real, damp = _damped_factor(hessian, percdamp)
+    upper = np.eye(kp, dtype=np.float32)
+    upper[:k, :k] = upper_real
+    position = np.empty(kp, dtype=np.int64)
+    position[order] = np.arange(kp)
+    work = padded[order]  # row i of work is original row order[i]
+
+    codes_rows = np.empty((kp, n), dtype=np.uint8)
+    errors = np.empty((kp, n), dtype=np.float32)
+    for i1 in range(0, kp, blocksize):
+        i2 = min(i1 + blocksize, kp)
+        for i in range(i1, i2):
+            row = int(order[i])
+            block = row // bs
+            if not have_params[block]:
+                # Current values of the block's rows: in-batch rows are up to date in `work`;
+                # rows after the batch still miss this batch's updates from rows i1..i-1.
+                pos = position[block * bs:(block + 1) * bs]
+                current = work[pos]
+                later = pos >= i2
+                if i > i1 and later.any():
+                    current[later] -= upper[i1:i, pos[later]].T @ errors[i1:i]
+                set_params(slice(block, block + 1), current)
+            sc = scales[:, block]
+            zp = zero_points[:, block]
+            w = work[i]
+            codes = quantize_with_params(w[:, None], sc, zp, bits)[:, 0]
+            q = (codes.astype(np.float32) - zp.astype(np.float32)) * sc  # as QuantizedWeight.dequantize
+            codes_rows[row] = codes
+            err = (w - q) / upper[i, i]
+            errors[i] = err
+            if i + 1 < i2:
+                work[i + 1:i2] -= upper[i, i + 1:i2, None] * err[None, :]
+        if i2 < kp:
+            work[i2:] -= upper[i1:i2, i2:].T @ errors[i1:i2]
+
+    loss = np.einsum("kn,kn->n", errors, errors, dtype=np.float64)
+    codes = np.ascontiguousarray(codes_rows.T).reshape(n, k_blocks, bs)
+    qweight = QuantizedWeight(codes, scales, None if symmetric else zero_points, bits, bs, k)
+    return GPTQResult(qweight=qweight, loss=loss, damp=float(damp), order=order[:k].copy())
+
+
+def gptq_quantize_weight(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = True,
+    *,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    act_order: bool = False,
+    static_groups: bool = True,
+    mse_clip: bool = False,
+    scale_dtype: np.dtype | type = np.float32,
+) -> QuantizedWeight:
+    """GPTQ-quantize ``weight: [K, N]`` given ``hessian: [K, K] = 2/n X^T X`` (arXiv 2210.17323).
+
+    Same arguments as :func:`gptq_solve`; returns only the :class:`~onnxq.core.QuantizedWeight`,
+    whose codes, scales and zero points are exactly those the solver propagated errors for.
+    """
+    return gptq_solve(
+        weight, hessian, bits, block_size, symmetric, percdamp=percdamp, blocksize=blocksize,
+        act_order=act_order, static_groups=static_groups, mse_clip=mse_clip, scale_dtype=scale_dtype,
+    ).qweight
