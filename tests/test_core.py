@@ -10,6 +10,7 @@ from onnxq.core import (
     quant_tensor,
     quantize_blocks,
     quantize_weight,
+    quantize_weight_with_error,
     quantize_with_params,
     search_clip,
     unpack_bits,
@@ -130,3 +131,13 @@ def test_inputs_are_not_modified():
 def test_bad_parameters(bad):
     with pytest.raises(ValueError):
         quantize_weight(np.ones((32, 2), np.float32), **bad)
+
+
+@pytest.mark.parametrize("k,block_size,symmetric", [(256, 32, True), (100, 32, False), (1100, 128, True), (64, -1, False)])
+def test_fused_error_equals_relative_error(k, block_size, symmetric):
+    w = np.random.default_rng(k).standard_normal((k, 1100)).astype(np.float32)  # > one column chunk
+    qw, err = quantize_weight_with_error(w, 4, block_size, symmetric)
+    direct = np.linalg.norm(qw.dequantize().astype(np.float64) - w) / np.linalg.norm(w)
+    assert err == pytest.approx(direct, rel=1e-5)
+    assert relative_error(w, qw) == pytest.approx(direct, rel=1e-5)
+    np.testing.assert_array_equal(qw.codes, quantize_weight(w, 4, block_size, symmetric).codes)

@@ -13,6 +13,8 @@ from onnxq.core.quantize import (
     quant_tensor,
     quantize_blocks,
     quantize_weight,
+    quantize_weight_with_error,
+    relative_error,
     search_clip,
 )
 from onnxq.core.weight import QuantizedWeight
@@ -30,6 +32,8 @@ __all__ = [
     "quant_tensor",
     "quantize_blocks",
     "quantize_weight",
+    "quantize_weight_with_error",
+    "relative_error",
     "search_clip",
     "unpack_bits",
     "unpack_zero_points",

@@ -18,9 +18,13 @@ so float16 results are bit-exact with it too.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
 import numpy as np
 
-from onnxq.core.padding import weight_to_blocks
+from onnxq.core.padding import pad_tensor, weight_to_blocks
 from onnxq.core.weight import QuantizedWeight
 
 __all__ = [
@@ -30,6 +34,7 @@ __all__ = [
     "quantize_with_params",
     "dequantize_blocks",
     "quantize_weight",
+    "quantize_weight_with_error",
     "quant_tensor",
     "qdq_tensor",
     "search_clip",
@@ -38,7 +43,8 @@ __all__ = [
 
 DEFAULT_CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(11))  # 1.00 .. 0.80
 
-_COLUMN_CHUNK = 512  # output columns quantized at once: bounds temporaries to ~chunk*K*4 bytes
+_COLUMN_CHUNK = 512  # output columns quantized at once: bounds temporaries to ~chunk*K*4 bytes per thread
+_THREADS = min(4, os.cpu_count() or 1)
 
 
 def check_quant_params(bits: int, block_size: int) -> None:
@@ -59,26 +65,30 @@ def quantize_blocks(
     symmetric: bool,
     ratio: float | np.ndarray = 1.0,
     scale_dtype: np.dtype | type = np.float32,
+    axis: int = -1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Quantize ``blocks: [..., block_size]`` block by block along the last axis.
+    """Quantize ``blocks`` block by block; each block is one 1-D slice along ``axis``.
 
     Args:
-        blocks: float values, one quantization block per last-axis row.
+        blocks: float values, e.g. ``[..., block_size]`` (``axis=-1``) or the K-major
+            view ``[k_blocks, block_size, N]`` of a ``[K, N]`` weight (``axis=1``).
         bits: code width, 2..8.
         symmetric: full-range symmetric (implied zero point ``2**(bits-1)``) or asymmetric.
-        ratio: clip ratio applied to the block range; a scalar or an array
-            broadcastable to ``blocks.shape[:-1]``.
+        ratio: clip ratio applied to the block range; a scalar or an array shaped
+            like ``blocks`` without ``axis``.
         scale_dtype: dtype the scales will be stored in (float32/float16/bfloat16 via ml_dtypes).
+        axis: the axis that runs along one block.
 
     Returns:
-        ``(codes uint8 [..., block_size], scales float32 [...], zero_points uint8 [...])``;
-        for symmetric blocks every zero point equals ``2**(bits-1)``.
+        ``(codes uint8 like blocks, scales float32, zero_points uint8)``, the last two
+        shaped like ``blocks`` without ``axis``; for symmetric blocks every zero point
+        equals ``2**(bits-1)``.
     """
     blocks = np.asarray(blocks, dtype=np.float32)
     qmax = np.float32((1 << bits) - 1)
     ratio = np.asarray(ratio, dtype=np.float32)
-    vmin = blocks.min(axis=-1)
-    vmax = blocks.max(axis=-1)
+    vmin = blocks.min(axis=axis)
+    vmax = blocks.max(axis=axis)
     if symmetric:
         extreme = np.where(np.abs(vmax) > np.abs(vmin), vmax, vmin) * ratio
         scales = (extreme / np.float32(-(1 << (bits - 1)))).astype(np.float32)
@@ -93,8 +103,8 @@ def quantize_blocks(
         zero_points = np.clip(_round_half_up(-lo * exact_recip), 0, qmax)
     scales = scales.astype(scale_dtype).astype(np.float32)
     recip = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=scales != 0)
-    codes = blocks * recip[..., None]
-    codes += zero_points[..., None]
+    codes = blocks * np.expand_dims(recip, axis)
+    codes += np.expand_dims(zero_points, axis)
     codes = np.clip(_round_half_up(codes), 0, qmax, out=codes)
     return codes.astype(np.uint8), scales, zero_points.astype(np.uint8)
 
@@ -119,21 +129,46 @@ def dequantize_blocks(codes: np.ndarray, scales: np.ndarray, zero_points: np.nda
     return (np.asarray(codes, dtype=np.float32) - zp) * np.asarray(scales, dtype=np.float32)[..., None]
 
 
-def _block_error(blocks: np.ndarray, bits: int, symmetric: bool, ratio, scale_dtype) -> np.ndarray:
-    codes, scales, zps = quantize_blocks(blocks, bits, symmetric, ratio, scale_dtype)
-    diff = dequantize_blocks(codes, scales, zps) - blocks
-    return np.einsum("...i,...i->...", diff, diff)
+def _block_error(blocks: np.ndarray, bits: int, symmetric: bool, ratio, scale_dtype, axis: int = -1) -> np.ndarray:
+    codes, scales, zps = quantize_blocks(blocks, bits, symmetric, ratio, scale_dtype, axis)
+    diff = (codes.astype(np.float32) - np.expand_dims(zps, axis)) * np.expand_dims(scales, axis) - blocks
+    return np.einsum("...i,...i->...", np.moveaxis(diff, axis, -1), np.moveaxis(diff, axis, -1))
 
 
-def _best_block_ratios(blocks, bits, symmetric, ratios, scale_dtype) -> np.ndarray:
-    best_err = np.full(blocks.shape[:-1], np.inf, dtype=np.float32)
-    best_ratio = np.ones(blocks.shape[:-1], dtype=np.float32)
+def _best_block_ratios(blocks, bits, symmetric, ratios, scale_dtype, axis: int = -1) -> np.ndarray:
+    shape = np.delete(np.array(blocks.shape), axis % blocks.ndim)
+    best_err = np.full(shape, np.inf, dtype=np.float32)
+    best_ratio = np.ones(shape, dtype=np.float32)
     for ratio in ratios:
-        err = _block_error(blocks, bits, symmetric, ratio, scale_dtype)
+        err = _block_error(blocks, bits, symmetric, ratio, scale_dtype, axis)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_ratio = np.where(better, np.float32(ratio), best_ratio)
     return best_ratio
+
+
+def _for_column_chunks(n: int, work: Callable[[int, int], None]) -> None:
+    """Call ``work(start, stop)`` on chunks of ``n`` output columns, on up to ``_THREADS`` threads.
+
+    numpy releases the GIL inside its loops, so chunks run in parallel; each
+    chunk writes a disjoint slice of the outputs.
+    """
+    chunks = [(start, min(start + _COLUMN_CHUNK, n)) for start in range(0, n, _COLUMN_CHUNK)]
+    if len(chunks) == 1 or _THREADS == 1:
+        for start, stop in chunks:
+            work(start, stop)
+        return
+    with ThreadPoolExecutor(max_workers=_THREADS) as pool:
+        for future in [pool.submit(work, start, stop) for start, stop in chunks]:
+            future.result()
+
+
+def _k_major_blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
+    """``weight: [K, N]`` -> float32 ``[k_blocks, block_size, N]`` (a view when no padding/cast is needed)."""
+    k = weight.shape[0]
+    k_blocks = -(-k // block_size)
+    padded = pad_tensor(np.asarray(weight, dtype=np.float32), block_size, k_blocks)
+    return padded.reshape(k_blocks, block_size, weight.shape[1])
 
 
 def quantize_weight(
@@ -152,8 +187,23 @@ def quantize_weight(
     With ``mse_clip`` each block picks, from ``clip_ratios``, the clip ratio that
     minimises its squared reconstruction error (a per-block version of the
     clip search in Neural Compressor / AWQ, arXiv 2306.00978 sec. 3.3).
-    Work is done on chunks of output columns so temporaries stay small.
+    Work is done in the weight's own K-major layout on chunks of output columns,
+    so temporaries stay small and only the uint8 codes are transposed.
     """
+    return quantize_weight_with_error(weight, bits, block_size, symmetric, ratio, mse_clip, clip_ratios, scale_dtype)[0]
+
+
+def quantize_weight_with_error(
+    weight: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = True,
+    ratio: float = 1.0,
+    mse_clip: bool = False,
+    clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS,
+    scale_dtype: np.dtype | type = np.float32,
+) -> tuple[QuantizedWeight, float]:
+    """:func:`quantize_weight` plus its :func:`relative_error`, computed while each chunk is in cache."""
     check_quant_params(bits, block_size)
     weight = np.asarray(weight)
     if weight.ndim != 2:
@@ -164,14 +214,31 @@ def quantize_weight(
     codes = np.empty((n, k_blocks, bs), dtype=np.uint8)
     scales = np.empty((n, k_blocks), dtype=np.float32)
     zero_points = np.empty((n, k_blocks), dtype=np.uint8)
-    for start in range(0, n, _COLUMN_CHUNK):
-        stop = min(start + _COLUMN_CHUNK, n)
-        blocks = weight_to_blocks(weight[:, start:stop], bs)
-        chunk_ratio = _best_block_ratios(blocks, bits, symmetric, clip_ratios, scale_dtype) if mse_clip else ratio
-        codes[start:stop], scales[start:stop], zero_points[start:stop] = quantize_blocks(
-            blocks, bits, symmetric, chunk_ratio, scale_dtype
-        )
-    return QuantizedWeight(codes, scales, None if symmetric else zero_points, bits, bs, k)
+    sums: list[tuple[float, float]] = []
+
+    def quantize_chunk(start: int, stop: int) -> None:
+        blocks = _k_major_blocks(weight[:, start:stop], bs)  # [k_blocks, bs, chunk]; padded rows are 0
+        chunk_ratio = _best_block_ratios(blocks, bits, symmetric, clip_ratios, scale_dtype, 1) if mse_clip else ratio
+        chunk_codes, chunk_scales, chunk_zps = quantize_blocks(blocks, bits, symmetric, chunk_ratio, scale_dtype, 1)
+        codes[start:stop] = chunk_codes.transpose(2, 0, 1)
+        scales[start:stop] = chunk_scales.T
+        zero_points[start:stop] = chunk_zps.T
+        diff = chunk_codes.astype(np.float32)
+        diff -= chunk_zps[:, None, :]
+        diff *= chunk_scales[:, None, :]
+        diff -= blocks
+        diff = diff.reshape(-1, stop - start)[:k]  # padded rows are not part of the weight
+        sums.append((float(np.vdot(diff, diff)), float(np.vdot(blocks, blocks))))
+
+    _for_column_chunks(n, quantize_chunk)
+    qweight = QuantizedWeight(codes, scales, None if symmetric else zero_points, bits, bs, k)
+    return qweight, _relative(sums)
+
+
+def _relative(sums: list[tuple[float, float]]) -> float:
+    err = sum(e for e, _ in sums)
+    ref = sum(r for _, r in sums)
+    return float(np.sqrt(err / ref)) if ref > 0 else float(np.sqrt(err))
 
 
 def _as_groups(data: np.ndarray, group_size: int) -> np.ndarray:
@@ -248,14 +315,15 @@ def search_clip(
 
 def relative_error(weight: np.ndarray, qweight: QuantizedWeight) -> float:
     """``||W - dequant(Q)||_F / ||W||_F`` for ``weight: [K, N]``, computed in column chunks."""
-    err = 0.0
-    ref = 0.0
-    for start in range(0, qweight.n, _COLUMN_CHUNK):
-        stop = min(start + _COLUMN_CHUNK, qweight.n)
-        blocks = weight_to_blocks(weight[:, start:stop], qweight.block_size)
-        zp = qweight.effective_zero_points()[start:stop]
-        diff = dequantize_blocks(qweight.codes[start:stop], qweight.scales[start:stop], zp) - blocks
-        diff = diff.reshape(stop - start, -1)[:, : qweight.k]  # padded rows are not part of the weight
-        err += float(np.vdot(diff, diff))
-        ref += float(np.vdot(blocks, blocks))
-    return float(np.sqrt(err / ref)) if ref > 0 else float(np.sqrt(err))
+    zero_points = qweight.effective_zero_points()
+    sums: list[tuple[float, float]] = []
+
+    def chunk_error(start: int, stop: int) -> None:
+        blocks = _k_major_blocks(weight[:, start:stop], qweight.block_size)  # [k_blocks, bs, chunk]
+        codes = np.ascontiguousarray(qweight.codes[start:stop].transpose(1, 2, 0))  # uint8: a cheap transpose
+        restored = (codes.astype(np.float32) - zero_points[start:stop].T[:, None, :]) * qweight.scales[start:stop].T[:, None, :]
+        diff = (restored - blocks).reshape(-1, stop - start)[: qweight.k]  # padded rows are not part of the weight
+        sums.append((float(np.vdot(diff, diff)), float(np.vdot(blocks, blocks))))
+
+    _for_column_chunks(qweight.n, chunk_error)
+    return _relative(sums)

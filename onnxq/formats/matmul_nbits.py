@@ -26,10 +26,13 @@ MS_DOMAIN = "com.microsoft"
 class MatMulNBitsInitializers:
     """The constant inputs of one MatMulNBits weight (shareable between nodes)."""
 
-    b: ir.Value
-    scales: ir.Value
-    zero_points: ir.Value | None
-    qweight: QuantizedWeight
+    b: ir.Value  # uint8 [N, k_blocks, block_size * bits / 8]
+    scales: ir.Value  # [N, k_blocks] in the activation dtype
+    zero_points: ir.Value | None  # uint8 [N, ceil(k_blocks * bits / 8)]
+    k: int
+    n: int
+    bits: int
+    block_size: int
 
     def values(self) -> list[ir.Value]:
         return [v for v in (self.b, self.scales, self.zero_points) if v is not None]
@@ -68,7 +71,10 @@ def make_matmul_nbits_initializers(
         b=_initializer(packed, f"{name_prefix}_Q{bits}"),
         scales=_initializer(scales, f"{name_prefix}_scales", scale_dtype),
         zero_points=zero_points,
-        qweight=qweight,
+        k=qweight.k,
+        n=qweight.n,
+        bits=bits,
+        block_size=qweight.block_size,
     )
 
 
@@ -81,7 +87,7 @@ def make_matmul_nbits_node(
     name: str | None = None,
 ) -> ir.Node:
     """A MatMulNBits node computing ``activation [..., K] @ dequant(weights) -> [..., N]``."""
-    qw = weights.qweight
+    qw = weights
     inputs: list[ir.Value | None] = [activation, weights.b, weights.scales, weights.zero_points]
     if bias is not None:
         inputs += [None, bias]

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from onnxq.config import NodeSettings, QuantConfig
 from onnxq.core import QuantizedWeight
-from onnxq.core.quantize import quantize_weight, relative_error
+from onnxq.core.quantize import quantize_weight_with_error
 from onnxq.errors import OnnxqError
 from onnxq.formats.matmul_nbits import MS_DOMAIN, MatMulNBitsInitializers, make_matmul_nbits_initializers, make_matmul_nbits_node
 from onnxq.passes.weight_sites import SkippedNode, WeightSite, constant_tensor, find_weight_sites
@@ -26,8 +26,12 @@ __all__ = ["MatMulToNBitsPass", "QuantizedNodeRecord", "WeightQuantizer"]
 
 logger = logging.getLogger(__name__)
 
-WeightQuantizer = Callable[[WeightSite, np.ndarray, NodeSettings, np.dtype], QuantizedWeight]
-"""``(site, weight [K, N] float32, settings, scale_dtype) -> QuantizedWeight``."""
+WeightQuantizer = Callable[[WeightSite, np.ndarray, NodeSettings, np.dtype], tuple[QuantizedWeight, float]]
+"""``(site, weight [K, N] float32, settings, scale_dtype) -> (qweight, relative error)``.
+
+The relative error ``||W - W_eff||_F / ||W||_F`` is the algorithm's own account of
+how far the node's effective weight moved (an algorithm that folds scales into
+other nodes knows what the effective weight is; the pass does not)."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,11 @@ class _QuantizedSource:
     relative_error: float
 
 
-def rtn_weight_quantizer(site: WeightSite, weight: np.ndarray, settings: NodeSettings, scale_dtype) -> QuantizedWeight:
+def rtn_weight_quantizer(
+    site: WeightSite, weight: np.ndarray, settings: NodeSettings, scale_dtype
+) -> tuple[QuantizedWeight, float]:
     """Round-to-nearest (optionally with per-block MSE clip search)."""
-    return quantize_weight(
+    return quantize_weight_with_error(
         weight, settings.bits, _block_size_for(settings.block_size, site.k), settings.symmetric,
         mse_clip=settings.mse_clip, scale_dtype=scale_dtype,
     )
@@ -120,7 +126,7 @@ class MatMulToNBitsPass(ir.passes.InPlacePass):
             self.quantized_weights[key] = (site.source, entry.inits)
             self._replace(site, settings, entry.inits, taken)
             self.records.append(QuantizedNodeRecord(
-                site.name, site.kind, site.k, site.n, settings.bits, entry.inits.qweight.block_size,
+                site.name, site.kind, site.k, site.n, settings.bits, entry.inits.block_size,
                 settings.symmetric, settings.accuracy_level, site.k * site.n * site.dtype.itemsize,
                 entry.inits.nbytes, entry.relative_error,
                 None if entry.first_site == site.name else entry.first_site,
@@ -141,12 +147,14 @@ class MatMulToNBitsPass(ir.passes.InPlacePass):
             bad = int(np.size(weight) - np.isfinite(weight).sum())
             raise OnnxqError(f"weight {site.source.name!r} of node {site.name!r} has {bad} NaN/Inf values")
         scale_dtype = site.dtype
-        qweight = self.weight_quantizer(site, weight, settings, scale_dtype.numpy())
+        qweight, error = self.weight_quantizer(site, weight, settings, scale_dtype.numpy())
+        del weight
+        _release(site.tensor)
         inits = make_matmul_nbits_initializers(qweight, scale_dtype, site.source.name or site.name)
         for value in inits.values():
             value.name = _unique_name(taken, value.name)
             _owner_graph(site).register_initializer(value)
-        return _QuantizedSource(inits, site.name, relative_error(weight, qweight))
+        return _QuantizedSource(inits, site.name, error)
 
     def _replace(self, site: WeightSite, settings: NodeSettings, inits: MatMulNBitsInitializers, taken: set[str]) -> None:
         graph = site.node.graph
@@ -174,6 +182,18 @@ class MatMulToNBitsPass(ir.passes.InPlacePass):
         ir.convenience.replace_nodes_and_values(
             graph, site.node, [site.node], new_nodes, [site.node.outputs[0]], [result]
         )
+
+
+def _release(tensor: ir.TensorProtocol) -> None:
+    """Unmap a memory-mapped external weight once it is quantized, so resident memory stays at one weight.
+
+    The tensor maps its file again if it is read later (another site with other settings).
+    """
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # someone still holds a view of the data: leave the mapping alone
+            pass
 
 
 def _owner_graph(site: WeightSite) -> ir.Graph:
