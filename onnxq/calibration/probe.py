@@ -1,0 +1,266 @@
+"""Reading intermediate activations of a model through an onnxruntime session.
+
+:class:`ActivationProbe` builds a session for a *probe model*: the nodes of the
+model's main graph that the named tensors depend on, with those tensors as the
+graph outputs. It never modifies the model it is given. Per sample it returns
+``{tensor name: array}``; :meth:`ActivationProbe.iter_samples` streams samples so
+only one sample's activations are in memory at a time.
+
+Cutting: ``feed_names`` names intermediate tensors that the caller feeds (e.g.
+the residual stream at a block boundary, cached from an earlier run); the probe
+model starts there, so sequential calibration runs each block, not the whole
+prefix. Other graph inputs the remaining nodes need are read from the feed too.
+
+Weights: initializers of at least ``INLINE_LIMIT`` bytes (of a dtype numpy and
+ONNX Runtime share) are not copied into the probe model's protobuf: they are
+declared with a placeholder external location and handed to the session with
+``SessionOptions.add_external_initializers`` straight from ``tensor.numpy()``
+(memory-mapped for weights in external data files, the arrays themselves for
+in-memory tensors). Nothing is written to disk, a model above protobuf's 2 GB
+limit works, and ONNX Runtime holds its usual one copy of the weights. Smaller
+initializers are serialized into the probe model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxq.calibration.accumulators import Accumulator
+from onnxq.calibration.readers import Feed, iter_feeds
+from onnxq.errors import OnnxqError
+from onnxq.io import load_model
+
+__all__ = ["ActivationProbe", "INLINE_LIMIT", "collect_statistics"]
+
+logger = logging.getLogger(__name__)
+
+INLINE_LIMIT = 256 * 1024
+"""Initializers of this many bytes or more reach the session as OrtValues, not protobuf bytes."""
+
+_ORT_VALUE_TYPES = {
+    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16,
+    ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16,
+    ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64, ir.DataType.UINT64, ir.DataType.BOOL,
+}
+_PLACEHOLDER = "onnxq-probe-placeholder"
+
+
+def _main_graph_values(graph: ir.Graph) -> dict[str, ir.Value]:
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
+    values.update(graph.initializers)
+    for node in graph:
+        for out in node.outputs:
+            values[out.name] = out
+    return values
+
+
+def _outer_references(node: ir.Node, graph: ir.Graph) -> Iterator[ir.Value]:
+    """Values of ``graph`` used inside ``node``'s subgraphs (If/Loop/Scan bodies)."""
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            subgraphs = [attr.as_graph()]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            subgraphs = list(attr.as_graphs())
+        else:
+            continue
+        for sub in subgraphs:
+            for sub_node in sub.all_nodes():
+                for value in sub_node.inputs:
+                    if value is not None and value.graph is graph:
+                        yield value
+
+
+class ActivationProbe:
+    """Run a model and return the named intermediate tensors (see the module docstring).
+
+    Args:
+        model: an ``ir.Model`` (not modified), an ``onnx.ModelProto`` or a path.
+        tensor_names: main-graph values to return (node outputs, graph inputs or
+            ``feed_names``; duplicates are ignored).
+        feed_names: intermediate values the caller supplies in every feed; the probe
+            does not compute them or anything only they need.
+        providers: onnxruntime execution providers (default CPU).
+        threads: ``intra_op_num_threads`` (default: onnxruntime's choice).
+
+    Attributes:
+        input_names: the feed entries :meth:`run` reads (graph inputs the probe model
+            needs, then needed ``feed_names``, then requested tensors taken from the feed).
+
+    Raises:
+        OnnxqError: a name is not a value of the main graph, or is an initializer.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model | onnx.ModelProto | str | os.PathLike,
+        tensor_names: Sequence[str],
+        *,
+        feed_names: Sequence[str] = (),
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ):
+        self.model = load_model(model)
+        self.tensor_names = list(dict.fromkeys(tensor_names))
+        self.feed_names = list(dict.fromkeys(feed_names))
+        self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
+        self.threads = threads
+        graph = self.model.graph
+        values = _main_graph_values(graph)
+        for name in [*self.tensor_names, *self.feed_names]:
+            if name not in values:
+                raise OnnxqError(f"tensor {name!r} is not a value of the model's main graph")
+            if values[name].is_initializer():
+                raise OnnxqError(f"tensor {name!r} is an initializer (a constant), not an activation")
+        graph_inputs = {v.name for v in graph.inputs if v.name not in graph.initializers}
+        self._cut = {name: values[name] for name in self.feed_names}
+        self._passthrough = [n for n in self.tensor_names if n in self._cut or n in graph_inputs]
+        self._outputs = [values[n] for n in self.tensor_names if n not in self._passthrough]
+        self._nodes, self._initializers, used_inputs = self._needed(graph, self._outputs)
+        self._session_inputs = [v.name for v in graph.inputs if v.name in used_inputs]
+        self._session_inputs += [n for n in self.feed_names if n in used_inputs]
+        self.input_names = self._session_inputs + [n for n in self._passthrough if n not in self._session_inputs]
+        self._session = None
+        self._keep_alive: list = []
+
+    def _needed(self, graph: ir.Graph, outputs: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value], set[str]]:
+        """Nodes (graph order), initializers and input names that ``outputs`` depend on."""
+        nodes: set[int] = set()
+        initializers: dict[str, ir.Value] = {}
+        inputs: set[str] = set()
+        stack = list(outputs)
+        seen: set[int] = set()
+        while stack:
+            value = stack.pop()
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            if value.name in self._cut:
+                inputs.add(value.name)
+                continue
+            if value.is_initializer() or value.name in graph.initializers:
+                initializers[value.name] = graph.initializers[value.name]
+                continue
+            producer = value.producer()
+            if producer is None:
+                inputs.add(value.name)
+                continue
+            if id(producer) in nodes:
+                continue
+            nodes.add(id(producer))
+            stack.extend(v for v in producer.inputs if v is not None)
+            stack.extend(_outer_references(producer, graph))
+        ordered = [node for node in graph if id(node) in nodes]
+        ordered_inits = [v for name, v in graph.initializers.items() if name in initializers]
+        return ordered, ordered_inits, inputs
+
+    def _declare_input(self, graph_proto: onnx.GraphProto, value: ir.Value, sample: np.ndarray | None) -> None:
+        if value.type is not None:
+            ir.serde.serialize_value_into(graph_proto.input.add(), value)
+            return
+        if sample is None:
+            raise OnnxqError(f"the model declares no type for input {value.name!r}")
+        elem = onnx.helper.np_dtype_to_tensor_dtype(sample.dtype)
+        graph_proto.input.append(onnx.helper.make_tensor_value_info(value.name, elem, [None] * sample.ndim))
+
+    def _build(self, feed: Mapping[str, np.ndarray]):
+        import onnxruntime as ort
+
+        model, graph = self.model, self.model.graph
+        proto = onnx.ModelProto(ir_version=model.ir_version, producer_name="onnxq-probe")
+        for domain, version in model.opset_imports.items():
+            proto.opset_import.add(domain=domain, version=version)
+        for function in model.functions.values():
+            ir.serde.serialize_function_into(proto.functions.add(), function)
+        g = proto.graph
+        g.name = "probe"
+        values = _main_graph_values(graph)
+        for name in self._session_inputs:
+            self._declare_input(g, values[name], feed.get(name))
+        external_names, external_values = [], []
+        for value in self._initializers:
+            tensor = value.const_value
+            if tensor is None:
+                raise OnnxqError(f"initializer {value.name!r} has no data")
+            if tensor.nbytes >= INLINE_LIMIT and tensor.dtype in _ORT_VALUE_TYPES:
+                array = np.ascontiguousarray(tensor.numpy())
+                if tensor.dtype == ir.DataType.BFLOAT16:
+                    ort_value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                        array.view(np.uint16), onnx.TensorProto.BFLOAT16)
+                else:
+                    ort_value = ort.OrtValue.ortvalue_from_numpy(array)
+                placeholder = g.initializer.add(name=value.name, data_type=tensor.dtype.value,
+                                                dims=list(tensor.shape.numpy()))
+                placeholder.data_location = onnx.TensorProto.EXTERNAL
+                placeholder.external_data.add(key="location", value=_PLACEHOLDER)
+                external_names.append(value.name)
+                external_values.append(ort_value)
+                self._keep_alive.extend((array, ort_value))
+            else:
+                ir.serde.serialize_tensor_into(g.initializer.add(), tensor)
+                g.initializer[-1].name = value.name
+        for node in self._nodes:
+            ir.serde.serialize_node_into(g.node.add(), node, model_ir_version=model.ir_version)
+        for value in self._outputs:
+            ir.serde.serialize_value_into(g.output.add(), value)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        if external_names:
+            options.add_external_initializers(external_names, external_values)
+        logger.debug("probe model: %d nodes, %d outputs, %d initializers passed as OrtValues",
+                     len(self._nodes), len(self._outputs), len(external_names))
+        try:
+            return ort.InferenceSession(proto.SerializeToString(), options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises several types
+            raise OnnxqError(f"onnxruntime cannot run the probe model: {str(exc).splitlines()[0]}") from None
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``{tensor name: array}`` for one feed (it must hold every name in :attr:`input_names`)."""
+        missing = [n for n in self.input_names if n not in feed]
+        if missing:
+            raise OnnxqError(f"the probe needs {missing[0]!r} in the feed (got: {', '.join(feed) or 'nothing'})")
+        result = {name: np.asarray(feed[name]) for name in self._passthrough}
+        if self._outputs:
+            if self._session is None:
+                self._session = self._build(feed)
+            arrays = self._session.run([v.name for v in self._outputs], {n: feed[n] for n in self._session_inputs})
+            result.update(zip((v.name for v in self._outputs), arrays))
+        return {name: result[name] for name in self.tensor_names}
+
+    def iter_samples(self, source, max_samples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Run every feed of ``source`` (anything ``as_reader`` takes), one at a time."""
+        for feed in iter_feeds(source, max_samples):
+            yield self.run(feed)
+
+
+def collect_statistics(
+    probe: ActivationProbe,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    accumulators: Mapping[str, Sequence[Accumulator]],
+    *,
+    mask_input: str | None = "attention_mask",
+) -> int:
+    """Run ``probe`` on each feed and update ``accumulators[tensor name]`` with that tensor.
+
+    ``mask_input``: a feed entry (e.g. ``attention_mask: [batch, seq]``) whose zeros mark
+    padding rows to leave out (see :mod:`onnxq.calibration.accumulators`); used only
+    when the feed has it. Returns the number of samples run.
+    """
+    unknown = [name for name in accumulators if name not in probe.tensor_names]
+    if unknown:
+        raise OnnxqError(f"no probe output named {unknown[0]!r} (probe outputs: {', '.join(probe.tensor_names)})")
+    count = 0
+    for feed in feeds:
+        mask = feed.get(mask_input) if mask_input is not None else None
+        activations = probe.run(feed)
+        for name, stats in accumulators.items():
+            for stat in stats:
+                stat.update(activations[name], mask)
+        count += 1
+    return count
