@@ -81,10 +81,17 @@ class HessianAccumulator(_ChannelStat):
     where GPTQ counts sequences; the two differ by the constant sequence length,
     which GPTQ's relative damping (``percdamp * mean(diag H)``) cancels, and counting
     rows keeps ``H`` comparable when padding rows are masked out.
+
+    ``dtype``: precision of each update's ``X^T X`` product (float64 by default;
+    float32 is about twice as fast on CPU, with relative error ~1e-6). ``H`` itself
+    is always accumulated in float64.
     """
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, dtype: type | np.dtype = np.float64):
         super().__init__(k)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise OnnxqError(f"HessianAccumulator dtype must be float32 or float64, got {self.dtype}")
         self.hessian = np.zeros((k, k), np.float64)
 
     def update(self, x: np.ndarray, mask: np.ndarray | None = None) -> None:
@@ -95,7 +102,7 @@ class HessianAccumulator(_ChannelStat):
             return
         self.hessian *= self.count / (self.count + t)
         self.count += t
-        scaled = rows.astype(np.float64) * np.sqrt(2.0 / self.count)
+        scaled = rows.astype(self.dtype) * self.dtype.type(np.sqrt(2.0 / self.count))
         self.hessian += scaled.T @ scaled
 
 

@@ -11,8 +11,9 @@ the residual stream at a block boundary, cached from an earlier run); the probe
 model starts there, so sequential calibration runs each block, not the whole
 prefix. Other graph inputs the remaining nodes need are read from the feed too.
 
-Weights: initializers of at least ``INLINE_LIMIT`` bytes (of a dtype numpy and
-ONNX Runtime share) are not copied into the probe model's protobuf: they are
+Weights: initializers in external data files and those of at least
+``INLINE_LIMIT`` bytes (of a dtype numpy and ONNX Runtime share; others are
+embedded) are not copied into the probe model's protobuf: they are
 declared with a placeholder external location and handed to the session with
 ``SessionOptions.add_external_initializers`` straight from ``tensor.numpy()``
 (memory-mapped for weights in external data files, the arrays themselves for
@@ -186,7 +187,8 @@ class ActivationProbe:
             tensor = value.const_value
             if tensor is None:
                 raise OnnxqError(f"initializer {value.name!r} has no data")
-            if tensor.nbytes >= INLINE_LIMIT and tensor.dtype in _ORT_VALUE_TYPES:
+            external = isinstance(tensor, ir.ExternalTensor)
+            if tensor.dtype in _ORT_VALUE_TYPES and (external or tensor.nbytes >= INLINE_LIMIT):
                 array = np.ascontiguousarray(tensor.numpy())
                 if tensor.dtype == ir.DataType.BFLOAT16:
                     ort_value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
@@ -201,6 +203,8 @@ class ActivationProbe:
                 external_values.append(ort_value)
                 self._keep_alive.extend((array, ort_value))
             else:
+                if external:  # its file is not beside the probe model: embed the data
+                    tensor = ir.Tensor(tensor.numpy(), dtype=tensor.dtype)
                 ir.serde.serialize_tensor_into(g.initializer.add(), tensor)
                 g.initializer[-1].name = value.name
         for node in self._nodes:
