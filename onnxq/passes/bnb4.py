@@ -25,7 +25,7 @@ from onnxq.formats.bnb4 import (
 )
 from onnxq.formats.matmul_nbits import MS_DOMAIN
 from onnxq.passes.matmul_nbits import QuantizedNodeRecord, _owner_graph, _remove_unused, _unique_name
-from onnxq.passes.weight_sites import SkippedNode, WeightSite, find_weight_sites
+from onnxq.passes.weight_sites import SkippedNode, WeightSite, constant_tensor, find_weight_sites
 
 __all__ = ["MatMulToBnb4Pass", "initializer_names", "replace_site_with_node", "finite_weight"]
 
@@ -72,7 +72,7 @@ def replace_site_with_node(site: WeightSite, node: ir.Node, taken: set[str], *, 
     new_nodes = [node]
     result = node.outputs[0]
     if add_bias and site.bias is not None:
-        bias = np.asarray(site.bias.const_value.numpy(), dtype=np.float32).reshape(-1) * np.float32(site.beta)
+        bias = np.asarray(constant_tensor(site.bias).numpy(), dtype=np.float32).reshape(-1) * np.float32(site.beta)
         bias_value = _constant_value(graph, bias.astype(site.dtype.numpy()), f"{site.name}_bias", taken, site.dtype)
         add = ir.node("Add", [result, bias_value], name=f"{site.name}_bias_add")
         new_nodes.append(add)
