@@ -327,6 +327,35 @@ def test_probe_cut_input_without_declared_type():
     np.testing.assert_allclose(probe.run({"h": h})["y"], np.maximum(h, 0) @ w2, rtol=1e-5, atol=1e-6)
 
 
+def test_probe_reads_the_model_as_it_is_now():
+    """A probe built after a weight was replaced (as a quantization pass does) runs the new weight."""
+    w = weight((8, 4), 0)
+    model = ir.serde.deserialize_model(matmul_model(w))
+    model.graph.initializers["W"].const_value = ir.tensor(2 * w, name="W")
+    x = np.random.default_rng(1).standard_normal((1, 7, 8)).astype(np.float32)
+    np.testing.assert_allclose(ActivationProbe(model, ["y"]).run({"x": x})["y"], x @ (2 * w), rtol=1e-5, atol=1e-6)
+
+
+def test_probe_follows_outer_scope_values_into_subgraphs():
+    w = weight((8, 8), 4)
+
+    def branch(op):  # reads "h" from the main graph
+        return helper.make_graph([helper.make_node(op, ["h"], [f"{op}_out"])], op, [],
+                                 [helper.make_tensor_value_info(f"{op}_out", TensorProto.FLOAT, None)])
+
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+         helper.make_node("If", ["cond"], ["z"], name="if", then_branch=branch("Relu"), else_branch=branch("Neg"))],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 8])], {"W": w})
+    probe = ActivationProbe(model, ["z"])
+    assert [n.name for n in probe._nodes] == ["mm", "if"] and probe.input_names == ["x", "cond"]
+    x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
+    for cond, ref in ((True, np.maximum(x @ w, 0)), (False, -(x @ w))):
+        np.testing.assert_allclose(probe.run({"x": x, "cond": np.array(cond)})["z"], ref, rtol=1e-5, atol=1e-6)
+
+
 def test_iter_samples_streams_one_sample_at_a_time():
     model = matmul_model(weight((8, 4), 0))
     pulled = []

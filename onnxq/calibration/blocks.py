@@ -31,11 +31,13 @@ recomputed by the probe) and which of its values later blocks need (``outputs``)
 from __future__ import annotations
 
 import bisect
+import heapq
 import logging
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from onnxq.errors import OnnxqError
 from onnxq.passes.weight_sites import WeightSite
 
 __all__ = ["Block", "NORM_OPS", "find_blocks"]
@@ -94,16 +96,16 @@ def _topological(graph: ir.Graph) -> list[ir.Node]:
     for n in nodes:
         for p in {id(p): p for p in producers(n)}.values():
             users.setdefault(id(p), []).append(n)
-    ready = [n for n in nodes if pending[id(n)] == 0]
+    ready = [index[id(n)] for n in nodes if pending[id(n)] == 0]
+    heapq.heapify(ready)
     order: list[ir.Node] = []
     while ready:
-        ready.sort(key=lambda n: index[id(n)])
-        node = ready.pop(0)
+        node = nodes[heapq.heappop(ready)]
         order.append(node)
         for user in users.get(id(node), []):
             pending[id(user)] -= 1
             if pending[id(user)] == 0:
-                ready.append(user)
+                heapq.heappush(ready, index[id(user)])
     return order if len(order) == len(nodes) else nodes
 
 
@@ -165,7 +167,7 @@ def _site_positions(sites: list[WeightSite], nodes: list[ir.Node], graph: ir.Gra
     for site in sites:
         key = id(site.node)
         if key not in position and key not in owner:
-            raise ValueError(f"weight site {site.name!r} is not a node of this model")
+            raise OnnxqError(f"weight site {site.name!r} is not a node of this model")
         result.append(position[key] if key in position else owner[key])
     return result
 

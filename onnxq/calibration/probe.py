@@ -32,7 +32,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxq.calibration.accumulators import Accumulator
-from onnxq.calibration.readers import Feed, iter_feeds
+from onnxq.calibration.readers import iter_feeds
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model
 
