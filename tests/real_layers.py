@@ -3,7 +3,8 @@
 ``models/real_layers.npz`` holds, in MatMul orientation (``y = x @ w``):
 ``"<layer>.weight"`` float16 ``[K, N]``, ``"<layer>.bias"`` ``[N]`` and ``"<layer>.x"`` float16
 ``[T, K]`` real inputs, for the layers ``q`` (attention query), ``fc1`` and ``fc2`` (the MLP),
-plus ``"q.k_weight"`` / ``"q.v_weight"``: the key/value weights that read the same input as ``q``.
+plus ``"q.k_weight"`` / ``"q.v_weight"``: the key/value weights that read the same input as ``q``,
+and ``"source"``: a string saying where it all comes from (``scripts/make_real_layers_fixture.py``).
 Tests that need it skip, saying why, when the file is missing.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _arrays() -> dict[str, np.ndarray]:
     if not REAL_LAYERS_PATH.exists():
         pytest.skip(f"real layer fixture {REAL_LAYERS_PATH} is missing (real MiniLM weights + activations)")
     with np.load(REAL_LAYERS_PATH) as data:
-        return {name: data[name].astype(np.float32) for name in data.files}
+        return {name: data[name].astype(np.float32) for name in data.files if data[name].dtype.kind == "f"}
 
 
 def real_layer(name: str) -> tuple[np.ndarray, np.ndarray]:

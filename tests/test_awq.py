@@ -81,7 +81,8 @@ def test_search_losses_match_direct_computation(symmetric):
         alphas = np.linspace(0, 1, 5)
         direct = [direct_loss(weights, sample, awq_scales(act, a), 4, 32, symmetric) for a in alphas]
         np.testing.assert_allclose(res.loss_by_alpha, direct, rtol=1e-4)
-        assert res.loss_rtn == pytest.approx(direct_loss(weights, sample, np.ones(len(act), np.float32), 4, 32, symmetric), rel=1e-4)
+        ones = np.ones(len(act), np.float32)
+        assert res.loss_rtn == pytest.approx(direct_loss(weights, sample, ones, 4, 32, symmetric), rel=1e-4)
         assert res.alpha == alphas[int(np.argmin(res.loss_by_alpha))]
         assert res.alpha > 0 and min(res.loss_by_alpha) < res.loss_rtn
         np.testing.assert_array_equal(res.scales, awq_scales(act, res.alpha))

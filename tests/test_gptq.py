@@ -59,11 +59,15 @@ def test_gptq_beats_rtn_on_calibration_rows(layer, bits, block_size, symmetric):
 @pytest.mark.parametrize("layer", ["q", "fc1", "fc2"])
 @pytest.mark.parametrize("bits,block_size,symmetric", SETTINGS)
 def test_gptq_beats_rtn_on_held_out_rows(layer, bits, block_size, symmetric):
-    """Calibrated on the first 128 rows, measured on the other 128: still below RTN's error."""
+    """Calibrated on the first 128 rows, measured on the other 128: below RTN's error.
+
+    128 tokens for K = 384 inputs is a rank-128 Hessian: with the default 1% damping GPTQ
+    overfits it (held-out error 1.02-1.15x RTN's on q / fc1, 0.90-0.95x on fc2, measured),
+    so this uses 10% damping (held-out 0.67-0.80x RTN's, measured)."""
     w, x = real_layer(layer)
     half = len(x) // 2
-    q = gptq_quantize_weight(w, hessian(x[:half]), bits, block_size, symmetric).dequantize()
-    assert output_error(x[half:], w, q) < output_error(x[half:], w, rtn(w, bits, block_size, symmetric))
+    q = gptq_quantize_weight(w, hessian(x[:half]), bits, block_size, symmetric, percdamp=0.1).dequantize()
+    assert output_error(x[half:], w, q) < 0.9 * output_error(x[half:], w, rtn(w, bits, block_size, symmetric))
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -181,6 +185,8 @@ def test_bad_inputs_raise_onnxq_error():
         gptq_quantize_weight(w, np.eye(32), 4, 32)
     with pytest.raises(OnnxqError, match="finite"):
         gptq_quantize_weight(w, np.full((64, 64), np.nan), 4, 32)
+    with pytest.raises(OnnxqError, match="diagonal >= 0"):
+        gptq_quantize_weight(w, -np.eye(64), 4, 32)
     with pytest.raises(OnnxqError, match="bits"):
         gptq_quantize_weight(w, np.eye(64), 9, 32)
 

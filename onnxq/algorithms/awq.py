@@ -298,9 +298,10 @@ def awq_quantize_weights(
     for weight in weights:
         scaled = s[:, None] * np.asarray(weight, dtype=np.float32)
         if clip:
-            qweights.append(
-                awq_clip_search(scaled, scaled_x, bits, block_size, symmetric, ratios=clip_ratios, scale_dtype=scale_dtype)
+            qw = awq_clip_search(
+                scaled, scaled_x, bits, block_size, symmetric, ratios=clip_ratios, scale_dtype=scale_dtype
             )
         else:
-            qweights.append(quantize_weight(scaled, bits, block_size, symmetric, scale_dtype=scale_dtype))
+            qw = quantize_weight(scaled, bits, block_size, symmetric, scale_dtype=scale_dtype)
+        qweights.append(qw)
     return AWQResult(scales=s, qweights=tuple(qweights), search=search)

@@ -15,7 +15,7 @@ not yet quantized:
 
 Updates are applied lazily (``blocksize`` rows at a time, the rest with one matrix
 product per batch), which is the paper's "lazy batch" trick (sec. 4, step 2).
-With that ordering the solver's loss has the closed form
+Whatever the order and batching, the solver's loss has the closed form
 ``(W - Q)[:, n]^T H_damped (W - Q)[:, n] = sum_k e_k[n]^2``: :class:`GPTQResult.loss`.
 
 Conventions kept from :mod:`onnxq.core.quantize`: scales are rounded to
@@ -105,19 +105,17 @@ def _upper_cholesky_of_inverse(hessian: np.ndarray) -> np.ndarray:
 
 def _damped_factor(hessian: np.ndarray, percdamp: float) -> tuple[np.ndarray, float]:
     """Add ``percdamp * mean(diag H)`` to the diagonal and factor; retry with 10x damping on failure."""
-    mean_diag = float(np.mean(np.diag(hessian)))
-    damp = percdamp * mean_diag
+    mean_diag = float(np.mean(np.diag(hessian)))  # > 0: the diagonal is >= 0 and dead entries are 1
     eye = np.eye(hessian.shape[0])
     for attempt in range(_CHOLESKY_RETRIES):
+        damp = percdamp * mean_diag * 10.0**attempt
         try:
             return _upper_cholesky_of_inverse(hessian + damp * eye), damp
         except np.linalg.LinAlgError:
-            next_damp = max(damp * 10.0, 1e-6 * max(mean_diag, 1.0))
-            logger.debug("GPTQ Cholesky failed with damp=%g (attempt %d); retrying with %g", damp, attempt + 1, next_damp)
-            damp = next_damp
+            logger.warning("GPTQ: Hessian not positive definite with damping %g; retrying with 10x damping", damp)
     raise OnnxqError(
         f"GPTQ expected a positive semi-definite Hessian [K, K] (2/n X^T X); Cholesky failed even with "
-        f"damping {damp / 10.0:g} added to the diagonal (mean diagonal {mean_diag:g})"
+        f"damping {damp:g} added to the diagonal (mean diagonal {mean_diag:g})"
     )
 
 
@@ -128,13 +126,15 @@ def _check_inputs(weight, hessian, bits, block_size, percdamp, blocksize) -> tup
         raise OnnxqError(str(exc)) from None
     weight = np.asarray(weight)
     hessian = np.asarray(hessian)
-    if weight.ndim != 2:
-        raise OnnxqError(f"GPTQ expected a 2-D weight [K, N], got shape {weight.shape}")
+    if weight.ndim != 2 or 0 in weight.shape:
+        raise OnnxqError(f"GPTQ expected a non-empty 2-D weight [K, N], got shape {weight.shape}")
     k = weight.shape[0]
     if hessian.shape != (k, k):
         raise OnnxqError(f"GPTQ expected a Hessian of shape [K, K] = {(k, k)}, got {hessian.shape}")
     if not np.all(np.isfinite(hessian)):
         raise OnnxqError("GPTQ expected a finite Hessian, found NaN or inf")
+    if np.any(np.diag(hessian) < 0):
+        raise OnnxqError("GPTQ expected a Hessian 2/n X^T X with a diagonal >= 0, found negative entries")
     if not np.all(np.isfinite(weight)):
         raise OnnxqError("GPTQ expected a finite weight, found NaN or inf")
     if not percdamp > 0:
