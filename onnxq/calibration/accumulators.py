@@ -119,7 +119,6 @@ class AbsMeanAccumulator(_ChannelStat):
         self._sum = partial if self._sum is None else self._sum + partial
         self.count += rows.shape[0]
 
-    @property
     def value(self) -> np.ndarray:
         """``[K]`` mean ``|x|`` over all rows seen (zeros before any row)."""
         if self._sum is None or self.count == 0:
@@ -142,7 +141,6 @@ class AbsMaxAccumulator(_ChannelStat):
         self._max = partial if self._max is None else np.maximum(self._max, partial)
         self.count += rows.shape[0]
 
-    @property
     def value(self) -> np.ndarray:
         """``[K]`` max ``|x|`` over all rows seen (zeros before any row)."""
         return np.zeros(self.k or 0, np.float64) if self._max is None else self._max.copy()
@@ -183,7 +181,6 @@ class RowSampler(_ChannelStat):
         self._buffer[last_first] = rows[winners]
         self.count += t
 
-    @property
     def rows(self) -> np.ndarray:
         """``[min(count, max_rows), K]`` float32 sampled rows (a copy)."""
         if self._buffer is None:
