@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Callable, Iterable
 
 import onnx
 import onnx_ir as ir
@@ -13,6 +12,8 @@ from onnxq.config import QuantConfig
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model, save_model
 from onnxq.passes import MatMulToNBitsPass, QuantizedNodeRecord, SkippedNode, find_weight_sites
+from onnxq.passes.calibrated import CalibratedNBitsPass
+from onnxq.passes.matmul_nbits import Progress
 
 __all__ = ["quantize", "save", "inspect_model", "records_of", "REPORT_KEY"]
 
@@ -25,26 +26,42 @@ REPORT_KEY = "onnxq.report"
 def quantize(
     model: str | os.PathLike | ir.Model | onnx.ModelProto,
     config: QuantConfig | None = None,
+    calibration_data_reader=None,
     *,
-    progress: Callable[[Iterable], Iterable] | None = None,
+    progress: Progress | None = None,
+    providers: list[str] | None = None,
 ) -> ir.Model:
     """Quantize the MatMul/Gemm weights of ``model`` to MatMulNBits.
 
     Args:
         model: a path (external data is read memory-mapped), an ``onnx.ModelProto``
-            or an ``onnx_ir.Model`` (modified in place and returned).
+            (not modified) or an ``onnx_ir.Model`` (modified in place and returned).
         config: settings; defaults to ``QuantConfig()`` (4 bits, block 32, symmetric, RTN).
-        progress: wraps the list of weight sites (e.g. ``tqdm.tqdm``) to show progress.
+        calibration_data_reader: for ``algorithm="gptq"``/``"awq"``: an onnxruntime
+            ``CalibrationDataReader`` (``get_next()`` / ``rewind()``), a list of feeds, or
+            any iterable of ``{graph input name: array}`` (see :mod:`onnxq.calibration`).
+        progress: ``tqdm.tqdm``-like wrapper for progress (called with ``desc`` and ``unit``).
+        providers: onnxruntime execution providers used for calibration (default CPU).
 
     Returns:
         The rewritten model. ``model.meta["onnxq.report"]`` holds the per-node records.
 
     Raises:
-        OnnxqError: unreadable model, nothing to quantize, NaN/Inf weights, bad settings.
+        OnnxqError: unreadable model, nothing to quantize, NaN/Inf weights, bad settings,
+            calibration data missing or not matching the model's inputs.
     """
     config = config or QuantConfig()
+    if config.needs_calibration and calibration_data_reader is None:
+        raise OnnxqError(
+            f"algorithm {config.algorithm!r} needs calibration data (calibration_data_reader, or --calib-data)"
+        )
+    if not config.needs_calibration and calibration_data_reader is not None:
+        logger.warning("algorithm %r does not use calibration data; the reader is ignored", config.algorithm)
     ir_model = load_model(model)
-    quant_pass = MatMulToNBitsPass(config, progress=progress)
+    if config.needs_calibration:
+        quant_pass = CalibratedNBitsPass(config, calibration_data_reader, progress=progress, providers=providers)
+    else:
+        quant_pass = MatMulToNBitsPass(config, progress=progress)
     result = quant_pass(ir_model)
     if not result.modified:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in quant_pass.skipped[:5])

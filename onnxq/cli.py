@@ -113,8 +113,8 @@ def _quantize(args: argparse.Namespace) -> int:
         print(f"onnxq: {_describe(config)}", file=sys.stderr)
     start = time.perf_counter()
 
-    def progress(items):
-        return tqdm(items, desc="quantizing", unit="node", disable=args.quiet, file=sys.stderr)
+    def progress(items, desc: str = "quantizing", unit: str = "node"):
+        return tqdm(items, desc=desc, unit=unit, disable=args.quiet, file=sys.stderr)
 
     model = quantize(args.input, config, progress=progress)
     external = {"auto": None, "always": True, "never": False}[args.external_data]

@@ -14,9 +14,10 @@ from typing import Any, Mapping
 
 from onnxq.errors import OnnxqError
 
-__all__ = ["QuantConfig", "NodeSettings", "ALGORITHMS", "FORMATS"]
+__all__ = ["QuantConfig", "NodeSettings", "GPTQConfig", "AWQConfig", "CalibrationConfig", "ALGORITHMS", "FORMATS"]
 
-ALGORITHMS = ("rtn",)
+ALGORITHMS = ("rtn", "gptq", "awq")
+CALIBRATED_ALGORITHMS = ("gptq", "awq")
 FORMATS = ("nbits",)
 _OVERRIDABLE = ("bits", "block_size", "symmetric", "accuracy_level", "mse_clip", "skip")
 
@@ -54,6 +55,74 @@ def _matches(pattern: str, name: str) -> bool:
 
 
 @dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ options (arXiv 2210.17323); see :func:`onnxq.algorithms.gptq.gptq_solve`.
+
+    Attributes:
+        percdamp: diagonal damping as a fraction of ``mean(diag H)`` (raised 10x on Cholesky failure).
+        blocksize: rows per lazy batch.
+        act_order: process input channels by descending ``diag(H)``; groups stay contiguous
+            (static groups), so no ``g_idx`` is emitted.
+        static_groups: block scales from the original weights up front (True) or when a
+            block is first reached (False).
+    """
+
+    percdamp: float = 0.01
+    blocksize: int = 128
+    act_order: bool = False
+    static_groups: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.percdamp, (int, float)) and 0 < self.percdamp < 1):
+            raise OnnxqError(f"gptq.percdamp must be in (0, 1), got {self.percdamp!r}")
+        if not (isinstance(self.blocksize, int) and self.blocksize >= 1):
+            raise OnnxqError(f"gptq.blocksize must be a positive integer, got {self.blocksize!r}")
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """AWQ options (arXiv 2306.00978); see :func:`onnxq.algorithms.awq.awq_quantize_weights`.
+
+    Attributes:
+        grid: number of alphas in ``[0, 1]`` tried by the scale search.
+        clip: run the per-(channel, block) clip search after scaling.
+        sample_rows: activation rows kept (reservoir sample) per input tensor for the losses.
+    """
+
+    grid: int = 20
+    clip: bool = True
+    sample_rows: int = 4096
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.grid, int) and self.grid >= 2):
+            raise OnnxqError(f"awq.grid must be an integer >= 2, got {self.grid!r}")
+        if not (isinstance(self.sample_rows, int) and self.sample_rows >= 16):
+            raise OnnxqError(f"awq.sample_rows must be an integer >= 16, got {self.sample_rows!r}")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How calibration data is used by GPTQ/AWQ.
+
+    Attributes:
+        samples: at most this many feeds are taken from the reader.
+        sequential: calibrate block by block on the outputs of the already quantized
+            blocks (as the GPTQ and AWQ papers do); ``False`` takes every layer's input
+            from the float model in one pass (faster, usually less accurate).
+    """
+
+    samples: int = 128
+    sequential: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.samples, int) and self.samples >= 1):
+            raise OnnxqError(f"calibration.samples must be a positive integer, got {self.samples!r}")
+
+
+_NESTED = {"gptq": GPTQConfig, "awq": AWQConfig, "calibration": CalibrationConfig}
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and how.
 
@@ -65,12 +134,13 @@ class QuantConfig:
         accuracy_level: MatMulNBits compute mode (0 = the activation's own dtype;
             4 = int8 activations: faster, small extra error, known wrong-result reports
             on large-activation LLMs, so only on request).
-        algorithm: "rtn" (round to nearest).
+        algorithm: "rtn" (round to nearest), "gptq" or "awq" (these two need calibration data).
         mse_clip: per-block clip-ratio search minimising weight MSE.
         include: regexes; when given, only nodes whose name matches one are quantized.
         exclude: regexes; matching nodes are left in float.
         overrides: ``{wildcard: {setting: value}}`` per-node settings, e.g.
             ``{"*lm_head*": {"bits": 8}, "*.down_proj": {"skip": True}}``.
+        gptq, awq, calibration: options of the calibrated algorithms.
     """
 
     bits: int = 4
@@ -82,6 +152,13 @@ class QuantConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.algorithm in CALIBRATED_ALGORITHMS
 
     def __post_init__(self) -> None:
         _validate(self.bits, self.block_size, self.accuracy_level, "")
@@ -110,6 +187,14 @@ class QuantConfig:
         if unknown:
             raise OnnxqError(f"{where} has unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
         values = {k: tuple(v) if k in ("include", "exclude") else v for k, v in data.items()}
+        for key, kind in _NESTED.items():
+            if key in values and isinstance(values[key], Mapping):
+                options = dict(values[key])
+                allowed = {f.name for f in fields(kind)}
+                if set(options) - allowed:
+                    raise OnnxqError(f"{where}: {key} has unknown keys {sorted(set(options) - allowed)}; "
+                                     f"allowed: {sorted(allowed)}")
+                values[key] = kind(**options)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,6 +202,8 @@ class QuantConfig:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["include"], data["exclude"] = list(self.include), list(self.exclude)
         data["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
+        for key in _NESTED:
+            data[key] = {f.name: getattr(getattr(self, key), f.name) for f in fields(getattr(self, key))}
         return data
 
     def with_updates(self, **changes: Any) -> "QuantConfig":

@@ -22,9 +22,12 @@ from onnxq.errors import OnnxqError
 from onnxq.formats.matmul_nbits import MS_DOMAIN, MatMulNBitsInitializers, make_matmul_nbits_initializers, make_matmul_nbits_node
 from onnxq.passes.weight_sites import SkippedNode, WeightSite, constant_tensor, find_weight_sites
 
-__all__ = ["MatMulToNBitsPass", "QuantizedNodeRecord", "WeightQuantizer"]
+__all__ = ["MatMulToNBitsPass", "QuantizedNodeRecord", "WeightQuantizer", "Progress", "rtn_weight_quantizer", "block_size_for"]
 
 logger = logging.getLogger(__name__)
+
+Progress = Callable[..., Iterable]
+"""Wraps an iterable to show progress; called with keywords ``desc`` and ``unit`` (``tqdm.tqdm`` fits)."""
 
 WeightQuantizer = Callable[[WeightSite, np.ndarray, NodeSettings, np.dtype], tuple[QuantizedWeight, float]]
 """``(site, weight [K, N] float32, settings, scale_dtype) -> (qweight, relative error)``.
@@ -66,12 +69,12 @@ def rtn_weight_quantizer(
 ) -> tuple[QuantizedWeight, float]:
     """Round-to-nearest (optionally with per-block MSE clip search)."""
     return quantize_weight_with_error(
-        weight, settings.bits, _block_size_for(settings.block_size, site.k), settings.symmetric,
+        weight, settings.bits, block_size_for(settings.block_size, site.k), settings.symmetric,
         mse_clip=settings.mse_clip, scale_dtype=scale_dtype,
     )
 
 
-def _block_size_for(block_size: int, k: int) -> int:
+def block_size_for(block_size: int, k: int) -> int:
     """MatMulNBits needs a power-of-two block >= 16: per-channel (-1) becomes the next power of two >= K."""
     if block_size != -1:
         return block_size
@@ -93,12 +96,26 @@ class MatMulToNBitsPass(ir.passes.InPlacePass):
         self,
         config: QuantConfig,
         weight_quantizer: WeightQuantizer = rtn_weight_quantizer,
-        progress: Callable[[Iterable], Iterable] | None = None,
+        progress: Progress | None = None,
+        *,
+        site_filter: Callable[[WeightSite], bool] | None = None,
+        share_weights: bool = True,
     ) -> None:
+        """
+        Args:
+            config: what to quantize and how.
+            weight_quantizer: computes each site's quantized weight (default: RTN).
+            progress: wraps the list of sites (``tqdm.tqdm``-like, called with ``desc`` and ``unit``).
+            site_filter: only sites it accepts are considered (others are left alone, unreported).
+            share_weights: quantize a weight used by several sites once (RTN); calibrated
+                quantizers, whose result depends on each site's input, pass ``False``.
+        """
         super().__init__()
         self.config = config
         self.weight_quantizer = weight_quantizer
         self.progress = progress
+        self.site_filter = site_filter
+        self.share_weights = share_weights
         self.records: list[QuantizedNodeRecord] = []
         self.skipped: list[SkippedNode] = []
         self.quantized_weights: dict[tuple, tuple[ir.Value, MatMulNBitsInitializers]] = {}
@@ -107,6 +124,9 @@ class MatMulToNBitsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites, self.skipped = find_weight_sites(model)
+        if self.site_filter is not None:
+            sites = [site for site in sites if self.site_filter(site)]
+            self.skipped = []
         chosen: list[tuple[WeightSite, NodeSettings]] = []
         for site in sites:
             settings = self.config.settings_for(site.name)
@@ -118,8 +138,8 @@ class MatMulToNBitsPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         taken = {v.name for g in (model.graph, *model.graph.subgraphs()) for v in g.initializers.values()}
         cache: dict[tuple, _QuantizedSource] = {}
-        for site, settings in self.progress(chosen) if self.progress else chosen:
-            key = (site.weight_key, settings)
+        for site, settings in self.progress(chosen, desc="quantizing", unit="node") if self.progress else chosen:
+            key = (site.weight_key if self.share_weights else id(site.node), settings)
             if key not in cache:
                 cache[key] = self._quantize_site(site, settings, taken)
             entry = cache[key]

@@ -1,0 +1,160 @@
+"""Dividing a MatMul input by per-channel scales without changing the float model.
+
+AWQ (arXiv 2306.00978) and SmoothQuant (arXiv 2211.10438) multiply weight rows by
+``s`` and divide the layers' input ``x: [..., K]`` by ``s``. :func:`fold_input_scale`
+does the division where it costs nothing at run time, by rescaling the constants of
+the op that produces ``x``:
+
+* ``LayerNormalization`` / ``SimplifiedLayerNormalization`` / ``RMSNormalization``
+  (any domain), ``SkipLayerNormalization`` / ``SkipSimplifiedLayerNormalization``
+  (their output 0): gamma (and beta) divided by ``s``;
+* ``Mul(a, c)`` with ``c`` constant: ``c / s``;
+* ``Add(a, c)`` with ``c`` constant, when ``a`` can itself be rescaled (the decomposed
+  LayerNorm ``... * gamma + beta`` of a torch export): ``c / s`` and ``a`` recursively;
+* a float ``MatMul(a, W)`` with constant ``W: [K', K]``: columns of ``W`` divided by ``s``.
+
+This is only valid when every reader of ``x`` (and of every intermediate rescaled
+on the way) is one of the given consumers; otherwise, or when the producer is none of
+the above, a ``Mul(x, 1/s)`` node is inserted in front of the consumers only.
+Constants are never changed in place: rescaled copies become new initializers.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Collection, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.passes.weight_sites import constant_tensor
+
+__all__ = ["fold_input_scale", "NORM_GAMMA_INPUTS"]
+
+logger = logging.getLogger(__name__)
+
+NORM_GAMMA_INPUTS = {
+    # op type -> (gamma input index, beta input index or None)
+    "LayerNormalization": (1, 2),
+    "SimplifiedLayerNormalization": (1, None),
+    "RMSNormalization": (1, None),
+    "SkipLayerNormalization": (2, 3),
+    "SkipSimplifiedLayerNormalization": (2, None),
+}
+
+
+def _only_used_by(value: ir.Value, consumers: set[int]) -> bool:
+    if value.is_graph_output():
+        return False
+    return all(id(user) in consumers for user, _ in value.uses())
+
+
+def _new_constant(graph: ir.Graph, like: ir.Value, array: np.ndarray, suffix: str) -> ir.Value:
+    taken = set(graph.initializers)
+    base = f"{like.name or 'const'}_{suffix}"
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    dtype = constant_tensor(like).dtype
+    tensor = ir.tensor(array.astype(dtype.numpy()), dtype=dtype, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _scaled_vector(value: ir.Value | None, inv: np.ndarray) -> np.ndarray | None:
+    """``value`` (a constant broadcastable to ``[K]`` on the last axis) times ``inv``, or None."""
+    tensor = constant_tensor(value)
+    if tensor is None:
+        return None
+    array = np.asarray(tensor.numpy(), dtype=np.float32)
+    k = inv.shape[0]
+    if array.ndim == 0 or array.shape[-1] not in (1, k) or any(d != 1 for d in array.shape[:-1]):
+        return None
+    return np.broadcast_to(array, (*array.shape[:-1], k)) * inv
+
+
+def _plan(value: ir.Value, consumers: set[int], inv: np.ndarray, graph: ir.Graph, editable) -> list | None:
+    """Edits ``[(node, input index, new array, label)]`` that divide ``value`` by ``s``, or None."""
+    node = value.producer()
+    if node is None or node.graph is not graph or not _only_used_by(value, consumers):
+        return None
+    if editable is not None and id(node) not in editable:
+        return None
+    op = node.op_type
+    if op in NORM_GAMMA_INPUTS and node.outputs[0] is value:
+        axis = node.attributes.get("axis")
+        if axis is not None and axis.as_int() not in (-1, len(value.shape or ()) - 1):
+            return None
+        gamma_at, beta_at = NORM_GAMMA_INPUTS[op]
+        edits = []
+        for index in (gamma_at, beta_at):
+            if index is None or index >= len(node.inputs) or node.inputs[index] is None:
+                continue
+            scaled = _scaled_vector(node.inputs[index], inv)
+            if scaled is None:
+                return None
+            edits.append((node, index, scaled, f"{op} '{node.name}'"))
+        return edits or None
+    if op == "Mul" and node.domain == "":
+        for index in (0, 1):
+            scaled = _scaled_vector(node.inputs[index], inv)
+            if scaled is not None:
+                return [(node, index, scaled, f"Mul '{node.name}'")]
+        return None
+    if op == "Add" and node.domain == "":
+        for index in (0, 1):
+            scaled = _scaled_vector(node.inputs[index], inv)
+            if scaled is None:
+                continue
+            inner = _plan(node.inputs[1 - index], {id(node)}, inv, graph, editable)
+            if inner is not None:
+                return [(node, index, scaled, f"Add '{node.name}'"), *inner]
+        return None
+    if op == "MatMul" and node.domain == "":
+        tensor = constant_tensor(node.inputs[1])
+        if tensor is not None and len(tensor.shape) == 2 and tensor.shape[1] == inv.shape[0]:
+            scaled = np.asarray(tensor.numpy(), dtype=np.float32) * inv[None, :]
+            return [(node, 1, scaled, f"MatMul '{node.name}'")]
+    return None
+
+
+def fold_input_scale(
+    graph: ir.Graph,
+    activation: ir.Value,
+    consumers: Sequence[ir.Node],
+    scales: np.ndarray,
+    editable: Collection[ir.Node] | None = None,
+) -> str:
+    """Make ``consumers`` (nodes of ``graph``) see ``activation / scales`` (``scales: [K]``, last axis).
+
+    ``editable``: when given, only these nodes' constants may be rescaled (e.g. the
+    nodes of the block being calibrated, so cached outputs of earlier blocks stay valid).
+    Returns a short description of where the division went (for logs and reports).
+    """
+    inv = (1.0 / np.asarray(scales, dtype=np.float64)).astype(np.float32)
+    consumer_ids = {id(n) for n in consumers}
+    editable_ids = None if editable is None else {id(n) for n in editable}
+    edits = _plan(activation, consumer_ids, inv, graph, editable_ids)
+    if edits is not None:
+        for node, index, array, _ in edits:
+            node.replace_input_with(index, _new_constant(graph, node.inputs[index], array, "awq"))
+        return "folded into " + ", ".join(dict.fromkeys(label for *_, label in edits))
+    dtype = activation.type.dtype if activation.type is not None else ir.DataType.FLOAT
+    name = f"{activation.name}_inv_scale"
+    taken = set(graph.initializers)
+    i = 1
+    while name in taken:
+        name, i = f"{activation.name}_inv_scale_{i}", i + 1
+    inv_value = ir.Value(name=name, shape=ir.Shape(inv.shape), type=ir.TensorType(dtype),
+                         const_value=ir.tensor(inv.astype(dtype.numpy()), dtype=dtype, name=name))
+    graph.register_initializer(inv_value)
+    mul = ir.node("Mul", [activation, inv_value], name=f"{activation.name}_scale")
+    mul.outputs[0].name = f"{activation.name}_scaled"
+    mul.outputs[0].type, mul.outputs[0].shape = activation.type, activation.shape
+    first = min(consumers, key=lambda n: list(graph).index(n))
+    graph.insert_before(first, mul)
+    for consumer in consumers:
+        for index, value in enumerate(consumer.inputs):
+            if value is activation:
+                consumer.replace_input_with(index, mul.outputs[0])
+    return f"Mul node '{mul.name}' inserted"
