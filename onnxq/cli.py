@@ -16,7 +16,9 @@ from typing import Sequence
 from tqdm import tqdm
 
 from onnxq.api import inspect_model, quantize, records_of, save
-from onnxq.config import QuantConfig
+from onnxq.calibration import NpzReader, TextReader
+from onnxq.config import ALGORITHMS, QuantConfig
+from onnxq.io import load_model
 from onnxq.errors import OnnxqError
 from onnxq.report import format_records, format_skipped, format_table, summary_line
 
@@ -63,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="write weights to OUTPUT.data (auto: when the weights exceed 1.5 GB)",
     )
     q.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
+    calib = q.add_argument_group("calibrated algorithms (--algo gptq|awq)")
+    calib.add_argument("--algo", choices=ALGORITHMS, help="rtn (default), gptq or awq")
+    calib.add_argument("--calib-data", type=Path, metavar="FILE",
+                       help=".npz of model inputs (NpzReader layouts), .npy of token ids, or a text file (+ --tokenizer)")
+    calib.add_argument("--tokenizer", type=Path, help="ONNX tokenizer model (onnxruntime-extensions) for a text --calib-data")
+    calib.add_argument("--samples", type=int, help="calibration samples (default 128)")
+    calib.add_argument("--seq-len", type=int, default=512, help="tokens per sample for text/token-id data (default 512)")
+    calib.add_argument("--one-pass", action="store_true", default=None,
+                       help="calibrate every layer on the float model in one pass (faster) instead of block by block")
+    calib.add_argument("--act-order", action="store_true", default=None, help="GPTQ: descending diag(H) order")
+    calib.add_argument("--percdamp", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
+    calib.add_argument("--awq-grid", type=int, help="AWQ: alphas tried in [0, 1] (default 20)")
+    calib.add_argument("--no-awq-clip", action="store_true", default=None, help="AWQ: skip the clip search")
 
     i = commands.add_parser("inspect", help="show what would be quantized and why nodes would be skipped")
     i.add_argument("model", type=Path)
@@ -87,13 +102,46 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "include": args.include, "exclude": args.exclude,
     }
     base.update({k: v for k, v in given.items() if v is not None})
+    nested = {
+        "gptq": {"act_order": getattr(args, "act_order", None), "percdamp": getattr(args, "percdamp", None)},
+        "awq": {"grid": getattr(args, "awq_grid", None),
+                "clip": False if getattr(args, "no_awq_clip", None) else None},
+        "calibration": {"samples": getattr(args, "samples", None),
+                        "sequential": False if getattr(args, "one_pass", None) else None},
+    }
+    for key, values in nested.items():
+        values = {k: v for k, v in values.items() if v is not None}
+        if values:
+            base[key] = {**base.get(key, {}), **values}
+    if getattr(args, "algo", None) is not None:
+        base["algorithm"] = args.algo
     return QuantConfig.from_dict(base, where=str(args.config or "settings"))
+
+
+def _calibration_reader(args: argparse.Namespace, config: QuantConfig, model):
+    """The reader for ``--calib-data`` (None when not given)."""
+    path = args.calib_data
+    if path is None:
+        return None
+    if not path.is_file():
+        raise OnnxqError(f"calibration file not found: {path}")
+    if path.suffix == ".npz":
+        return NpzReader(path)
+    samples = config.calibration.samples
+    if path.suffix == ".npy":
+        return TextReader(None, model, token_ids=path, seq_len=args.seq_len, samples=samples)
+    if args.tokenizer is None:
+        raise OnnxqError(f"{path} is read as text: give --tokenizer TOKENIZER.onnx (or pass token ids as .npy)")
+    return TextReader(path, model, tokenizer=args.tokenizer, seq_len=args.seq_len, samples=samples)
 
 
 def _describe(config: QuantConfig) -> str:
     block = "per-channel" if config.block_size == -1 else f"block {config.block_size}"
     scheme = "sym" if config.symmetric else "asym"
     extras = f", {len(config.overrides)} overrides" if config.overrides else ""
+    if config.needs_calibration:
+        mode = "sequential" if config.calibration.sequential else "one pass"
+        extras += f", {config.calibration.samples} calibration samples ({mode})"
     return (f"{config.algorithm} int{config.bits} {block} {scheme}, accuracy_level {config.accuracy_level}"
             f"{', mse clip' if config.mse_clip else ''}{extras}")
 
@@ -116,7 +164,9 @@ def _quantize(args: argparse.Namespace) -> int:
     def progress(items, desc: str = "quantizing", unit: str = "node"):
         return tqdm(items, desc=desc, unit=unit, disable=args.quiet, file=sys.stderr)
 
-    model = quantize(args.input, config, progress=progress)
+    model = load_model(args.input)
+    reader = _calibration_reader(args, config, model)
+    model = quantize(model, config, reader, progress=progress)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     save(model, args.output, external_data=external)
     records, skipped = records_of(model)

@@ -1,0 +1,127 @@
+"""GPTQ and AWQ calibrated through onnxruntime, end to end on a small transformer.
+
+The model is a real-structured decoder (LayerNorm, q/k/v sharing one input,
+attention, MLP, residuals, lm_head; tests/tiny_transformer.py); ORT runs the
+quantized model and its output error against the float model must beat RTN's.
+"""
+import numpy as np
+import onnx
+import pytest
+
+import onnxq
+from onnxq import OnnxqError, QuantConfig
+from onnxq.api import records_of
+from onnxq.calibration import save_npz
+from onnxq.cli import main
+from onnxq.config import AWQConfig, CalibrationConfig
+from onnxq.passes import calibrated
+from tests.graphs import run
+from tests.nbits_reference import dequantized_weight, nbits_nodes
+from tests.tiny_transformer import make_tiny_transformer
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_transformer(num_layers=2, hidden=128, ffn=256, vocab=VOCAB, seed=3)
+
+
+def token_feeds(count, seq, seed):
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": rng.integers(0, VOCAB, (1, seq)).astype(np.int64)} for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def held_out(model):
+    feed = {"input_ids": np.random.default_rng(99).integers(0, VOCAB, (4, 32)).astype(np.int64)}
+    return feed, run(model, feed)[0]
+
+
+def output_error(quantized, held_out) -> float:
+    feed, reference = held_out
+    (y,) = run(quantized, feed)
+    return float(np.linalg.norm(y - reference) / np.linalg.norm(reference))
+
+
+def config(algorithm, sequential=True, **kw):
+    return QuantConfig(algorithm=algorithm, block_size=32, calibration=CalibrationConfig(samples=16, sequential=sequential), **kw)
+
+
+@pytest.fixture(scope="module")
+def rtn_error(model, held_out):
+    return output_error(onnxq.quantize(model, QuantConfig(block_size=32)), held_out)
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+@pytest.mark.parametrize("sequential", [True, False])
+def test_calibrated_beats_rtn(model, held_out, rtn_error, algorithm, sequential):
+    quantized = onnxq.quantize(model, config(algorithm, sequential), token_feeds(16, 32, seed=1))
+    onnx.checker.check_model(onnxq.api.ir.to_proto(quantized))
+    error = output_error(quantized, held_out)
+    assert error < rtn_error * 0.8, (algorithm, sequential, error, rtn_error)
+    records, _ = records_of(quantized)
+    assert len(records) == 13  # 2 x (q, k, v, o, fc1, fc2) + lm_head, all MatMulNBits
+    assert {n.op_type for n in quantized.graph} >= {"MatMulNBits"}
+    assert "MatMul" not in {n.op_type for n in quantized.graph if n.name.endswith("_proj") or "fc" in n.name}
+
+
+def test_gptq_nodes_hold_exactly_the_solver_output(model, monkeypatch):
+    """What MatMulNBits computes with is bit for bit the solver's dequantized weight (never re-quantized)."""
+    solved = {}
+    real_gptq = calibrated.CalibratedNBitsPass._gptq
+
+    def spy(self, site, hessian):
+        result = real_gptq(self, site, hessian)
+        solved[site.name] = result.qweight
+        return result
+
+    monkeypatch.setattr(calibrated.CalibratedNBitsPass, "_gptq", spy)
+    quantized = onnxq.quantize(model, config("gptq", symmetric=False), token_feeds(8, 32, seed=2))
+    nodes = {n.name.rsplit("_Q", 1)[0]: n for n in nbits_nodes(quantized)}
+    assert set(nodes) == set(solved)
+    for name, qweight in solved.items():
+        np.testing.assert_array_equal(dequantized_weight(nodes[name]).astype(np.float32), qweight.dequantize())
+
+
+def test_awq_nodes_hold_the_scaled_solver_output(model, monkeypatch):
+    solved = []
+    real_clip = calibrated.awq_clip_search
+
+    def spy(weight, x, *args, **kwargs):
+        result = real_clip(weight, x, *args, **kwargs)
+        solved.append(result)
+        return result
+
+    monkeypatch.setattr(calibrated, "awq_clip_search", spy)
+    quantized = onnxq.quantize(model, config("awq"), token_feeds(8, 32, seed=2))
+    exported = sorted(dequantized_weight(n).astype(np.float32).tobytes() for n in nbits_nodes(quantized))
+    assert exported == sorted(q.dequantize().tobytes() for q in solved)
+
+
+def test_awq_without_clip_and_asym(model, held_out, rtn_error):
+    cfg = config("awq", symmetric=False, awq=AWQConfig(clip=False, grid=10))
+    quantized = onnxq.quantize(model, cfg, token_feeds(16, 32, seed=1))
+    asym_rtn = output_error(onnxq.quantize(model, QuantConfig(block_size=32, symmetric=False)), held_out)
+    assert output_error(quantized, held_out) < asym_rtn
+
+
+def test_calibration_input_names_are_checked(model):
+    with pytest.raises(OnnxqError, match="ids.*input_ids"):
+        onnxq.quantize(model, config("gptq"), [{"ids": np.zeros((1, 8), np.int64)}])
+
+
+def test_calibrated_algorithms_need_data(model):
+    with pytest.raises(OnnxqError, match="needs calibration data"):
+        onnxq.quantize(model, config("awq"))
+
+
+def test_cli_gptq_with_npz(model, tmp_path, capsys, held_out, rtn_error):
+    src, out, data = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz"
+    onnx.save(model, src)
+    save_npz(data, token_feeds(16, 32, seed=1))
+    assert main(["quantize", str(src), str(out), "--algo", "gptq", "--calib-data", str(data), "--samples", "16",
+                 "--quiet"]) == 0
+    assert output_error(out, held_out) < rtn_error * 0.8
+    assert main(["quantize", str(src), str(out), "--algo", "awq"]) == 2
+    assert "needs calibration data" in capsys.readouterr().err
