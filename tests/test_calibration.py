@@ -186,7 +186,8 @@ BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat",
 
 
 def bert_tokenizer(path):
-    from onnxruntime_extensions import SingleOpGraph, make_onnx_model
+    extensions = pytest.importorskip("onnxruntime_extensions")
+    SingleOpGraph, make_onnx_model = extensions.SingleOpGraph, extensions.make_onnx_model
 
     graph = SingleOpGraph.build_graph("BertTokenizer", vocab="\n".join(BERT_VOCAB), do_lower_case=1)
     onnx.save(make_onnx_model(graph), path)
@@ -213,7 +214,8 @@ def test_text_reader_with_bert_tokenizer(tmp_path):
 
 def gpt2_tokenizer(path):
     """A byte-level BPE (GPT-2) tokenizer with 256 byte tokens and 5 merges."""
-    from onnxruntime_extensions import SingleOpGraph, make_onnx_model
+    extensions = pytest.importorskip("onnxruntime_extensions")
+    SingleOpGraph, make_onnx_model = extensions.SingleOpGraph, extensions.make_onnx_model
 
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     byte_chars, extra = {}, 0
