@@ -133,7 +133,8 @@ class MatMulToBnb4Pass(ir.passes.InPlacePass):
                 err = float(np.linalg.norm(bnb.dequantize() - weight) / max(np.linalg.norm(weight), 1e-30))
                 cache[key] = (inits, site.name, err)
             inits, first, err = cache[key]
-            node = make_matmul_bnb4_node(site.activation, inits, name=f"{site.name}_Bnb4")
+            # the site's current input: an earlier rewrite may have replaced the node that produced site.activation
+            node = make_matmul_bnb4_node(site.node.inputs[0], inits, name=f"{site.name}_Bnb4")
             replace_site_with_node(site, node, taken)
             self.records.append(QuantizedNodeRecord(
                 site.name, site.kind, site.k, site.n, 4, block_size, True, 0,

@@ -75,7 +75,7 @@ class MatMulToFpQ4Pass(ir.passes.InPlacePass):
                 register_values(site, [blob_value, shape_value], taken)
                 cache[key] = (blob_value, shape_value, blk_quant_type, blob.nbytes, site.name, err)
             blob_value, shape_value, blk_quant_type, nbytes, first, err = cache[key]
-            node = make_matmul_fpq4_node(site.activation, blob_value, shape_value, blk_quant_type,
+            node = make_matmul_fpq4_node(site.node.inputs[0], blob_value, shape_value, blk_quant_type,
                                          name=f"{site.name}_FpQ4")
             replace_site_with_node(site, node, taken)
             self.records.append(QuantizedNodeRecord(
