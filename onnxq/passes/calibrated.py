@@ -204,6 +204,10 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
         notes: list[str] = []
         for name, sites in groups.items():
             if self.config.algorithm == "gptq":
+                rows, k = stats[name][0].count, sites[0].k
+                if rows < 2 * k:
+                    logger.warning("GPTQ: only %d calibration rows for %r (K=%d): the solution may overfit; "
+                                   "give more samples or raise gptq.percdamp", rows, name, k)
                 for site in sites:
                     solved[id(site.node)] = self._gptq(site, stats[name][0].hessian)
             else:
