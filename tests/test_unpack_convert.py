@@ -176,3 +176,33 @@ def test_quantize_api_output_unpacks():
     unpack_model(q)
     (value,) = q.graph.initializers.values()
     np.testing.assert_array_equal(value.const_value.numpy(), quantize_weight(w, 4, 32, True).dequantize())
+
+
+def test_foreign_qdq_per_axis_and_zero_zp_convert_to_nbits():
+    """QDQ written by other tools: per-axis int8 with an all-zero zero point, and a per-tensor scale (left as is)."""
+    k, n = 100, 16
+    rng = np.random.default_rng(9)
+    q = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    scale = (rng.uniform(0.5, 2, n) / 100).astype(np.float32)
+    q2 = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    model = make_model(
+        [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], name="dq", axis=1),
+         helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+         helper.make_node("DequantizeLinear", ["q2", "s2"], ["w2"], name="dq2"),
+         helper.make_node("MatMul", ["x", "w2"], ["y2"], name="mm2")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info(v, TensorProto.FLOAT, [3, n]) for v in ("y", "y2")],
+        {"q": q, "s": scale, "z": np.zeros(n, np.int8), "q2": q2, "s2": np.array(0.01, np.float32)}, opset=21,
+    )
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    y_ref, y2_ref = ort_run(model, {"x": x})
+    m = load_model(model)
+    convert_model(m, "nbits")
+    check(m)
+    (node,) = [nd for nd in m.graph if nd.op_type == "MatMulNBits"]
+    assert node.attributes["block_size"].as_int() == 128 and node.attributes["bits"].as_int() == 8
+    assert len(node.inputs) == 3  # symmetric: the zero zero point is the implied 128 of the unsigned codes
+    assert [nd.op_type for nd in m.graph].count("DequantizeLinear") == 1  # the per-tensor one stays
+    y, y2 = ort_run(m, {"x": x})
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
+    np.testing.assert_array_equal(y2, y2_ref)

@@ -178,7 +178,9 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
-def _padded_qweight(codes: np.ndarray, scales: np.ndarray, zps: np.ndarray | None, bits: int, bs: int) -> QuantizedWeight:
+def _padded_qweight(
+    codes: np.ndarray, scales: np.ndarray, zps: np.ndarray | None, bits: int, bs: int
+) -> QuantizedWeight:
     """codes ``[N, K]``, zero points ``[N, k_blocks]`` (None: implied ``2**(bits-1)``) -> padded QuantizedWeight."""
     n, k = codes.shape
     k_blocks = -(-k // bs)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -218,11 +217,8 @@ def read_qdq_weight(node: ir.Node) -> QDQWeight | str:
     """
     if not is_constant_dequantize(node):
         return "not a DequantizeLinear of constants"
-    q_value = node.inputs[0]
-    dtype = q_value.const_value.dtype if q_value.const_value is not None else None
-    q = np.asarray(_const(q_value))
-    if dtype is None:
-        dtype = ir.DataType.from_numpy(q.dtype)
+    q = np.asarray(_const(node.inputs[0]))
+    dtype = ir.DataType.from_numpy(q.dtype)
     if dtype not in _INT_TYPES:
         return f"quantized type {dtype.name} is not int4/uint4/int8/uint8"
     container_bits, signed = _INT_TYPES[dtype]
@@ -288,5 +284,4 @@ def read_qdq_weight(node: ir.Node) -> QDQWeight | str:
         None if zps is None else zps.astype(np.uint8),
         bits, block_size, k,
     )
-    scale_dtype = node.inputs[1].const_value.dtype if node.inputs[1].const_value is not None else ir.DataType.from_numpy(scale_raw.dtype)
-    return QDQWeight(qweight, transposed, lead, scale_dtype)
+    return QDQWeight(qweight, transposed, lead, ir.DataType.from_numpy(scale_raw.dtype))

@@ -32,7 +32,12 @@ from onnxq.formats.gather_block_quantized import (
     make_gather_block_quantized_nodes,
     read_gather_block_quantized,
 )
-from onnxq.formats.matmul_nbits import MS_DOMAIN, MatMulNBitsInitializers, make_matmul_nbits_initializers, make_matmul_nbits_node
+from onnxq.formats.matmul_nbits import (
+    MS_DOMAIN,
+    MatMulNBitsInitializers,
+    make_matmul_nbits_initializers,
+    make_matmul_nbits_node,
+)
 from onnxq.formats.qdq import QDQWeight, make_dequantize_node, make_qdq_initializers, read_qdq_weight
 from onnxq.passes.bnb4 import initializer_names
 from onnxq.passes.matmul_nbits import _remove_unused, _unique_name
@@ -153,7 +158,7 @@ class NBitsToQDQPass(ir.passes.InPlacePass):
 
 
 def _padding_slice(gather: ir.Node, k: int) -> ir.Node | None:
-    """The ``Slice(out, [0], [k], [-1])`` that follows a GatherBlockQuantized on a padded table, if it is the only reader."""
+    """The ``Slice(out, [0], [k], [-1])`` after a GatherBlockQuantized on a padded table, if it is the only reader."""
     out = gather.outputs[0]
     uses = list(out.uses())
     if out.is_graph_output() or len(uses) != 1 or uses[0][1] != 0:
@@ -202,7 +207,8 @@ class QDQToNBitsPass(ir.passes.InPlacePass):
                 self._replace(consumer, user, target, inits, taken, names)
                 self.converted.append(consumer.name)
             for transpose, _ in list(dq.outputs[0].uses()):
-                if transpose.op_type == "Transpose" and not any(o.uses() or o.is_graph_output() for o in transpose.outputs):
+                orphan = not any(o.uses() or o.is_graph_output() for o in transpose.outputs)
+                if transpose.op_type == "Transpose" and orphan:
                     transpose.graph.remove(transpose, safe=True)
             if not any(o.uses() or o.is_graph_output() for o in dq.outputs):
                 dq.graph.remove(dq, safe=True)
@@ -228,7 +234,8 @@ class QDQToNBitsPass(ir.passes.InPlacePass):
             add = user.get("add")
             if add is not None:
                 other = add.inputs[0] if add.inputs[1] is consumer.outputs[0] else add.inputs[1]
-                if other.is_initializer() and tuple(other.shape or ()) == (inits.n,) and other.dtype == inits.scales.dtype:
+                same = tuple(other.shape or ()) == (inits.n,) and other.dtype == inits.scales.dtype
+                if other.is_initializer() and same:
                     bias = other
                 else:
                     user = {**user, "bias": np.asarray(constant_tensor(other).numpy(), dtype=np.float32).reshape(-1)}
@@ -304,7 +311,7 @@ def _matmul_use(mm: ir.Node, index: int, leading_ones: int, n: int) -> tuple[dic
 
 
 def _bias_add(mm: ir.Node, n: int) -> ir.Node | None:
-    """The ``Add(MatMul, b)`` (``b`` a constant ``[N]``) to fold into MatMulNBits' bias, if that is all that reads the MatMul."""
+    """The ``Add(MatMul, b)`` (``b`` a constant ``[N]``) to fold into MatMulNBits' bias when it alone reads the MatMul."""
     out = mm.outputs[0]
     uses = list(out.uses())
     if out.is_graph_output() or len(uses) != 1:

@@ -121,8 +121,9 @@ class GatherToBlockQuantizedPass(ir.passes.InPlacePass):
                 graph.register_initializer(value)
                 return value
 
-            nodes, out = make_gather_block_quantized_nodes(inits, site.node.inputs[1], name=f"{site.name}_Q{settings.bits}",
-                                                           constant=constant)
+            nodes, out = make_gather_block_quantized_nodes(
+                inits, site.node.inputs[1], name=f"{site.name}_Q{settings.bits}", constant=constant
+            )
             ir.convenience.replace_nodes_and_values(graph, site.node, [site.node], nodes, [site.node.outputs[0]], [out])
             self.records.append(QuantizedNodeRecord(
                 site.name, "Gather", site.k, site.n, settings.bits, inits.block_size, settings.symmetric, 0,

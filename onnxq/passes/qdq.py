@@ -101,7 +101,8 @@ def upgrade_opset(model: ir.Model, target: int = QDQ_OPSET) -> bool:
                 new_graph.inputs.remove(value)
             value.const_value = tensors[value.name]
             new_graph.register_initializer(value)
-    new_order = [n for n in order if n in new_graph.initializers] + [n for n in new_graph.initializers if n not in order]
+    new_order = [n for n in order if n in new_graph.initializers]
+    new_order += [n for n in new_graph.initializers if n not in order]
     values = {n: new_graph.initializers[n] for n in new_order}
     new_graph.initializers.clear()
     for value in values.values():

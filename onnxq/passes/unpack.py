@@ -72,7 +72,7 @@ def _home(value: ir.Value, node: ir.Node) -> ir.Graph:
 
 
 def _base(value: ir.Value) -> ir.Value:
-    """The packed initializer behind ``value`` (looking through a Reshape, as a shared GatherBlockQuantized reads it)."""
+    """The packed initializer behind ``value`` (through the Reshape a shared GatherBlockQuantized reads it by)."""
     producer = value.producer()
     if producer is not None and producer.op_type == "Reshape" and producer.domain == "":
         return producer.inputs[0]
