@@ -118,3 +118,19 @@ def test_bad_settings():
     m = load_model(matmul_model(weight((64, 8), 7)))
     p = MatMulToBnb4Pass(QuantConfig(exclude=("mm",)))
     assert not p(m).modified and p.skipped[0].reason == "matched by exclude"
+
+
+def test_chained_matmuls_read_the_rewritten_producer():
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"], name="a"), helper.make_node("MatMul", ["h", "W2"], ["y"], name="b")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+        {"W1": weight((64, 64), 8), "W2": weight((64, 16), 9)},
+    )
+    q, _ = quantize(model)
+    a, b = bnb4_nodes(q)
+    assert b.inputs[0] is a.outputs[0]  # not the output of the removed float MatMul
+    x = np.random.default_rng(10).standard_normal((2, 64)).astype(np.float32)
+    (y,) = run(q, {"x": x})
+    ref = (x.astype(np.float64) @ reader(a)) @ reader(b)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)

@@ -206,3 +206,25 @@ def test_foreign_qdq_per_axis_and_zero_zp_convert_to_nbits():
     y, y2 = ort_run(m, {"x": x})
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
     np.testing.assert_array_equal(y2, y2_ref)
+
+
+def test_rank3_weight_qdq_to_nbits_keeps_output_rank():
+    w = weight((1, 64, 16), seed=11)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16])], {"W": w},
+    )
+    m = load_model(model)
+    MatMulToQDQPass()(m)
+    (dq,) = [n for n in m.graph if n.op_type == "DequantizeLinear"]
+    assert dq.inputs[0].const_value.shape == (1, 64, 16) and dq.attributes["axis"].as_int() == 1
+    x = np.random.default_rng(12).standard_normal((3, 64)).astype(np.float32)
+    (y_qdq,) = ort_run(m, {"x": x})
+    convert_model(m, "nbits")
+    check(m)
+    assert [n.op_type for n in m.graph] == ["MatMulNBits", "Unsqueeze"]
+    (y,) = ort_run(m, {"x": x})
+    assert y.shape == (1, 3, 16)
+    np.testing.assert_allclose(y, y_qdq, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y[0], x @ quantize_weight(w[0], 4, 32, True).dequantize(), rtol=1e-5, atol=1e-6)
