@@ -32,6 +32,7 @@ __all__ = [
     "QDQWeight",
     "container_dtype",
     "dequantize_linear_constant",
+    "is_constant_dequantize",
     "make_dequantize_node",
     "make_qdq_initializers",
     "read_qdq_weight",
