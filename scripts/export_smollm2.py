@@ -103,14 +103,17 @@ class CausalLMLogits(torch.nn.Module):
         return self.lm(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
 
 
-def export_model(out: Path, sample_ids: np.ndarray) -> None:
-    """Export to ``out`` (+ ``out.name + '.data'``) and check ORT against torch on ``sample_ids [B, S]``."""
+def export_model(out: Path, samples: list[np.ndarray]) -> None:
+    """Export to ``out`` (+ ``out.name + '.data'``); check ORT against torch on ``samples``, each ``[B, S]``.
+
+    The first sample is the tracing input; the others check the dynamic axes.
+    """
     lm = load_model(untie=True)
     wrapper = CausalLMLogits(lm).eval()
-    ids = torch.from_numpy(sample_ids)
+    ids = torch.from_numpy(samples[0])
     t0 = time.perf_counter()
     with torch.no_grad(), tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        ref = wrapper(ids).numpy()
+        refs = [wrapper(torch.from_numpy(x)).numpy() for x in samples]
         raw = Path(tmp) / "raw.onnx"
         torch.onnx.export(
             wrapper, (ids,), str(raw), dynamo=False, opset_version=OPSET, do_constant_folding=True,
@@ -122,6 +125,7 @@ def export_model(out: Path, sample_ids: np.ndarray) -> None:
             p.unlink(missing_ok=True)
         onnx.save_model(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data, size_threshold=1024)
+    (out.parent / data).chmod(0o644)  # onnx writes external data as 0600
     del proto, lm, wrapper
     logger.info("exported %s in %.1fs: graph %.1f MB + data %.1f MB", out, time.perf_counter() - t0,
                 out.stat().st_size / 1e6, (out.parent / data).stat().st_size / 1e6)
@@ -134,10 +138,11 @@ def export_model(out: Path, sample_ids: np.ndarray) -> None:
                 OPSET, n_const, n_all, sum(n.op_type == "Gemm" for n in proto.graph.node),
                 [inits.get(n.input[1]) for n in lm_head])
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"input_ids": sample_ids})[0]
-    logger.info("ORT vs torch logits %s: max|d| %.2e (max|logit| %.1f), argmax agreement %.4f",
-                got.shape, np.abs(got - ref).max(), np.abs(ref).max(),
-                (got.argmax(-1) == ref.argmax(-1)).mean())
+    for x, ref in zip(samples, refs):
+        got = sess.run(None, {"input_ids": x})[0]
+        logger.info("ORT vs torch logits %s: max|d| %.2e (max|logit| %.1f), argmax agreement %.4f",
+                    got.shape, np.abs(got - ref).max(), np.abs(ref).max(),
+                    (got.argmax(-1) == ref.argmax(-1)).mean())
 
 
 def export_tokenizer(out: Path, tok, texts: list[str]) -> None:
@@ -219,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["Hello world! Ünïcödé: Ωmega, straße, 東京, emoji \U0001F600, tab\tand\u00a0nbsp.",
                  "    def f(x):\n        return x ** 2  # comment\n"]
         export_tokenizer(args.out_dir / "tokenizer.onnx", tok, paragraphs + extra)
-        sample = np.stack([ids["eval"][:64], ids["eval"][1000:1064]])
-        export_model(model_path, sample)
+        samples = [np.stack([ids["eval"][:64], ids["eval"][1000:1064]]), ids["eval"][5000:5300][None]]
+        export_model(model_path, samples)
     eval_ids = np.load(args.out_dir / "eval_ids.npy")
     ppl, tps = perplexity(model_path, eval_ids, args.windows, args.window)
     logger.info("fp32 ONNX perplexity on pydoc eval split, %d x %d tokens (non-overlapping): %.3f "
