@@ -12,7 +12,12 @@ from onnxq.config import QuantConfig
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model, save_model
 from onnxq.passes import MatMulToNBitsPass, QuantizedNodeRecord, SkippedNode, find_weight_sites
+from onnxq.passes.bnb4 import MatMulToBnb4Pass
 from onnxq.passes.calibrated import CalibratedNBitsPass
+from onnxq.passes.convert import convert_model
+from onnxq.passes.fpq4 import MatMulToFpQ4Pass
+from onnxq.passes.gather_quantized import quantize_embeddings
+from onnxq.passes.qdq import MatMulToQDQPass
 from onnxq.passes.matmul_nbits import Progress
 
 __all__ = ["quantize", "save", "inspect_model", "records_of", "REPORT_KEY"]
@@ -58,18 +63,39 @@ def quantize(
     if not config.needs_calibration and calibration_data_reader is not None:
         logger.warning("algorithm %r does not use calibration data; the reader is ignored", config.algorithm)
     ir_model = load_model(model)
+    records, skipped = _run_passes(ir_model, config, calibration_data_reader, progress, providers)
+    ir_model.meta[REPORT_KEY] = (records, skipped)
+    ir_model.metadata_props["onnxq.config"] = json.dumps(config.to_dict())
+    return ir_model
+
+
+def _run_passes(model: ir.Model, config: QuantConfig, reader, progress, providers):
+    """Run the passes ``config`` asks for; returns ``(records, skipped)``."""
     if config.needs_calibration:
-        quant_pass = CalibratedNBitsPass(config, calibration_data_reader, progress=progress, providers=providers)
+        main_pass = CalibratedNBitsPass(config, reader, progress=progress, providers=providers)
+    elif config.format == "qdq":
+        main_pass = MatMulToQDQPass(config, quantize_embeddings=config.quantize_embeddings)
+    elif config.format == "bnb4":
+        main_pass = MatMulToBnb4Pass(config, quant_type=config.quant_type)
+    elif config.format == "fpq4":
+        main_pass = MatMulToFpQ4Pass(config)
     else:
-        quant_pass = MatMulToNBitsPass(config, progress=progress)
-    result = quant_pass(ir_model)
+        main_pass = MatMulToNBitsPass(config, progress=progress)
+    result = main_pass(model)
     if not result.modified:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in quant_pass.skipped[:5])
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in main_pass.skipped[:5])
         found = f" (skipped: {reasons})" if reasons else " (no MatMul or Gemm nodes)"
         raise OnnxqError(f"no quantizable MatMul/Gemm node found{found}")
-    ir_model.meta[REPORT_KEY] = (quant_pass.records, quant_pass.skipped)
-    ir_model.metadata_props["onnxq.config"] = json.dumps(config.to_dict())
-    return result.model
+    records = list(main_pass.records)
+    if config.quantize_embeddings:
+        if config.format == "nbits" or (config.format == "qdq" and config.needs_calibration):
+            # GatherBlockQuantized, sharing a tied lm_head's packed weight (qdq: converted below)
+            records += quantize_embeddings(model, config, shared=getattr(main_pass, "quantized_weights", None))
+        elif config.format in ("bnb4", "fpq4"):
+            logger.warning("format %r has no quantized Gather; embeddings are left in float", config.format)
+    if config.needs_calibration and config.format == "qdq":
+        convert_model(model, "qdq")
+    return records, list(main_pass.skipped)
 
 
 def save(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> None:

@@ -17,7 +17,10 @@ from tqdm import tqdm
 
 from onnxq.api import inspect_model, quantize, records_of, save
 from onnxq.calibration import NpzReader, TextReader
-from onnxq.config import ALGORITHMS, QuantConfig
+from onnxq.config import ALGORITHMS, BNB4_TYPES, FORMATS, QuantConfig
+from onnxq.mixed_precision import DEFAULT_CANDIDATES, search_mixed_precision
+from onnxq.passes.convert import convert_model
+from onnxq.passes.unpack import unpack_model
 from onnxq.io import load_model
 from onnxq.errors import OnnxqError
 from onnxq.report import format_records, format_skipped, format_table, summary_line
@@ -47,6 +50,12 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     scheme.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric, full range (default)")
     group.add_argument("--accuracy-level", type=int, help="MatMulNBits accuracy_level 0-4 (default 0; 4 = int8 activations)")
     group.add_argument("--mse-clip", action="store_true", default=None, help="per-block clip-ratio search (weight MSE)")
+    group.add_argument("--format", choices=FORMATS,
+                       help="nbits (MatMulNBits, default), qdq (opset-21 DequantizeLinear), bnb4 (MatMulBnb4), "
+                            "fpq4 (legacy MatMulFpQ4, AVX-512 hosts only)")
+    group.add_argument("--quant-type", choices=BNB4_TYPES, help="bnb4 data type (default nf4)")
+    group.add_argument("--quantize-embeddings", action="store_true", default=None,
+                       help="also quantize Gather embeddings (a tied lm_head shares the packed weight)")
     group.add_argument("--include", action="append", metavar="REGEX", help="quantize only nodes matching (repeatable)")
     group.add_argument("--exclude", action="append", metavar="REGEX", help="leave matching nodes in float (repeatable)")
 
@@ -78,6 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--percdamp", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
     calib.add_argument("--awq-grid", type=int, help="AWQ: alphas tried in [0, 1] (default 20)")
     calib.add_argument("--no-awq-clip", action="store_true", default=None, help="AWQ: skip the clip search")
+    mixed = q.add_argument_group("mixed precision (needs --calib-data)")
+    mixed.add_argument("--effective-bits", type=float,
+                       help="search a format per node for this average of stored bits per weight (e.g. 4.8)")
+    mixed.add_argument("--candidates", default=DEFAULT_CANDIDATES,
+                       help=f"formats to choose from (default {DEFAULT_CANDIDATES}; 'float' keeps a node in float)")
+    mixed.add_argument("--mp-samples", type=int, default=4, help="calibration samples for the sensitivity search")
+    mixed.add_argument("--plan-out", type=Path, help="where to save the plan (default OUTPUT.plan.json)")
+
+    c = commands.add_parser("convert", help="convert between MatMulNBits and QDQ (bit-exact)")
+    c.add_argument("input", type=Path)
+    c.add_argument("output", type=Path)
+    c.add_argument("--to", choices=("qdq", "nbits"), required=True)
+    c.add_argument("--accuracy-level", type=int, default=0, help="for --to nbits (default 0)")
+
+    u = commands.add_parser("unpack", help="dequantize quantized weights back to float MatMul/Gather")
+    u.add_argument("input", type=Path)
+    u.add_argument("output", type=Path)
 
     i = commands.add_parser("inspect", help="show what would be quantized and why nodes would be skipped")
     i.add_argument("model", type=Path)
@@ -100,6 +126,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "bits": args.bits, "block_size": args.block_size, "symmetric": args.symmetric,
         "accuracy_level": args.accuracy_level, "mse_clip": args.mse_clip,
         "include": args.include, "exclude": args.exclude,
+        "format": args.format, "quant_type": args.quant_type, "quantize_embeddings": args.quantize_embeddings,
     }
     base.update({k: v for k, v in given.items() if v is not None})
     nested = {
@@ -166,6 +193,10 @@ def _quantize(args: argparse.Namespace) -> int:
 
     model = load_model(args.input)
     reader = _calibration_reader(args, config, model)
+    if args.effective_bits is not None:
+        config = _mixed_precision_plan(args, config, model, reader, progress)
+        if hasattr(reader, "rewind"):
+            reader.rewind()
     model = quantize(model, config, reader, progress=progress)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     save(model, args.output, external_data=external)
@@ -178,6 +209,38 @@ def _quantize(args: argparse.Namespace) -> int:
         print()
         print(summary_line(records, skipped))
         print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _mixed_precision_plan(args, config: QuantConfig, model, reader, progress) -> QuantConfig:
+    if reader is None:
+        raise OnnxqError("--effective-bits needs calibration data (--calib-data) to measure sensitivities")
+    plan = search_mixed_precision(model, config, reader, args.effective_bits, args.candidates,
+                                  samples=args.mp_samples, progress=progress)
+    plan_path = args.plan_out or args.output.with_name(args.output.name + ".plan.json")
+    plan.save(plan_path, config)
+    if not args.quiet:
+        print(format_table(("nodes (one format per group)", "format", f"{plan.loss} when alone"), plan.summary_rows()))
+        print(f"plan: {plan.effective_bits:.3f} bits per weight (budget {plan.target_bits}); saved to {plan_path}")
+        print()
+    return plan.to_config(config)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    if _same_file(args.input, args.output):
+        raise OnnxqError(f"output path is the input model ({args.output}); choose another output file")
+    model = convert_model(load_model(args.input), args.to, accuracy_level=args.accuracy_level)
+    save(model, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _unpack(args: argparse.Namespace) -> int:
+    if _same_file(args.input, args.output):
+        raise OnnxqError(f"output path is the input model ({args.output}); choose another output file")
+    model = unpack_model(load_model(args.input))
+    save(model, args.output)
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -202,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    handlers = {"quantize": _quantize, "inspect": _inspect}
+    handlers = {"quantize": _quantize, "inspect": _inspect, "convert": _convert, "unpack": _unpack}
     try:
         return handlers[args.command](args)
     except OnnxqError as exc:

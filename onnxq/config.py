@@ -18,7 +18,8 @@ __all__ = ["QuantConfig", "NodeSettings", "GPTQConfig", "AWQConfig", "Calibratio
 
 ALGORITHMS = ("rtn", "gptq", "awq")
 CALIBRATED_ALGORITHMS = ("gptq", "awq")
-FORMATS = ("nbits",)
+FORMATS = ("nbits", "qdq", "bnb4", "fpq4")
+BNB4_TYPES = ("nf4", "fp4")
 _OVERRIDABLE = ("bits", "block_size", "symmetric", "accuracy_level", "mse_clip", "skip")
 
 
@@ -140,6 +141,12 @@ class QuantConfig:
         exclude: regexes; matching nodes are left in float.
         overrides: ``{wildcard: {setting: value}}`` per-node settings, e.g.
             ``{"*lm_head*": {"bits": 8}, "*.down_proj": {"skip": True}}``.
+        format: the emitted op: ``"nbits"`` (com.microsoft MatMulNBits), ``"qdq"`` (opset-21
+            blocked DequantizeLinear + MatMul), ``"bnb4"`` (MatMulBnb4, NF4/FP4, 4-bit RTN only),
+            ``"fpq4"`` (legacy MatMulFpQ4: 4-bit, block 32, runs only on AVX-512 hosts).
+        quantize_embeddings: also quantize Gather on constant tables (GatherBlockQuantized for
+            nbits, a DequantizeLinear for qdq); a tied embedding/lm_head shares one packed weight.
+        quant_type: ``"nf4"`` or ``"fp4"`` for ``format="bnb4"``.
         gptq, awq, calibration: options of the calibrated algorithms.
     """
 
@@ -152,6 +159,9 @@ class QuantConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    format: str = "nbits"
+    quantize_embeddings: bool = False
+    quant_type: str = "nf4"
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     awq: AWQConfig = field(default_factory=AWQConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -164,6 +174,16 @@ class QuantConfig:
         _validate(self.bits, self.block_size, self.accuracy_level, "")
         if self.algorithm not in ALGORITHMS:
             raise OnnxqError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.format not in FORMATS:
+            raise OnnxqError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.quant_type not in BNB4_TYPES:
+            raise OnnxqError(f"quant_type must be one of {BNB4_TYPES}, got {self.quant_type!r}")
+        if self.format in ("bnb4", "fpq4") and self.algorithm != "rtn":
+            raise OnnxqError(f"format {self.format!r} supports only algorithm 'rtn', got {self.algorithm!r}")
+        if self.format in ("bnb4", "fpq4") and self.bits != 4:
+            raise OnnxqError(f"format {self.format!r} is 4-bit only, got bits={self.bits}")
+        if self.format == "fpq4" and self.block_size != 32:
+            raise OnnxqError(f"format 'fpq4' needs block_size 32, got {self.block_size}")
         for kind in ("include", "exclude"):
             for pattern in getattr(self, kind):
                 try:
@@ -183,6 +203,7 @@ class QuantConfig:
     def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> "QuantConfig":
         """Build from a JSON-like mapping (lists become tuples); unknown keys are an error."""
         known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_..." keys are notes (e.g. a search record)
         unknown = set(data) - known
         if unknown:
             raise OnnxqError(f"{where} has unknown keys {sorted(unknown)}; allowed: {sorted(known)}")

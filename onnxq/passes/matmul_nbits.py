@@ -186,7 +186,7 @@ class MatMulToNBitsPass(ir.passes.InPlacePass):
             bias = ir.Value(name=bias_name, shape=ir.Shape([site.n]), type=ir.TensorType(site.dtype), const_value=bias_tensor)
             graph.register_initializer(bias)
         node = make_matmul_nbits_node(
-            site.activation, inits, accuracy_level=settings.accuracy_level, bias=bias,
+            site.node.inputs[0], inits, accuracy_level=settings.accuracy_level, bias=bias,
             name=f"{site.name}_Q{settings.bits}",
         )
         new_nodes = [node]
