@@ -1,0 +1,185 @@
+"""``python -m onnxq eval FLOAT.onnx QUANT.onnx --data ...``: accuracy of a quantized model.
+
+Two kinds of evaluation (:mod:`onnxq.evaluate`):
+
+* ``lm``: causal LMs (``input_ids -> logits``): perplexity of both models, mean
+  ``KL(p_float || p_quant)`` per token and top-1 agreement, on windows of
+  ``--context`` tokens of ``--data`` (a ``.npy`` of token ids, or a text file
+  tokenized by ``--tokenizer``).
+* ``embedding``: encoders: cosine similarity of ``--output`` (default
+  ``sentence_embedding``) per vector. ``--data`` is a text file (one sample per
+  non-empty line, tokenized by ``--tokenizer``, at most ``--max-tokens`` ids each)
+  or a ``.npy`` of token ids (windows of ``--context`` tokens).
+
+``--kind auto`` (the default) picks ``lm`` when the float model has an output named
+``logits`` and ``embedding`` when it has ``--output``. Bad input (missing files, a
+model without ``input_ids``, too few tokens) is one line ``onnxq: error: ...`` on
+stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from onnxq.calibration import InputSpec, ListReader, TextReader, tokenize
+from onnxq.calibration.text import read_text
+from onnxq.errors import OnnxqError
+from onnxq.evaluate import compare_embeddings, compare_lm, make_session
+
+__all__ = ["add_eval_parser", "run_eval"]
+
+_EXIT_USAGE = 2
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``eval`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``); returns its parser."""
+    e = subparsers.add_parser("eval", help="compare a quantized model with its float original (perplexity, KL, cosine)",
+                              description=__doc__.splitlines()[0])
+    e.add_argument("float_model", type=Path, metavar="FLOAT.onnx", help="the float model")
+    e.add_argument("quant_model", type=Path, metavar="QUANT.onnx", help="the quantized model")
+    e.add_argument("--data", type=Path, required=True, metavar="FILE",
+                   help=".npy of token ids, or a text file (with --tokenizer)")
+    e.add_argument("--tokenizer", type=Path, help="ONNX tokenizer model (onnxruntime-extensions) for a text --data")
+    e.add_argument("--kind", choices=("auto", "lm", "embedding"), default="auto",
+                   help="lm: perplexity/KL/top-1; embedding: cosine (auto: from the model's outputs)")
+    e.add_argument("--context", type=int, default=256, help="tokens per window (default 256)")
+    e.add_argument("--stride", type=int, help="lm: tokens between window starts (default: --context, no overlap)")
+    e.add_argument("--max-windows", type=int, help="use at most N windows, evenly spaced over the data")
+    e.add_argument("--batch", type=int, default=1, help="lm: windows per onnxruntime run (default 1)")
+    e.add_argument("--output", default="sentence_embedding", help="embedding: the output compared (default sentence_embedding)")
+    e.add_argument("--max-tokens", type=int, default=128, help="embedding: ids kept per text line (default 128)")
+    e.add_argument("--json", type=Path, metavar="OUT.json", help="also write the results as JSON")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    return e
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise OnnxqError(f"{what} not found: {path}")
+
+
+def _kind(args: argparse.Namespace, session) -> str:
+    if args.kind != "auto":
+        return args.kind
+    outputs = [o.name for o in session.get_outputs()]
+    if "logits" in outputs:
+        return "lm"
+    if args.output in outputs:
+        return "embedding"
+    raise OnnxqError(f"cannot tell the kind of model from its outputs ({', '.join(outputs)}); give --kind lm|embedding")
+
+
+def _token_ids(args: argparse.Namespace) -> np.ndarray:
+    if args.data.suffix == ".npy":
+        try:
+            ids = np.load(args.data, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise OnnxqError(f"cannot read token ids from {args.data} as .npy ({exc})") from None
+        return ids
+    if args.tokenizer is None:
+        raise OnnxqError(f"{args.data} is read as text: give --tokenizer TOKENIZER.onnx (or pass token ids as .npy)")
+    return tokenize(read_text(args.data), args.tokenizer)
+
+
+def _embedding_feeds(args: argparse.Namespace, session):
+    if args.data.suffix == ".npy":
+        ids = _token_ids(args)
+        windows = len(ids) // args.context if np.ndim(ids) == 1 else 0
+        samples = min(windows, args.max_windows) if args.max_windows else max(windows, 1)
+        return TextReader(None, _specs_of(session), token_ids=ids, seq_len=args.context, samples=samples)
+    if args.tokenizer is None:
+        raise OnnxqError(f"{args.data} is read as text: give --tokenizer TOKENIZER.onnx (or pass token ids as .npy)")
+    lines = [line for line in read_text(args.data).splitlines() if line.strip()]
+    if args.max_windows:
+        lines = [lines[i] for i in np.unique(np.linspace(0, len(lines) - 1, args.max_windows).round().astype(int))]
+    inputs = {i.name: i.type for i in session.get_inputs()}
+    if "input_ids" not in inputs:
+        raise OnnxqError(f"the float model has no input named input_ids (inputs: {', '.join(inputs)})")
+    feeds = []
+    for line in lines:
+        ids = tokenize(line, args.tokenizer)[:args.max_tokens][None, :]
+        fill = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
+                "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None, :]}
+        unknown = [name for name in inputs if name not in fill]
+        if unknown:
+            raise OnnxqError(f"the float model has input {unknown[0]!r}; evaluation fills only {', '.join(fill)}")
+        feeds.append({name: fill[name].astype(np.int32 if kind == "tensor(int32)" else np.int64)
+                      for name, kind in inputs.items()})
+    if not feeds:
+        raise OnnxqError(f"{args.data} has no non-empty line to evaluate")
+    return ListReader(feeds)
+
+
+def _specs_of(session) -> list[InputSpec]:
+    types = {"tensor(int64)": np.dtype(np.int64), "tensor(int32)": np.dtype(np.int32)}
+    return [InputSpec(i.name, types.get(i.type), None) for i in session.get_inputs()]
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    _check_file(args.float_model, "float model")
+    _check_file(args.quant_model, "quantized model")
+    _check_file(args.data, "evaluation data")
+    if args.tokenizer is not None:
+        _check_file(args.tokenizer, "tokenizer model")
+
+    def progress(items, desc: str, unit: str, total: int | None = None):
+        return tqdm(items, desc=desc, unit=unit, total=total, disable=args.quiet, file=sys.stderr)
+
+    float_session = make_session(args.float_model)
+    kind = _kind(args, float_session)
+    start = time.perf_counter()
+    if kind == "lm":
+        result = compare_lm(float_session, args.quant_model, _token_ids(args), context=args.context,
+                            stride=args.stride, max_windows=args.max_windows, batch=args.batch, progress=progress)
+        values = {"kind": kind, **vars(result)}
+    else:
+        result = compare_embeddings(float_session, args.quant_model, _embedding_feeds(args, float_session),
+                                    output=args.output, progress=progress)
+        values = {"kind": kind, "output": args.output, **vars(result)}
+    values |= {"float_model": str(args.float_model), "quant_model": str(args.quant_model), "data": str(args.data),
+               "context": args.context, "seconds": time.perf_counter() - start}
+    return values
+
+
+def _format(values: dict) -> str:
+    if values["kind"] == "lm":
+        rows = [("perplexity, float", f"{values['ppl_float']:.4f}"),
+                ("perplexity, quantized", f"{values['ppl_quant']:.4f} "
+                                          f"({100 * (values['ppl_quant'] / values['ppl_float'] - 1):+.2f}%)"),
+                ("KL(float || quant), nats/token", f"{values['kl_mean']:.5f}"),
+                ("top-1 agreement", f"{100 * values['top1_agreement']:.2f}%"),
+                ("scored tokens", f"{values['tokens']} in {values['windows']} windows of {values['context']}")]
+    else:
+        rows = [(f"cosine ({values['output']}), mean", f"{values['cosine_mean']:.6f}"),
+                (f"cosine ({values['output']}), min", f"{values['cosine_min']:.6f}"),
+                ("vectors", str(values["vectors"]))]
+    rows.append(("time", f"{values['seconds']:.1f} s"))
+    return _table(rows)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run the ``eval`` command parsed by :func:`add_eval_parser`; returns the exit code
+    (0, or 2 after printing ``onnxq: error: ...`` for bad input)."""
+    try:
+        values = _evaluate(args)
+        if args.json is not None:
+            args.json.write_text(json.dumps(values, indent=2) + "\n")
+    except OnnxqError as exc:
+        print(f"onnxq: error: {exc}", file=sys.stderr)
+        return _EXIT_USAGE
+    except OSError as exc:
+        print(f"onnxq: error: {exc}", file=sys.stderr)
+        return _EXIT_USAGE
+    print(_format(values))
+    return 0

@@ -1,0 +1,415 @@
+"""Accuracy of a quantized model against its float original, measured with onnxruntime.
+
+* :func:`perplexity`: perplexity of a causal LM (``input_ids [batch, seq] -> logits
+  [batch, seq, vocab]``) on a token stream.
+* :func:`compare_lm` / :func:`compare_lms`: float and quantized LMs run on the same
+  windows in one pass: both perplexities, the mean per-token KL divergence
+  ``KL(p_float || p_quant)`` (nats) and the top-1 agreement of the next-token
+  predictions. Windows are streamed: at most one batch of logits per model is held.
+* :func:`compare_embeddings`: cosine similarity of an encoder's output vectors.
+
+Windows (:func:`lm_windows`): the stream of ``T`` tokens is cut into windows of
+``context`` tokens starting every ``stride`` tokens (default ``stride = context``:
+non-overlapping; the tail shorter than a window is dropped). The first window scores
+every prediction it makes (targets ``1 .. context-1``); a later window scores only its
+last ``stride`` targets (all ``context-1`` when ``stride = context``), the sliding-window
+evaluation of Hugging Face's perplexity guide, so with ``stride < context`` every scored
+token sees at least ``context - stride`` tokens of context. ``max_windows`` keeps that
+many windows evenly spaced over the stream (always the same ones for the same
+arguments), so a short run still samples the whole text.
+
+Model inputs are found by name: ``input_ids`` is required; ``attention_mask`` (ones),
+``position_ids`` (``0..seq-1``) and ``token_type_ids`` (zeros) are filled when the
+model has them, in the dtype it declares. The logits output is the one named
+``logits``, else the model's first output. Log-softmax is computed in float64 after
+subtracting the row maximum.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxq.calibration.readers import iter_feeds
+from onnxq.calibration.text import FILLED_INPUTS
+from onnxq.errors import OnnxqError
+
+__all__ = [
+    "EmbeddingComparison",
+    "LMComparison",
+    "PerplexityResult",
+    "compare_embeddings",
+    "compare_lm",
+    "compare_lms",
+    "lm_windows",
+    "log_softmax",
+    "make_session",
+    "perplexity",
+]
+
+logger = logging.getLogger(__name__)
+
+ModelLike = str | os.PathLike | onnx.ModelProto | ort.InferenceSession
+"""A model path (external data next to it), an ``onnx.ModelProto`` or an open session."""
+
+Progress = Callable[..., Iterable]
+"""Wraps an iterable to show progress; called with keywords ``desc``, ``unit`` and ``total`` (``tqdm.tqdm`` fits)."""
+
+_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """``ppl = exp(nll)``; ``nll``: mean negative log-likelihood per scored token (nats)."""
+
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+
+
+@dataclass(frozen=True)
+class LMComparison:
+    """A quantized LM against its float original on the same scored tokens.
+
+    Attributes:
+        ppl_float, ppl_quant: perplexities; ``nll_float``/``nll_quant`` their logs (nats/token).
+        kl_mean: mean over scored tokens of ``KL(p_float || p_quant)`` (nats).
+        top1_agreement: fraction of scored tokens where both models' most likely next token agree.
+        tokens, windows: scored tokens and windows.
+    """
+
+    ppl_float: float
+    ppl_quant: float
+    nll_float: float
+    nll_quant: float
+    kl_mean: float
+    top1_agreement: float
+    tokens: int
+    windows: int
+
+
+@dataclass(frozen=True)
+class EmbeddingComparison:
+    """Cosine similarity between float and quantized output vectors (one per row)."""
+
+    cosine_mean: float
+    cosine_min: float
+    vectors: int
+
+
+def make_session(model: ModelLike, providers: list[str] | None = None) -> ort.InferenceSession:
+    """An onnxruntime session for ``model`` (a session is returned as is).
+
+    Raises:
+        OnnxqError: the file is missing or onnxruntime cannot load it.
+    """
+    if isinstance(model, ort.InferenceSession):
+        return model
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    providers = providers or ["CPUExecutionProvider"]
+    if isinstance(model, onnx.ModelProto):
+        source, where = model.SerializeToString(), "the given ModelProto"
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise OnnxqError(f"model file not found: {path}")
+        source, where = str(path), str(path)
+    else:
+        raise OnnxqError(f"a model must be a path, an onnx.ModelProto or an InferenceSession, found {type(model).__name__}")
+    try:
+        return ort.InferenceSession(source, options, providers=providers)
+    except Exception as exc:  # onnxruntime raises several exception types for a bad model
+        raise OnnxqError(f"onnxruntime cannot load {where}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """``log softmax`` over the last axis in float64: ``x - max - log(sum(exp(x - max)))``.
+
+    logits: ``[..., vocab]`` (any float dtype; not modified) -> ``[..., vocab]`` float64.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def lm_windows(
+    num_tokens: int, context: int, stride: int | None = None, max_windows: int | None = None
+) -> list[tuple[int, int]]:
+    """The windows scored by :func:`perplexity` (see the module docstring).
+
+    Returns ``[(start, first_target)]``: the window is ``tokens[start : start + context]``
+    and targets ``first_target .. context - 1`` (positions inside the window) are scored.
+
+    Raises:
+        OnnxqError: bad ``context``/``stride``/``max_windows``, or fewer than ``context`` tokens.
+    """
+    stride = context if stride is None else stride
+    if not (isinstance(context, int) and context >= 2):
+        raise OnnxqError(f"context must be an integer >= 2, got {context!r}")
+    if not (isinstance(stride, int) and 1 <= stride <= context):
+        raise OnnxqError(f"stride must be an integer in 1..context ({context}), got {stride!r}")
+    if max_windows is not None and not (isinstance(max_windows, int) and max_windows >= 1):
+        raise OnnxqError(f"max_windows must be a positive integer, got {max_windows!r}")
+    if num_tokens < context:
+        raise OnnxqError(f"the evaluation text has {num_tokens} tokens, fewer than one window of context={context}; "
+                         "give more text or a smaller context")
+    count = (num_tokens - context) // stride + 1
+    indices = np.arange(count)
+    if max_windows is not None and max_windows < count:
+        indices = np.unique(np.linspace(0, count - 1, max_windows).round().astype(np.int64))
+    return [(int(i) * stride, 1 if i == 0 else max(1, context - stride)) for i in indices]
+
+
+class _LM:
+    """A causal-LM session with its input filler and logits output."""
+
+    def __init__(self, model: ModelLike, providers: list[str] | None, what: str):
+        self.session = make_session(model, providers)
+        self.what = what
+        inputs = {i.name: i.type for i in self.session.get_inputs()}
+        if "input_ids" not in inputs:
+            raise OnnxqError(f"the {what} model has no input named input_ids (inputs: {', '.join(inputs)})")
+        unknown = [name for name in inputs if name not in FILLED_INPUTS]
+        if unknown:
+            raise OnnxqError(f"the {what} model has input {unknown[0]!r}; evaluation fills only {', '.join(FILLED_INPUTS)}")
+        bad = [name for name, kind in inputs.items() if kind not in _INT_TYPES]
+        if bad:
+            raise OnnxqError(f"the {what} model's input {bad[0]!r} is {inputs[bad[0]]}; expected int64 or int32")
+        self.inputs = {name: _INT_TYPES[kind] for name, kind in inputs.items()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output = "logits" if "logits" in outputs else outputs[0]
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """ids: ``[batch, seq]`` int64 -> logits ``[batch, seq, vocab]``."""
+        batch, seq = ids.shape
+        fill = {
+            "input_ids": lambda: ids,
+            "attention_mask": lambda: np.ones((batch, seq), np.int64),
+            "position_ids": lambda: np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)),
+            "token_type_ids": lambda: np.zeros((batch, seq), np.int64),
+        }
+        feed = {name: np.ascontiguousarray(fill[name]().astype(dtype)) for name, dtype in self.inputs.items()}
+        (logits,) = self.session.run([self.output], feed)
+        if logits.ndim != 3 or logits.shape[:2] != (batch, seq):
+            raise OnnxqError(f"the {self.what} model's output {self.output!r} has shape {logits.shape}; "
+                             f"expected logits [batch={batch}, seq={seq}, vocab]")
+        return logits
+
+
+def _token_stream(token_ids) -> np.ndarray:
+    ids = np.asarray(token_ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise OnnxqError(f"token ids must be a 1-D integer array, found {ids.dtype} with shape {ids.shape}")
+    return ids.astype(np.int64, copy=False)
+
+
+def _batches(windows: list[tuple[int, int]], batch: int) -> list[list[tuple[int, int]]]:
+    if not (isinstance(batch, int) and batch >= 1):
+        raise OnnxqError(f"batch must be a positive integer, got {batch!r}")
+    return [windows[i:i + batch] for i in range(0, len(windows), batch)]
+
+
+def _scored(logits: np.ndarray, ids: np.ndarray, group: list[tuple[int, int]], context: int):
+    """Per window of the batch: (log-probs of the scoring rows ``[n, vocab]`` float64, targets ``[n]``)."""
+    for row, (_, first) in enumerate(group):
+        yield log_softmax(logits[row, first - 1:context - 1]), ids[row, first:context]
+
+
+def _wrap(progress: Progress | None, items, desc: str, total: int):
+    return progress(items, desc=desc, unit="window", total=total) if progress else items
+
+
+def perplexity(
+    model: ModelLike,
+    token_ids: np.ndarray,
+    *,
+    context: int = 256,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    batch: int = 1,
+    providers: list[str] | None = None,
+    progress: Progress | None = None,
+) -> PerplexityResult:
+    """Perplexity of a causal LM on ``token_ids [T]`` (windows: see the module docstring).
+
+    ``nll = -mean_t log p(x_t | x_<t)`` over the scored tokens; ``ppl = exp(nll)``.
+
+    Args:
+        model: path, ``onnx.ModelProto`` or ``InferenceSession`` (``input_ids`` -> ``logits``).
+        token_ids: ``[T]`` integer token ids.
+        context, stride, max_windows: the windows (:func:`lm_windows`).
+        batch: windows per session run.
+        providers: onnxruntime execution providers (default CPU).
+        progress: ``tqdm``-like wrapper, called with ``desc``, ``unit`` and ``total``.
+
+    Raises:
+        OnnxqError: unloadable model, no ``input_ids`` input, too few tokens, bad settings.
+    """
+    ids = _token_stream(token_ids)
+    windows = lm_windows(len(ids), context, stride, max_windows)
+    lm = _LM(model, providers, "evaluated")
+    nll_sum, tokens = 0.0, 0
+    for group in _wrap(progress, _batches(windows, batch), "perplexity", math.ceil(len(windows) / batch)):
+        window_ids = np.stack([ids[start:start + context] for start, _ in group])
+        for logp, targets in _scored(lm.logits(window_ids), window_ids, group, context):
+            nll_sum -= float(logp[np.arange(len(targets)), targets].sum())
+            tokens += len(targets)
+    nll = nll_sum / tokens
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=tokens, windows=len(windows))
+
+
+class _Tally:
+    """Running sums for one quantized model."""
+
+    def __init__(self) -> None:
+        self.nll = 0.0
+        self.kl = 0.0
+        self.agree = 0
+
+    def result(self, nll_float: float, tokens: int, windows: int) -> LMComparison:
+        nll_quant = self.nll / tokens
+        return LMComparison(ppl_float=math.exp(nll_float), ppl_quant=math.exp(nll_quant), nll_float=nll_float,
+                            nll_quant=nll_quant, kl_mean=self.kl / tokens, top1_agreement=self.agree / tokens,
+                            tokens=tokens, windows=windows)
+
+
+def compare_lms(
+    float_model: ModelLike,
+    quant_models: Mapping[str, ModelLike],
+    token_ids: np.ndarray,
+    *,
+    context: int = 256,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    batch: int = 1,
+    providers: list[str] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, LMComparison]:
+    """Compare several quantized LMs with one float LM, each window run once per model.
+
+    For every scored token ``t`` with float next-token distribution ``p`` and quantized ``q``:
+    ``KL(p || q) = sum_v p_v (log p_v - log q_v)``, averaged over tokens; top-1 agreement is
+    ``mean[argmax p == argmax q]``. Arguments as in :func:`perplexity`.
+
+    Returns:
+        ``{name: LMComparison}`` in the order of ``quant_models``.
+
+    Raises:
+        OnnxqError: as :func:`perplexity`, or models with different vocabularies.
+    """
+    if not quant_models:
+        raise OnnxqError("compare_lms needs at least one quantized model")
+    ids = _token_stream(token_ids)
+    windows = lm_windows(len(ids), context, stride, max_windows)
+    reference = _LM(float_model, providers, "float")
+    others = {name: _LM(model, providers, f"quantized ({name})") for name, model in quant_models.items()}
+    tallies = {name: _Tally() for name in others}
+    nll_float, tokens = 0.0, 0
+    for group in _wrap(progress, _batches(windows, batch), "compare", math.ceil(len(windows) / batch)):
+        window_ids = np.stack([ids[start:start + context] for start, _ in group])
+        float_logits = reference.logits(window_ids)
+        vocab = float_logits.shape[-1]
+        float_rows = [(logp, np.exp(logp), targets) for logp, targets in _scored(float_logits, window_ids, group, context)]
+        del float_logits
+        for logp, _, targets in float_rows:
+            nll_float -= float(logp[np.arange(len(targets)), targets].sum())
+            tokens += len(targets)
+        for name, lm in others.items():
+            logits = lm.logits(window_ids)
+            if logits.shape[-1] != vocab:
+                raise OnnxqError(f"the quantized model {name!r} has {logits.shape[-1]} logits per token, "
+                                 f"the float model {vocab}")
+            tally = tallies[name]
+            for (logp, p, targets), (logq, _) in zip(float_rows, _scored(logits, window_ids, group, context)):
+                tally.nll -= float(logq[np.arange(len(targets)), targets].sum())
+                tally.kl += float((p * (logp - logq)).sum())
+                tally.agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
+    nll_float /= tokens
+    return {name: tally.result(nll_float, tokens, len(windows)) for name, tally in tallies.items()}
+
+
+def compare_lm(
+    float_model: ModelLike,
+    quant_model: ModelLike,
+    token_ids: np.ndarray,
+    *,
+    context: int = 256,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    batch: int = 1,
+    providers: list[str] | None = None,
+    progress: Progress | None = None,
+) -> LMComparison:
+    """Perplexities, mean ``KL(p_float || p_quant)`` and top-1 agreement on the same windows.
+
+    One pass over the windows runs both models (see :func:`compare_lms`).
+    """
+    return compare_lms(float_model, {"quant": quant_model}, token_ids, context=context, stride=stride,
+                       max_windows=max_windows, batch=batch, providers=providers, progress=progress)["quant"]
+
+
+def _rows(output: np.ndarray, feed: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Output vectors ``[n, dim]``: a ``[..., dim]`` output flattened; for ``[batch, seq, dim]``
+    with an ``attention_mask [batch, seq]`` in the feed, only the unmasked tokens."""
+    mask = feed.get("attention_mask")
+    if output.ndim == 3 and mask is not None and mask.shape == output.shape[:2]:
+        return output[np.asarray(mask) != 0]
+    return output.reshape(-1, output.shape[-1])
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    both_zero = (np.linalg.norm(a, axis=-1) == 0) & (np.linalg.norm(b, axis=-1) == 0)
+    cos = np.divide((a * b).sum(-1), norms, out=np.zeros(len(a)), where=norms > 0)
+    return np.where(both_zero, 1.0, cos)
+
+
+def compare_embeddings(
+    float_model: ModelLike,
+    quant_model: ModelLike,
+    data,
+    *,
+    output: str = "sentence_embedding",
+    max_samples: int | None = None,
+    providers: list[str] | None = None,
+    progress: Progress | None = None,
+) -> EmbeddingComparison:
+    """Cosine similarity of ``output`` between the float and the quantized model, per vector.
+
+    Args:
+        data: feeds ``{input name: array}``: a reader (e.g. :class:`~onnxq.calibration.TextReader`,
+            :class:`~onnxq.calibration.NpzReader`), a list of feeds, or any iterable of them.
+        output: the output compared. ``[batch, dim]`` gives one vector per row;
+            ``[batch, seq, dim]`` one per token (tokens with ``attention_mask == 0`` are left out).
+        max_samples: at most this many feeds.
+
+    Raises:
+        OnnxqError: unloadable model, missing output, feeds not matching the model, no feeds.
+    """
+    sessions = [make_session(float_model, providers), make_session(quant_model, providers)]
+    for session, what in zip(sessions, ("float", "quantized")):
+        names = [o.name for o in session.get_outputs()]
+        if output not in names:
+            raise OnnxqError(f"the {what} model has no output {output!r} (outputs: {', '.join(names)})")
+    inputs = {i.name for i in sessions[0].get_inputs()}
+    cosines = []
+    feeds = iter_feeds(data, max_samples)
+    for feed in (progress(feeds, desc="compare", unit="sample") if progress else feeds):
+        if set(feed) != inputs:
+            raise OnnxqError(f"a sample has inputs {sorted(feed)}; the model takes {sorted(inputs)}")
+        a, b = (session.run([output], feed)[0] for session in sessions)
+        cosines.append(_cosines(_rows(a, feed), _rows(b, feed)))
+    if not cosines:
+        raise OnnxqError("the evaluation data gave no samples")
+    values = np.concatenate(cosines)
+    return EmbeddingComparison(cosine_mean=float(values.mean()), cosine_min=float(values.min()), vectors=len(values))

@@ -1,0 +1,250 @@
+"""onnxq.evaluate and the eval command: perplexity, KL, top-1 and cosine against numpy references.
+
+The references run the models' sessions (or the independent numpy forward of
+tests/tiny_transformer.py) on hand-written windows and compute log-softmax, NLL, KL
+and cosines directly, so the windowing and scoring of onnxq.evaluate are checked, not
+reused.
+"""
+import argparse
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import onnxq
+from onnxq.eval_cli import add_eval_parser, run_eval
+from onnxq.evaluate import (
+    compare_embeddings,
+    compare_lm,
+    compare_lms,
+    lm_windows,
+    log_softmax,
+    perplexity,
+)
+from onnxq.errors import OnnxqError
+from tests.graphs import matmul_model, weight
+from tests.tiny_transformer import make_tiny_transformer, reference_forward
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Paths of the tiny float decoder and two int4 RTN versions of it."""
+    folder = tmp_path_factory.mktemp("evaluate")
+    float_proto = make_tiny_transformer(vocab=VOCAB, seed=1)
+    paths = {"float": folder / "float.onnx", "q4": folder / "q4.onnx", "q4_b16": folder / "q4_b16.onnx"}
+    onnx.save(float_proto, paths["float"])
+    onnxq.save(onnxq.quantize(float_proto, onnxq.QuantConfig(bits=4, block_size=32)), paths["q4"])
+    onnxq.save(onnxq.quantize(float_proto, onnxq.QuantConfig(bits=4, block_size=16, symmetric=False)),
+               paths["q4_b16"])
+    paths["proto"] = float_proto
+    return paths
+
+
+def _ids(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, n).astype(np.int64)
+
+
+def _logits(path, ids: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"input_ids": ids[None, :]})[0][0].astype(np.float64)
+
+
+def _ref_log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def test_log_softmax_is_stable_and_exact():
+    x = np.array([[1e4, 1e4 - 1.0, -1e4], [0.0, 1.0, 2.0]], np.float32)
+    got = log_softmax(x)
+    assert got.dtype == np.float64 and np.isfinite(got).all()
+    assert np.allclose(np.exp(got).sum(-1), 1.0)
+    assert np.allclose(got[1], [0.0 - np.log(1 + np.e + np.e**2), 1 - np.log(1 + np.e + np.e**2),
+                                2 - np.log(1 + np.e + np.e**2)])
+    assert got[0, 0] == pytest.approx(-np.log1p(np.exp(-1.0)))
+    assert x[0, 0] == np.float32(1e4)  # the input is left alone
+
+
+def test_windows_by_hand():
+    assert lm_windows(100, 32) == [(0, 1), (32, 1), (64, 1)]  # tail of 4 tokens dropped
+    assert lm_windows(150, 32, stride=16, max_windows=4) == [(0, 1), (32, 16), (80, 16), (112, 16)]
+    assert lm_windows(32, 32) == [(0, 1)]
+    with pytest.raises(OnnxqError, match="fewer than one window"):
+        lm_windows(31, 32)
+    with pytest.raises(OnnxqError, match="stride"):
+        lm_windows(100, 32, stride=33)
+
+
+def test_perplexity_matches_numpy_forward(models):
+    """Non-overlapping windows against the float64 numpy forward of the decoder."""
+    ids = _ids(100)
+    result = perplexity(models["float"], ids, context=32)
+    nll = []
+    for start in (0, 32, 64):  # 3 full windows; targets 1..31 of each
+        window = ids[start:start + 32]
+        logits, _ = reference_forward(models["proto"], window[None, :])
+        logp = _ref_log_softmax(logits[0])
+        nll += [-logp[t - 1, window[t]] for t in range(1, 32)]
+    assert result.tokens == 93 and result.windows == 3
+    assert result.nll == pytest.approx(np.mean(nll), rel=1e-5)
+    assert result.ppl == pytest.approx(np.exp(np.mean(nll)), rel=1e-5)
+
+
+def test_perplexity_strided_subsampled_batched(models):
+    ids = _ids(150, seed=1)
+    got = perplexity(models["float"], ids, context=32, stride=16, max_windows=4, batch=3)
+    nll = []
+    for start, first in ((0, 1), (32, 16), (80, 16), (112, 16)):
+        window = ids[start:start + 32]
+        logp = _ref_log_softmax(_logits(models["float"], window))
+        nll += [-logp[t - 1, window[t]] for t in range(first, 32)]
+    assert got.tokens == len(nll) == 31 + 3 * 16 and got.windows == 4
+    assert got.nll == pytest.approx(np.mean(nll), rel=1e-6)
+    same_unbatched = perplexity(models["float"], ids, context=32, stride=16, max_windows=4, batch=1)
+    assert same_unbatched.nll == pytest.approx(got.nll, rel=1e-6)
+
+
+def test_identical_models_have_zero_kl(models):
+    result = compare_lm(models["float"], models["float"], _ids(96), context=32)
+    assert result.kl_mean == 0.0 and result.top1_agreement == 1.0
+    assert result.ppl_float == result.ppl_quant and result.tokens == 93
+
+
+def test_quantized_model_kl_matches_numpy(models):
+    ids = _ids(96, seed=2)
+    result = compare_lm(models["float"], models["q4"], ids, context=32, batch=2)
+    nll_f, nll_q, kl, agree = [], [], [], []
+    for start in (0, 32, 64):
+        window = ids[start:start + 32]
+        logp = _ref_log_softmax(_logits(models["float"], window))[:-1]
+        logq = _ref_log_softmax(_logits(models["q4"], window))[:-1]
+        targets = window[1:]
+        nll_f += list(-logp[np.arange(31), targets])
+        nll_q += list(-logq[np.arange(31), targets])
+        kl += list((np.exp(logp) * (logp - logq)).sum(-1))
+        agree += list(logp.argmax(-1) == logq.argmax(-1))
+    assert result.kl_mean > 1e-4
+    assert result.kl_mean == pytest.approx(np.mean(kl), rel=1e-5)
+    assert result.top1_agreement == pytest.approx(np.mean(agree))
+    assert result.ppl_float == pytest.approx(np.exp(np.mean(nll_f)), rel=1e-6)
+    assert result.ppl_quant == pytest.approx(np.exp(np.mean(nll_q)), rel=1e-6)
+
+
+def test_compare_lms_equals_separate_comparisons(models):
+    ids = _ids(128, seed=3)
+    both = compare_lms(models["float"], {"a": models["q4"], "b": models["q4_b16"]}, ids, context=32)
+    for name, key in (("a", "q4"), ("b", "q4_b16")):
+        alone = compare_lm(models["float"], models[key], ids, context=32)
+        assert both[name].kl_mean == pytest.approx(alone.kl_mean, rel=1e-9)
+        assert both[name].ppl_quant == pytest.approx(alone.ppl_quant, rel=1e-9)
+
+
+def test_optional_inputs_are_filled(tmp_path):
+    proto = make_tiny_transformer(vocab=VOCAB, attention_mask=True, position_ids=True, seed=4)
+    ids = _ids(64, seed=4)
+    result = perplexity(proto, ids, context=32)
+    nll = []
+    for start in (0, 32):
+        window = ids[start:start + 32][None, :]
+        logits, _ = reference_forward(proto, window, attention_mask=np.ones_like(window),
+                                      position_ids=np.arange(32)[None, :])
+        logp = _ref_log_softmax(logits[0])
+        nll += [-logp[t - 1, window[0, t]] for t in range(1, 32)]
+    assert result.nll == pytest.approx(np.mean(nll), rel=1e-5)
+
+
+def test_model_without_input_ids_is_an_error(tmp_path):
+    path = tmp_path / "mm.onnx"
+    onnx.save(matmul_model(weight((8, 4), seed=0)), path)
+    with pytest.raises(OnnxqError, match="no input named input_ids"):
+        perplexity(path, _ids(64), context=32)
+
+
+def test_embedding_cosines_match_numpy():
+    proto = make_tiny_transformer(vocab=VOCAB, attention_mask=True, seed=5)
+    quant_proto = ir.to_proto(onnxq.quantize(proto, onnxq.QuantConfig(bits=4, block_size=16)))
+    mask = np.ones((2, 12), np.int64)
+    mask[1, 9:] = 0
+    feeds = [{"input_ids": _ids(24, seed=6).reshape(2, 12), "attention_mask": mask}]
+    same = compare_embeddings(proto, proto, feeds, output="logits")
+    assert same.cosine_min == pytest.approx(1.0) and same.vectors == 21  # padded tokens left out
+    got = compare_embeddings(proto, quant_proto, feeds, output="logits")
+    a = ort.InferenceSession(proto.SerializeToString()).run(["logits"], feeds[0])[0][mask != 0].astype(np.float64)
+    b = ort.InferenceSession(quant_proto.SerializeToString()).run(["logits"], feeds[0])[0][mask != 0]
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert got.cosine_mean == pytest.approx(cos.mean(), rel=1e-6) and got.cosine_min == pytest.approx(cos.min(), rel=1e-6)
+    assert got.cosine_min < 1.0
+
+
+# -- the eval command -------------------------------------------------------------
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="onnxq")
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_cli_lm_table_and_json(models, tmp_path, capsys):
+    ids_path, out = tmp_path / "ids.npy", tmp_path / "out.json"
+    ids = _ids(200, seed=7)
+    np.save(ids_path, ids)
+    code = run_eval(_parse(["eval", str(models["float"]), str(models["q4"]), "--data", str(ids_path),
+                            "--context", "64", "--max-windows", "2", "--json", str(out), "--quiet"]))
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "perplexity, quantized" in printed and "top-1 agreement" in printed
+    values = json.loads(out.read_text())
+    expected = compare_lm(models["float"], models["q4"], ids, context=64, max_windows=2)
+    assert values["kind"] == "lm" and values["tokens"] == expected.tokens == 126
+    assert values["kl_mean"] == pytest.approx(expected.kl_mean) and values["ppl_quant"] == pytest.approx(expected.ppl_quant)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_model", "quantized model not found"),
+    ("missing_data", "evaluation data not found"),
+    ("no_input_ids", "no input named input_ids"),
+    ("too_few_tokens", "fewer than one window"),
+    ("text_without_tokenizer", "give --tokenizer"),
+])
+def test_cli_bad_input_exits_2(models, tmp_path, capsys, case, message):
+    ids_path = tmp_path / "ids.npy"
+    np.save(ids_path, _ids(300 if case != "too_few_tokens" else 100))
+    float_model, quant_model, data = models["float"], models["q4"], ids_path
+    if case == "missing_model":
+        quant_model = tmp_path / "absent.onnx"
+    elif case == "missing_data":
+        data = tmp_path / "absent.npy"
+    elif case == "no_input_ids":
+        float_model = quant_model = tmp_path / "mm.onnx"
+        onnx.save(matmul_model(weight((8, 4), seed=0)), float_model)
+    elif case == "text_without_tokenizer":
+        data = tmp_path / "text.txt"
+        data.write_text("some text\n")
+    argv = ["eval", str(float_model), str(quant_model), "--data", str(data), "--kind", "lm", "--quiet"]
+    assert run_eval(_parse(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("onnxq: error: ") and message in err and "\n" not in err
+
+
+def test_cli_embedding_from_token_ids(tmp_path, capsys):
+    proto = make_tiny_transformer(vocab=VOCAB, attention_mask=True, seed=8)
+    float_path, quant_path, ids_path = tmp_path / "f.onnx", tmp_path / "q.onnx", tmp_path / "ids.npy"
+    onnx.save(proto, float_path)
+    onnxq.save(onnxq.quantize(proto, onnxq.QuantConfig(bits=4, block_size=16)), quant_path)
+    ids = _ids(100, seed=8)
+    np.save(ids_path, ids)
+    argv = ["eval", str(float_path), str(quant_path), "--data", str(ids_path), "--kind", "embedding",
+            "--output", "logits", "--context", "16", "--json", str(tmp_path / "e.json"), "--quiet"]
+    assert run_eval(_parse(argv)) == 0
+    assert "cosine (logits), mean" in capsys.readouterr().out
+    values = json.loads((tmp_path / "e.json").read_text())
+    feeds = [{"input_ids": ids[s:s + 16][None, :], "attention_mask": np.ones((1, 16), np.int64)}
+             for s in range(0, 96, 16)]  # all 6 windows of 16 tokens
+    expected = compare_embeddings(float_path, quant_path, feeds, output="logits")
+    assert values["vectors"] == expected.vectors == 96
+    assert values["cosine_mean"] == pytest.approx(expected.cosine_mean, rel=1e-9)
