@@ -7,6 +7,7 @@
 from onnxq.api import inspect_model, quantize, save
 from onnxq.config import QuantConfig
 from onnxq.errors import OnnxqError
+from onnxq.summary import print_quant_summary, quant_summary
 
-__all__ = ["OnnxqError", "QuantConfig", "inspect_model", "quantize", "save"]
+__all__ = ["OnnxqError", "QuantConfig", "inspect_model", "print_quant_summary", "quant_summary", "quantize", "save"]
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import Any, Mapping
 
 import onnx
 import onnx_ir as ir
@@ -30,7 +31,7 @@ REPORT_KEY = "onnxq.report"
 
 def quantize(
     model: str | os.PathLike | ir.Model | onnx.ModelProto,
-    config: QuantConfig | None = None,
+    config: QuantConfig | Mapping[str, Any] | None = None,
     calibration_data_reader=None,
     *,
     progress: Progress | None = None,
@@ -41,7 +42,10 @@ def quantize(
     Args:
         model: a path (external data is read memory-mapped), an ``onnx.ModelProto``
             (not modified) or an ``onnx_ir.Model`` (modified in place and returned).
-        config: settings; defaults to ``QuantConfig()`` (4 bits, block 32, symmetric, RTN).
+        config: a :class:`QuantConfig` (default: 4 bits, block 32, symmetric, RTN), or a
+            ModelOpt-style mapping of node-name wildcards to formats, e.g.
+            ``{"*": "int4_b128", "*lm_head*": {"enable": False}, "algorithm": "awq"}``
+            (see :meth:`QuantConfig.from_wildcards`).
         calibration_data_reader: for ``algorithm="gptq"``/``"awq"``: an onnxruntime
             ``CalibrationDataReader`` (``get_next()`` / ``rewind()``), a list of feeds, or
             any iterable of ``{graph input name: array}`` (see :mod:`onnxq.calibration`).
@@ -55,6 +59,8 @@ def quantize(
         OnnxqError: unreadable model, nothing to quantize, NaN/Inf weights, bad settings,
             calibration data missing or not matching the model's inputs.
     """
+    if isinstance(config, Mapping):
+        config = QuantConfig.from_wildcards(config)
     config = config or QuantConfig()
     if config.needs_calibration and calibration_data_reader is None:
         raise OnnxqError(

@@ -121,6 +121,31 @@ class CalibrationConfig:
 
 
 _NESTED = {"gptq": GPTQConfig, "awq": AWQConfig, "calibration": CalibrationConfig}
+_TOP_LEVEL_KEYS = ("algorithm", "format", "quantize_embeddings", "quant_type", "gptq", "awq", "calibration")
+_FORMAT_NAME = re.compile(r"^int(?P<bits>\d+)(?:_b(?P<block>-1|\d+))?(?:_(?P<scheme>sym|asym))?$")
+
+
+def _settings_from_spec(pattern: str, value: Any) -> dict[str, Any]:
+    """One wildcard entry (format name or settings dict) -> override settings."""
+    if isinstance(value, str):
+        if value == "float":
+            return {"skip": True}
+        match = _FORMAT_NAME.match(value)
+        if match is None:
+            raise OnnxqError(f"wildcard {pattern!r}: unknown format {value!r}; expected e.g. int4_b128, int8_b32_asym, float")
+        settings: dict[str, Any] = {"bits": int(match["bits"])}
+        if match["block"]:
+            settings["block_size"] = int(match["block"])
+        if match["scheme"]:
+            settings["symmetric"] = match["scheme"] == "sym"
+        return settings
+    if isinstance(value, Mapping):
+        settings = dict(value)
+        enable = settings.pop("enable", True)
+        if not enable:
+            return {"skip": True}
+        return settings
+    raise OnnxqError(f"wildcard {pattern!r}: expected a format name or a dict of settings, got {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -217,6 +242,26 @@ class QuantConfig:
                                      f"allowed: {sorted(allowed)}")
                 values[key] = kind(**options)
         return cls(**values)
+
+    @classmethod
+    def from_wildcards(cls, spec: Mapping[str, Any]) -> "QuantConfig":
+        """A ModelOpt-style mapping of node-name wildcards to formats.
+
+        ``spec`` maps shell wildcards (``"*"``, ``"*lm_head*"``, or ``"re:<regex>"``) to a
+        format name (``"int4_b128"``, ``"int8_b32_asym"``, ``"float"``) or a dict of settings
+        (``bits``, ``block_size``, ``symmetric``, ``accuracy_level``, ``mse_clip``) with an
+        optional ``"enable": False`` that leaves matching nodes in float. Later entries win
+        over earlier ones for the nodes they match (put general patterns first). The
+        non-pattern keys ``algorithm``, ``format``, ``quantize_embeddings``, ``gptq``, ``awq``
+        and ``calibration`` set those fields, e.g.
+        ``{"*": "int4_b128", "*lm_head*": {"enable": False}, "algorithm": "awq"}``.
+        """
+        fields_part = {k: v for k, v in spec.items() if k in _TOP_LEVEL_KEYS}
+        patterns = [(k, v) for k, v in spec.items() if k not in _TOP_LEVEL_KEYS]
+        overrides: dict[str, dict[str, Any]] = {}
+        for pattern, value in reversed(patterns):  # our overrides are first-match-wins
+            overrides[pattern] = _settings_from_spec(pattern, value)
+        return cls.from_dict({**fields_part, "overrides": overrides}, where="wildcard config")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form; ``QuantConfig.from_dict(c.to_dict()) == c``."""
