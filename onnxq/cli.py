@@ -23,6 +23,7 @@ from onnxq.passes.convert import convert_model
 from onnxq.passes.unpack import unpack_model
 from onnxq.io import load_model
 from onnxq.errors import OnnxqError
+from onnxq.summary import print_quant_summary
 from onnxq.report import format_records, format_skipped, format_table, summary_line
 
 __all__ = ["main", "build_parser"]
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output", type=Path)
     c.add_argument("--to", choices=("qdq", "nbits"), required=True)
     c.add_argument("--accuracy-level", type=int, default=0, help="for --to nbits (default 0)")
+
+    sm = commands.add_parser("summary", help="list the quantized nodes of a model and their formats")
+    sm.add_argument("model", type=Path)
 
     u = commands.add_parser("unpack", help="dequantize quantized weights back to float MatMul/Gather")
     u.add_argument("input", type=Path)
@@ -244,6 +248,11 @@ def _unpack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(args: argparse.Namespace) -> int:
+    print_quant_summary(args.model)
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     config = _config_from(args)
     planned, skipped = inspect_model(args.model, config)
@@ -265,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    handlers = {"quantize": _quantize, "inspect": _inspect, "convert": _convert, "unpack": _unpack}
+    handlers = {"quantize": _quantize, "inspect": _inspect, "convert": _convert, "unpack": _unpack,
+                "summary": _summary}
     try:
         return handlers[args.command](args)
     except OnnxqError as exc:

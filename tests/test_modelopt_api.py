@@ -54,3 +54,13 @@ def test_print_quant_summary_reads_the_graph(model, tmp_path):
     onnxq.print_quant_summary(path, file=out)
     text = out.getvalue()
     assert "int4 block 32 asym" in text and text.strip().endswith("7 MatMulNBits")
+
+
+def test_summary_command(model, tmp_path, capsys):
+    from onnxq.cli import main
+
+    path = tmp_path / "q.onnx"
+    onnxq.save(onnxq.quantize(model), path)
+    assert main(["summary", str(path)]) == 0
+    assert "7 MatMulNBits" in capsys.readouterr().out
+    assert main(["summary", str(tmp_path / "missing.onnx")]) == 2
