@@ -23,6 +23,7 @@ from onnxq.passes.convert import convert_model
 from onnxq.passes.unpack import unpack_model
 from onnxq.io import load_model
 from onnxq.errors import OnnxqError
+from onnxq.eval_cli import add_eval_parser, run_eval
 from onnxq.summary import print_quant_summary
 from onnxq.report import format_records, format_skipped, format_table, summary_line
 
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output", type=Path)
     c.add_argument("--to", choices=("qdq", "nbits"), required=True)
     c.add_argument("--accuracy-level", type=int, default=0, help="for --to nbits (default 0)")
+
+    add_eval_parser(commands)
 
     sm = commands.add_parser("summary", help="list the quantized nodes of a model and their formats")
     sm.add_argument("model", type=Path)
@@ -275,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     handlers = {"quantize": _quantize, "inspect": _inspect, "convert": _convert, "unpack": _unpack,
-                "summary": _summary}
+                "summary": _summary, "eval": run_eval}
     try:
         return handlers[args.command](args)
     except OnnxqError as exc:

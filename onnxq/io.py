@@ -69,6 +69,10 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     try:
         tmp_model = tmp / path.name
+        if not external_data:
+            # tensors still memory-mapped from the input's external data would otherwise be
+            # written as references to a file that is not beside the output
+            ir.external_data.load_to_model(model)
         ir.save(model, tmp_model, external_data=data_name if external_data else None)
         if external_data:
             os.replace(tmp / data_name, folder / data_name)

@@ -159,3 +159,30 @@ def test_unreadable_file(float_model, tmp_path, capsys):
         pytest.skip("running as root: file permissions are not enforced")
     float_model.chmod(0)
     _expect_error(capsys, ["quantize", str(float_model), str(tmp_path / "o.onnx")], "permission denied")
+
+
+def test_external_data_input_saved_embedded(tmp_path):
+    """Untouched initializers of an external-data input must be written into the output, not referenced."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    src_dir, out_dir = tmp_path / "src", tmp_path / "out"
+    src_dir.mkdir()
+    out_dir.mkdir()
+    table = weight((50, 64), seed=2)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+         helper.make_node("MatMul", ["h", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 32])],
+        [numpy_helper.from_array(table, "E"), numpy_helper.from_array(weight((64, 32), seed=3), "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 9
+    onnx.save(proto, src_dir / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    out = out_dir / "q.onnx"
+    assert main(["quantize", str(src_dir / "model.onnx"), str(out), "--quiet"]) == 0
+    assert not (out_dir / "q.onnx.data").exists()
+    ids = np.array([0, 7, 49], dtype=np.int64)
+    (y,) = run(out, {"ids": ids})
+    (y_float,) = run(src_dir / "model.onnx", {"ids": ids})
+    assert np.linalg.norm(y - y_float) / np.linalg.norm(y_float) < 0.15
