@@ -11,3 +11,7 @@ from onnxq.summary import print_quant_summary, quant_summary
 
 __all__ = ["OnnxqError", "QuantConfig", "inspect_model", "print_quant_summary", "quant_summary", "quantize", "save"]
 __version__ = "0.1.0"
+
+from onnxq.weight_only import awq_quantize, gptq_quantize, rtn_quantize  # noqa: E402  (Neural Compressor's ONNX API)
+
+__all__ += ["awq_quantize", "gptq_quantize", "rtn_quantize"]

@@ -39,3 +39,13 @@ __all__ = [
     "unpack_zero_points",
     "weight_to_blocks",
 ]
+
+from onnxq.core.nc_weight import (  # noqa: E402  (Neural Compressor's torch weight-only helpers, [out, in] weights)
+    qdq_weight_actor,
+    qdq_weight_asym,
+    qdq_weight_sym,
+    quant_weight,
+    quant_weight_w_scale,
+)
+
+__all__ += ["qdq_weight_actor", "qdq_weight_asym", "qdq_weight_sym", "quant_weight", "quant_weight_w_scale"]
