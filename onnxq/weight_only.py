@@ -87,8 +87,8 @@ def _quant_config(
         if "scheme" in entry:
             setting["symmetric"] = _symmetric(entry["scheme"], where)
         overrides[key] = setting
-    return QuantConfig(bits=num_bits, block_size=group_size, symmetric=_symmetric(scheme), accuracy_level=accuracy_level,
-                       algorithm=algorithms[0], overrides=overrides, **options)
+    return QuantConfig(bits=num_bits, block_size=group_size, symmetric=_symmetric(scheme),
+                       accuracy_level=accuracy_level, algorithm=algorithms[0], overrides=overrides, **options)
 
 
 def _to_proto(model: ir.Model) -> onnx.ModelProto:
@@ -111,8 +111,8 @@ def _feed_of(sample, names: list[str]) -> dict[str, np.ndarray]:
         return {name: _to_numpy(value) for name, value in inputs.items()}
     if isinstance(inputs, np.ndarray) or hasattr(inputs, "detach"):
         if len(names) != 1:
-            raise OnnxqError(f"the dataloader gave one array but the model has {len(names)} inputs ({', '.join(names)}); "
-                             "give a dict or a sequence of arrays")
+            raise OnnxqError(f"the dataloader gave one array but the model has {len(names)} inputs "
+                             f"({', '.join(names)}); give a dict or a sequence of arrays")
         return {names[0]: _to_numpy(inputs)}
     if isinstance(inputs, (tuple, list)):
         if len(inputs) != len(names):
@@ -185,7 +185,8 @@ def rtn_quantize(
         if not (isinstance(ratio, (int, float, np.floating)) and 0 < ratio <= 1):
             raise OnnxqError(f"ratios[{name!r}] must be a clip ratio in (0, 1], got {ratio!r}")
 
-    def quantizer(site: WeightSite, weight: np.ndarray, settings: NodeSettings, scale_dtype) -> tuple[QuantizedWeight, float]:
+    def quantizer(site: WeightSite, weight: np.ndarray, settings: NodeSettings,
+                  scale_dtype) -> tuple[QuantizedWeight, float]:
         return quantize_weight_with_error(
             weight, settings.bits, block_size_for(settings.block_size, site.k), settings.symmetric,
             ratio=float(ratios.get(site.source.name, 1.0)), mse_clip=settings.mse_clip, scale_dtype=scale_dtype,

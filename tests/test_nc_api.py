@@ -248,7 +248,8 @@ def test_make_matmul_weight_only_node_runs_in_ort(bits, scheme, scale_dtype):
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(scale_dtype))
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", elem, [3, k])],
                               [helper.make_tensor_value_info("y", elem, [3, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 9
     x = seeded((3, k), seed=11, scale=1.0).astype(scale_dtype)
     (y,) = run(model, {"x": x})

@@ -97,7 +97,8 @@ def make_matmul_weight_only_node(
         if zps.size != n * k_blocks:
             raise OnnxqError(f"zero_point must hold N*k_blocks = {n * k_blocks} values, got shape {zps.shape}")
         if zps.min() < 0 or zps.max() >= 1 << num_bits:
-            raise OnnxqError(f"zero_point values must be in [0, {(1 << num_bits) - 1}], found [{zps.min()}, {zps.max()}]")
+            raise OnnxqError(f"zero_point values must be in [0, {(1 << num_bits) - 1}], "
+                             f"found [{zps.min()}, {zps.max()}]")
         zps = zps.astype(np.uint8).reshape(n, k_blocks)
     qweight = QuantizedWeight(
         codes.astype(np.uint8).reshape(n, k_blocks, group_size),
