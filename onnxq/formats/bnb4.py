@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from onnxq.core.nf4 import Bnb4Weight
 from onnxq.errors import OnnxqError
-from onnxq.formats.matmul_nbits import MS_DOMAIN
+from onnxq.formats.matmul_nbits import MS_DOMAIN, initializer_value
 
 __all__ = [
     "BNB4_DTYPES",
@@ -50,11 +50,6 @@ class Bnb4Initializers:
         return sum(v.const_value.nbytes for v in self.values())
 
 
-def _initializer(array: np.ndarray, name: str, dtype: ir.DataType | None = None) -> ir.Value:
-    tensor = ir.tensor(array, dtype=dtype, name=name)
-    return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-
-
 def check_bnb4_block_size(block_size: int) -> None:
     """MatMulBnb4 needs a power-of-two block of at least 16 elements."""
     if not isinstance(block_size, (int, np.integer)) or block_size < 16 or block_size & (block_size - 1):
@@ -66,8 +61,8 @@ def make_bnb4_initializers(weight: Bnb4Weight, dtype: ir.DataType, name_prefix: 
     if dtype not in BNB4_DTYPES:
         raise OnnxqError(f"MatMulBnb4 needs float32 or float16 activations, got {dtype.name}")
     return Bnb4Initializers(
-        b=_initializer(weight.packed, f"{name_prefix}_Bnb4"),
-        absmax=_initializer(weight.absmax.astype(dtype.numpy()), f"{name_prefix}_absmax", dtype),
+        b=initializer_value(weight.packed, f"{name_prefix}_Bnb4"),
+        absmax=initializer_value(weight.absmax.astype(dtype.numpy()), f"{name_prefix}_absmax", dtype),
         weight=weight,
     )
 

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from onnxq.core import QuantizedWeight, pack_bits, pack_zero_points
 
-__all__ = ["MatMulNBitsInitializers", "make_matmul_nbits_initializers", "make_matmul_nbits_node", "MS_DOMAIN"]
+__all__ = ["initializer_value", "MatMulNBitsInitializers", "make_matmul_nbits_initializers", "make_matmul_nbits_node", "MS_DOMAIN"]
 
 MS_DOMAIN = "com.microsoft"
 
@@ -42,7 +42,8 @@ class MatMulNBitsInitializers:
         return sum(v.const_value.nbytes for v in self.values())
 
 
-def _initializer(array: np.ndarray, name: str, dtype: ir.DataType | None = None) -> ir.Value:
+def initializer_value(array: np.ndarray, name: str, dtype: ir.DataType | None = None) -> ir.Value:
+    """A constant ``ir.Value`` holding ``array`` (stored as ``dtype`` when given)."""
     tensor = ir.tensor(array, dtype=dtype, name=name)
     return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
 
@@ -66,10 +67,10 @@ def make_matmul_nbits_initializers(
     scales = qweight.scales.astype(scale_dtype.numpy())
     zero_points = None
     if qweight.zero_points is not None:
-        zero_points = _initializer(pack_zero_points(qweight.zero_points, bits), f"{name_prefix}_zero_points")
+        zero_points = initializer_value(pack_zero_points(qweight.zero_points, bits), f"{name_prefix}_zero_points")
     return MatMulNBitsInitializers(
-        b=_initializer(packed, f"{name_prefix}_Q{bits}"),
-        scales=_initializer(scales, f"{name_prefix}_scales", scale_dtype),
+        b=initializer_value(packed, f"{name_prefix}_Q{bits}"),
+        scales=initializer_value(scales, f"{name_prefix}_scales", scale_dtype),
         zero_points=zero_points,
         k=qweight.k,
         n=qweight.n,

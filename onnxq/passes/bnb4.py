@@ -25,7 +25,7 @@ from onnxq.formats.bnb4 import (
 )
 from onnxq.formats.matmul_nbits import MS_DOMAIN
 from onnxq.passes.matmul_nbits import QuantizedNodeRecord, _owner_graph, _remove_unused, _unique_name
-from onnxq.passes.weight_sites import SkippedNode, WeightSite, constant_tensor, find_weight_sites
+from onnxq.passes.weight_sites import SkippedNode, WeightSite, constant_tensor, find_weight_sites, finite_weight
 
 __all__ = ["MatMulToBnb4Pass", "initializer_names", "replace_site_with_node", "finite_weight"]
 
@@ -35,15 +35,6 @@ logger = logging.getLogger(__name__)
 def initializer_names(model: ir.Model) -> set[str]:
     """Names of all initializers (main graph and subgraphs): the names new values must avoid."""
     return {v.name for g in (model.graph, *model.graph.subgraphs()) for v in g.initializers.values()}
-
-
-def finite_weight(site: WeightSite) -> np.ndarray:
-    """``site.weight()`` (float32 ``[K, N]``), refusing NaN/Inf."""
-    weight = site.weight()
-    if not np.isfinite(weight).all():
-        bad = int(np.size(weight) - np.isfinite(weight).sum())
-        raise OnnxqError(f"weight {site.source.name!r} of node {site.name!r} has {bad} NaN/Inf values")
-    return weight
 
 
 def register_values(site: WeightSite, values: list[ir.Value], taken: set[str]) -> None:

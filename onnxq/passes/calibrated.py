@@ -55,7 +55,7 @@ from onnxq.passes.matmul_nbits import (
     rtn_weight_quantizer,
 )
 from onnxq.passes.scale_folding import fold_input_scale
-from onnxq.passes.weight_sites import SkippedNode, WeightSite, find_weight_sites
+from onnxq.passes.weight_sites import SkippedNode, WeightSite, find_weight_sites, finite_weight
 
 __all__ = ["CalibratedNBitsPass", "BlockReport"]
 
@@ -225,7 +225,7 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
     def _gptq(self, site: WeightSite, hessian: np.ndarray) -> _Solved:
         settings = self._settings(site)
         options = self.config.gptq
-        weight = _checked_weight(site)
+        weight = finite_weight(site)
         qweight = gptq_quantize_weight(
             weight, hessian, settings.bits, block_size_for(settings.block_size, site.k), settings.symmetric,
             percdamp=options.percdamp, blocksize=options.blocksize, act_order=options.act_order,
@@ -236,7 +236,7 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
     def _awq(self, model, name: str, sites: list[WeightSite], mean_abs: np.ndarray, x: np.ndarray,
              editable) -> tuple[dict[int, _Solved], str]:
         settings = [self._settings(site) for site in sites]
-        weights = [_checked_weight(site) for site in sites]
+        weights = [finite_weight(site) for site in sites]
         first = settings[0]
         search = awq_search_scale(
             weights, x, mean_abs, first.bits, block_size_for(first.block_size, sites[0].k), first.symmetric,
@@ -277,11 +277,3 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
                                     site_filter=lambda site: id(site.node) in node_ids, share_weights=False)
         rewrite(model)
         self.records.extend(rewrite.records)
-
-
-def _checked_weight(site: WeightSite) -> np.ndarray:
-    weight = site.weight()
-    if not np.isfinite(weight).all():
-        bad = int(np.size(weight) - np.isfinite(weight).sum())
-        raise OnnxqError(f"weight {site.source.name!r} of node {site.name!r} has {bad} NaN/Inf values")
-    return weight

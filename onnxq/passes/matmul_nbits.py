@@ -20,7 +20,7 @@ from onnxq.core import QuantizedWeight
 from onnxq.core.quantize import quantize_weight_with_error
 from onnxq.errors import OnnxqError
 from onnxq.formats.matmul_nbits import MS_DOMAIN, MatMulNBitsInitializers, make_matmul_nbits_initializers, make_matmul_nbits_node
-from onnxq.passes.weight_sites import SkippedNode, WeightSite, constant_tensor, find_weight_sites
+from onnxq.passes.weight_sites import SkippedNode, WeightSite, constant_tensor, find_weight_sites, finite_weight
 
 __all__ = ["MatMulToNBitsPass", "QuantizedNodeRecord", "WeightQuantizer", "Progress", "rtn_weight_quantizer", "block_size_for"]
 
@@ -162,10 +162,7 @@ class MatMulToNBitsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
     def _quantize_site(self, site: WeightSite, settings: NodeSettings, taken: set[str]) -> _QuantizedSource:
-        weight = site.weight()
-        if not np.isfinite(weight).all():
-            bad = int(np.size(weight) - np.isfinite(weight).sum())
-            raise OnnxqError(f"weight {site.source.name!r} of node {site.name!r} has {bad} NaN/Inf values")
+        weight = finite_weight(site)
         scale_dtype = site.dtype
         qweight, error = self.weight_quantizer(site, weight, settings, scale_dtype.numpy())
         del weight

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["WeightSite", "SkippedNode", "find_weight_sites", "FLOAT_TYPES", "node_display_name", "constant_tensor"]
+from onnxq.errors import OnnxqError
+
+__all__ = ["WeightSite", "SkippedNode", "find_weight_sites", "FLOAT_TYPES", "node_display_name", "constant_tensor", "finite_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,15 @@ class SkippedNode:
     name: str
     op_type: str
     reason: str
+
+
+def finite_weight(site: WeightSite) -> np.ndarray:
+    """``site.weight()`` (float32 ``[K, N]``), refusing NaN/Inf with a one-line error."""
+    weight = site.weight()
+    if not np.isfinite(weight).all():
+        bad = int(np.size(weight) - np.isfinite(weight).sum())
+        raise OnnxqError(f"weight {site.source.name!r} of node {site.name!r} has {bad} NaN/Inf values")
+    return weight
 
 
 def node_display_name(node: ir.Node, index: int) -> str:
