@@ -86,11 +86,13 @@ class AWQConfig:
 
     Attributes:
         grid: number of alphas in ``[0, 1]`` tried by the scale search.
+        scale_search: search the per-input-channel scales (off: scales of 1, clip search only).
         clip: run the per-(channel, block) clip search after scaling.
         sample_rows: activation rows kept (reservoir sample) per input tensor for the losses.
     """
 
     grid: int = 20
+    scale_search: bool = True
     clip: bool = True
     sample_rows: int = 4096
 

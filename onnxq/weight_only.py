@@ -260,8 +260,7 @@ def awq_quantize(
     ``enable_auto_scale``: the per-input-channel scale search (folded into the producing
     norm / Mul / MatMul, or a Mul inserted); ``enable_mse_search``: the per-(column, block)
     clip search on the output error. Both off: plain RTN (the dataloader is not read).
-    The clip search alone (``enable_auto_scale=False, enable_mse_search=True``) is not
-    available in onnxq's AWQ and raises :class:`~onnxq.errors.OnnxqError`.
+    The clip search alone (``enable_auto_scale=False, enable_mse_search=True``) keeps scales of 1.
 
     Returns:
         The quantized ``onnx.ModelProto``.
@@ -270,12 +269,9 @@ def awq_quantize(
         logger.warning("awq_quantize: scale and clip search both disabled: plain RTN, the dataloader is not used")
         config = _quant_config(weight_config, ("rtn", "awq"), num_bits, group_size, scheme, accuracy_level)
         return _to_proto(quantize(model, config))
-    if not enable_auto_scale:
-        raise OnnxqError("awq_quantize: enable_auto_scale=False with enable_mse_search=True (clip search alone) is "
-                         "not supported; onnxq's AWQ always searches scales (alpha 0, plain RTN, is a candidate)")
     config = _quant_config(
         weight_config, ("awq",), num_bits, group_size, scheme, accuracy_level,
-        awq=AWQConfig(clip=bool(enable_mse_search)),
+        awq=AWQConfig(clip=bool(enable_mse_search), scale_search=bool(enable_auto_scale)),
     )
     ir_model = load_model(model)
     feeds = _calibration_feeds(ir_model, n_samples, dataloader, providers)

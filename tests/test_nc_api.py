@@ -402,8 +402,6 @@ def test_weight_config_errors(model):
         rtn_quantize(model, {FP32_NODE: {"bits": 3}})
     with pytest.raises(OnnxqError, match="scheme"):
         rtn_quantize(model, scheme="symmetric")
-    with pytest.raises(OnnxqError, match="clip search alone"):
-        awq_quantize(model, loader, enable_auto_scale=False)
     everything = {n.name: "fp32" for n in model.graph.node if n.op_type == "MatMul"}
     with pytest.raises(OnnxqError, match="no quantizable"):
         rtn_quantize(model, everything)
@@ -421,3 +419,12 @@ def test_model_path_input_and_onnxq_exports(model, tmp_path):
     assert onnxq.gptq_quantize is gptq_quantize and onnxq.awq_quantize is awq_quantize
     assert isinstance(quantized, onnx.ModelProto)
     assert TensorProto.UINT8 in {t.data_type for t in quantized.graph.initializer}
+
+
+def test_awq_clip_search_alone_keeps_unit_scales(model):
+    """enable_auto_scale=False: no scale is folded anywhere (no Mul inserted, norms untouched)."""
+    quantized = awq_quantize(model, Loader(count=4, batch_size=1, seq=16, seed=5), enable_auto_scale=False)
+    assert not [n for n in quantized.graph.node if n.op_type == "Mul" and n.name.endswith("_scale")]
+    before = {t.name: t.raw_data for t in model.graph.initializer if "norm" in t.name}
+    after = {t.name: t.raw_data for t in quantized.graph.initializer if t.name in before}
+    assert after == before

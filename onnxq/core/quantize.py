@@ -260,6 +260,10 @@ def quant_tensor(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize ``data`` group by group (Neural Compressor's signature and defaults).
 
+    The numerics are ORT's (this module's docstring), not NC's: the asymmetric range
+    always includes 0, symmetric is full range, and rounding is reciprocal-multiply
+    round-half-up (see docs/NC_API.md for the differences).
+
     ``data`` is reshaped to ``[-1, group_size]`` (``group_size=-1``: one group per row
     of ``data``), each row being one group. Numerics follow this module's docstring.
 

@@ -240,7 +240,7 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
         first = settings[0]
         search = awq_search_scale(
             weights, x, mean_abs, first.bits, block_size_for(first.block_size, sites[0].k), first.symmetric,
-            grid=self.config.awq.grid, scale_dtype=sites[0].dtype.numpy(),
+            grid=self.config.awq.grid if self.config.awq.scale_search else 1, scale_dtype=sites[0].dtype.numpy(),
         )
         s = search.scales
         where = "no scale (alpha 0)"
