@@ -136,9 +136,17 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
     logits: ``[..., vocab]`` (any float dtype; not modified) -> ``[..., vocab]`` float64.
     """
-    x = np.asarray(logits, dtype=np.float64)
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    shifted, _, lse = _shift(logits)
+    return shifted - lse[..., None]
+
+
+def _shift(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(x - max, exp(x - max), lse)`` in float64 for logits ``[..., vocab]``, where
+    ``lse = log(sum(exp(x - max)))`` so that ``log_softmax = (x - max) - lse``."""
+    shifted = np.array(logits, dtype=np.float64)  # a copy: the caller's array is left alone
+    shifted -= shifted.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return shifted, exp, np.log(exp.sum(axis=-1))
 
 
 def lm_windows(
@@ -219,9 +227,10 @@ def _batches(windows: list[tuple[int, int]], batch: int) -> list[list[tuple[int,
 
 
 def _scored(logits: np.ndarray, ids: np.ndarray, group: list[tuple[int, int]], context: int):
-    """Per window of the batch: (log-probs of the scoring rows ``[n, vocab]`` float64, targets ``[n]``)."""
+    """Per window of the batch: the logits rows that predict its scored targets ``[n, vocab]``
+    and those targets ``[n]``."""
     for row, (_, first) in enumerate(group):
-        yield log_softmax(logits[row, first - 1:context - 1]), ids[row, first:context]
+        yield logits[row, first - 1:context - 1], ids[row, first:context]
 
 
 def _wrap(progress: Progress | None, items, desc: str, total: int):
@@ -260,8 +269,9 @@ def perplexity(
     nll_sum, tokens = 0.0, 0
     for group in _wrap(progress, _batches(windows, batch), "perplexity", math.ceil(len(windows) / batch)):
         window_ids = np.stack([ids[start:start + context] for start, _ in group])
-        for logp, targets in _scored(lm.logits(window_ids), window_ids, group, context):
-            nll_sum -= float(logp[np.arange(len(targets)), targets].sum())
+        for rows, targets in _scored(lm.logits(window_ids), window_ids, group, context):
+            shifted, _, lse = _shift(rows)
+            nll_sum += float((lse - shifted[np.arange(len(targets)), targets]).sum())
             tokens += len(targets)
     nll = nll_sum / tokens
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=tokens, windows=len(windows))
@@ -318,21 +328,30 @@ def compare_lms(
         window_ids = np.stack([ids[start:start + context] for start, _ in group])
         float_logits = reference.logits(window_ids)
         vocab = float_logits.shape[-1]
-        float_rows = [(logp, np.exp(logp), targets) for logp, targets in _scored(float_logits, window_ids, group, context)]
-        del float_logits
-        for logp, _, targets in float_rows:
-            nll_float -= float(logp[np.arange(len(targets)), targets].sum())
+        float_rows = []
+        for rows, targets in _scored(float_logits, window_ids, group, context):
+            shifted, p, lse = _shift(rows)
+            p /= p.sum(axis=-1, keepdims=True)  # softmax
+            p_sum = p.sum(axis=-1)
+            # sum_v p log p, with log p = shifted - lse (no [n, vocab] temporary)
+            p_log_p = np.einsum("ij,ij->i", p, shifted) - lse * p_sum
+            nll_float += float((lse - shifted[np.arange(len(targets)), targets]).sum())
             tokens += len(targets)
+            float_rows.append((p, p_sum, p_log_p, shifted.argmax(axis=-1), targets))
+        del float_logits
         for name, lm in others.items():
             logits = lm.logits(window_ids)
             if logits.shape[-1] != vocab:
                 raise OnnxqError(f"the quantized model {name!r} has {logits.shape[-1]} logits per token, "
                                  f"the float model {vocab}")
             tally = tallies[name]
-            for (logp, p, targets), (logq, _) in zip(float_rows, _scored(logits, window_ids, group, context)):
-                tally.nll -= float(logq[np.arange(len(targets)), targets].sum())
-                tally.kl += float((p * (logp - logq)).sum())
-                tally.agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
+            for (p, p_sum, p_log_p, top, targets), (rows, _) in zip(float_rows,
+                                                                    _scored(logits, window_ids, group, context)):
+                shifted, _, lse = _shift(rows)
+                tally.nll += float((lse - shifted[np.arange(len(targets)), targets]).sum())
+                # KL(p || q) = sum p log p - sum p log q, log q = shifted - lse
+                tally.kl += float((p_log_p - (np.einsum("ij,ij->i", p, shifted) - lse * p_sum)).sum())
+                tally.agree += int((top == shifted.argmax(axis=-1)).sum())
     nll_float /= tokens
     return {name: tally.result(nll_float, tokens, len(windows)) for name, tally in tallies.items()}
 
