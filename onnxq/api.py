@@ -19,7 +19,7 @@ from onnxq.passes.convert import convert_model
 from onnxq.passes.fpq4 import MatMulToFpQ4Pass
 from onnxq.passes.gather_quantized import quantize_embeddings
 from onnxq.passes.qdq import MatMulToQDQPass
-from onnxq.passes.matmul_nbits import Progress
+from onnxq.passes.matmul_nbits import Progress, hqq_weight_quantizer, rtn_weight_quantizer
 
 __all__ = ["quantize", "save", "inspect_model", "records_of", "REPORT_KEY"]
 
@@ -77,16 +77,17 @@ def quantize(
 
 def _run_passes(model: ir.Model, config: QuantConfig, reader, progress, providers):
     """Run the passes ``config`` asks for; returns ``(records, skipped)``."""
+    quantizer = hqq_weight_quantizer(config.hqq) if config.algorithm == "hqq" else rtn_weight_quantizer
     if config.needs_calibration:
         main_pass = CalibratedNBitsPass(config, reader, progress=progress, providers=providers)
     elif config.format == "qdq":
-        main_pass = MatMulToQDQPass(config, quantize_embeddings=config.quantize_embeddings)
+        main_pass = MatMulToQDQPass(config, weight_quantizer=quantizer, quantize_embeddings=config.quantize_embeddings)
     elif config.format == "bnb4":
         main_pass = MatMulToBnb4Pass(config, quant_type=config.quant_type)
     elif config.format == "fpq4":
         main_pass = MatMulToFpQ4Pass(config)
     else:
-        main_pass = MatMulToNBitsPass(config, progress=progress)
+        main_pass = MatMulToNBitsPass(config, weight_quantizer=quantizer, progress=progress)
     result = main_pass(model)
     if not result.modified:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in main_pass.skipped[:5])

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     calib = q.add_argument_group("calibrated algorithms (--algo gptq|awq)")
-    calib.add_argument("--algo", choices=ALGORITHMS, help="rtn (default), gptq or awq")
+    calib.add_argument("--algo", choices=ALGORITHMS,
+                       help="rtn (default), hqq (no data needed), gptq, awq, teq or autoround (need --calib-data)")
     calib.add_argument("--calib-data", type=Path, metavar="FILE",
                        help=".npz of model inputs (NpzReader layouts), .npy of token ids, or a text file (+ --tokenizer)")
     calib.add_argument("--tokenizer", type=Path, help="ONNX tokenizer model (onnxruntime-extensions) for a text --calib-data")
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--percdamp", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
     calib.add_argument("--awq-grid", type=int, help="AWQ: alphas tried in [0, 1] (default 20)")
     calib.add_argument("--no-awq-clip", action="store_true", default=None, help="AWQ: skip the clip search")
+    calib.add_argument("--steps", type=int, help="TEQ / AutoRound: optimisation steps per layer (default 200)")
+    calib.add_argument("--hqq-zero-point", choices=("int", "float"),
+                       help="HQQ: uint8 zero points (default) or float zero points (asym only)")
     mixed = q.add_argument_group("mixed precision (needs --calib-data)")
     mixed.add_argument("--effective-bits", type=float,
                        help="search a format per node for this average of stored bits per weight (e.g. 4.8)")
@@ -140,6 +144,9 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "gptq": {"act_order": getattr(args, "act_order", None), "percdamp": getattr(args, "percdamp", None)},
         "awq": {"grid": getattr(args, "awq_grid", None),
                 "clip": False if getattr(args, "no_awq_clip", None) else None},
+        "hqq": {"zero_point": getattr(args, "hqq_zero_point", None)},
+        "teq": {"steps": getattr(args, "steps", None)} if getattr(args, "algo", None) == "teq" else {},
+        "autoround": {"steps": getattr(args, "steps", None)} if getattr(args, "algo", None) == "autoround" else {},
         "calibration": {"samples": getattr(args, "samples", None),
                         "sequential": False if getattr(args, "one_pass", None) else None},
     }

@@ -14,10 +14,10 @@ from typing import Any, Mapping
 
 from onnxq.errors import OnnxqError
 
-__all__ = ["QuantConfig", "NodeSettings", "GPTQConfig", "AWQConfig", "CalibrationConfig", "ALGORITHMS", "FORMATS"]
+__all__ = ["QuantConfig", "NodeSettings", "GPTQConfig", "AWQConfig", "HQQConfig", "TuningConfig", "CalibrationConfig", "ALGORITHMS", "FORMATS"]
 
-ALGORITHMS = ("rtn", "gptq", "awq")
-CALIBRATED_ALGORITHMS = ("gptq", "awq")
+ALGORITHMS = ("rtn", "hqq", "gptq", "awq", "teq", "autoround")
+CALIBRATED_ALGORITHMS = ("gptq", "awq", "teq", "autoround")
 FORMATS = ("nbits", "qdq", "bnb4", "fpq4")
 BNB4_TYPES = ("nf4", "fp4")
 _OVERRIDABLE = ("bits", "block_size", "symmetric", "accuracy_level", "mse_clip", "skip")
@@ -104,6 +104,49 @@ class AWQConfig:
 
 
 @dataclass(frozen=True)
+class HQQConfig:
+    """HQQ options (half-quadratic zero-point optimisation, calibration-free).
+
+    Attributes:
+        iters: half-quadratic iterations at most.
+        zero_point: ``"int"`` (uint8 zero points) or ``"float"`` (float zero points in the
+            scales' dtype, which MatMulNBits also accepts; asymmetric only).
+    """
+
+    iters: int = 20
+    zero_point: str = "int"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.iters, int) and self.iters >= 0):
+            raise OnnxqError(f"hqq.iters must be a non-negative integer, got {self.iters!r}")
+        if self.zero_point not in ("int", "float"):
+            raise OnnxqError(f"hqq.zero_point must be 'int' or 'float', got {self.zero_point!r}")
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """Options of the gradient-based per-layer algorithms (TEQ, AutoRound).
+
+    Attributes:
+        steps: optimisation steps per layer (TEQ: per input group).
+        lr: learning rate; ``None`` takes the algorithm's default.
+        sample_rows: activation rows kept (reservoir sample) per input tensor.
+    """
+
+    steps: int = 200
+    lr: float | None = None
+    sample_rows: int = 512
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise OnnxqError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise OnnxqError(f"lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.sample_rows, int) and self.sample_rows >= 16):
+            raise OnnxqError(f"sample_rows must be an integer >= 16, got {self.sample_rows!r}")
+
+
+@dataclass(frozen=True)
 class CalibrationConfig:
     """How calibration data is used by GPTQ/AWQ.
 
@@ -122,8 +165,10 @@ class CalibrationConfig:
             raise OnnxqError(f"calibration.samples must be a positive integer, got {self.samples!r}")
 
 
-_NESTED = {"gptq": GPTQConfig, "awq": AWQConfig, "calibration": CalibrationConfig}
-_TOP_LEVEL_KEYS = ("algorithm", "format", "quantize_embeddings", "quant_type", "gptq", "awq", "calibration")
+_NESTED = {"gptq": GPTQConfig, "awq": AWQConfig, "hqq": HQQConfig, "teq": TuningConfig, "autoround": TuningConfig,
+           "calibration": CalibrationConfig}
+_TOP_LEVEL_KEYS = ("algorithm", "format", "quantize_embeddings", "quant_type", "gptq", "awq", "hqq", "teq",
+                   "autoround", "calibration")
 _FORMAT_NAME = re.compile(r"^int(?P<bits>\d+)(?:_b(?P<block>-1|\d+))?(?:_(?P<scheme>sym|asym))?$")
 
 
@@ -162,7 +207,8 @@ class QuantConfig:
         accuracy_level: MatMulNBits compute mode (0 = the activation's own dtype;
             4 = int8 activations: faster, small extra error, known wrong-result reports
             on large-activation LLMs, so only on request).
-        algorithm: "rtn" (round to nearest), "gptq" or "awq" (these two need calibration data).
+        algorithm: "rtn" (round to nearest), "hqq" (calibration-free), or "gptq", "awq", "teq",
+            "autoround" (these need calibration data).
         mse_clip: per-block clip-ratio search minimising weight MSE.
         include: regexes; when given, only nodes whose name matches one are quantized.
         exclude: regexes; matching nodes are left in float.
@@ -174,7 +220,7 @@ class QuantConfig:
         quantize_embeddings: also quantize Gather on constant tables (GatherBlockQuantized for
             nbits, a DequantizeLinear for qdq); a tied embedding/lm_head shares one packed weight.
         quant_type: ``"nf4"`` or ``"fp4"`` for ``format="bnb4"``.
-        gptq, awq, calibration: options of the calibrated algorithms.
+        gptq, awq, hqq, teq, autoround, calibration: options of the algorithms.
     """
 
     bits: int = 4
@@ -191,6 +237,9 @@ class QuantConfig:
     quant_type: str = "nf4"
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     awq: AWQConfig = field(default_factory=AWQConfig)
+    hqq: HQQConfig = field(default_factory=HQQConfig)
+    teq: TuningConfig = field(default_factory=TuningConfig)
+    autoround: TuningConfig = field(default_factory=TuningConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     @property
@@ -205,6 +254,8 @@ class QuantConfig:
             raise OnnxqError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.quant_type not in BNB4_TYPES:
             raise OnnxqError(f"quant_type must be one of {BNB4_TYPES}, got {self.quant_type!r}")
+        if self.algorithm == "hqq" and self.hqq.zero_point == "float" and (self.symmetric or self.format != "nbits"):
+            raise OnnxqError("hqq.zero_point 'float' needs asymmetric quantization (--asym) and format 'nbits'")
         if self.format in ("bnb4", "fpq4") and self.algorithm != "rtn":
             raise OnnxqError(f"format {self.format!r} supports only algorithm 'rtn', got {self.algorithm!r}")
         if self.format in ("bnb4", "fpq4") and self.bits != 4:

@@ -31,7 +31,9 @@ def dequantized_weight(node: ir.Node) -> np.ndarray:
     codes = _unpack(b, bits).astype(np.float64)  # [N, k_blocks, bs]
     scales = node.inputs[2].const_value.numpy().astype(np.float64).reshape(n, k_blocks)
     zp_value = node.inputs[3] if len(node.inputs) > 3 else None
-    if zp_value is not None:
+    if zp_value is not None and zp_value.const_value.dtype.is_floating_point():
+        zps = zp_value.const_value.numpy().astype(np.float64).reshape(n, k_blocks)
+    elif zp_value is not None:
         zps = _unpack(zp_value.const_value.numpy(), bits).reshape(n, -1)[:, :k_blocks].astype(np.float64)
     else:
         zps = np.full((n, k_blocks), 2 ** (bits - 1), dtype=np.float64)

@@ -17,7 +17,8 @@ class QuantizedWeight:
     Attributes:
         codes: uint8 ``[N, k_blocks, block_size]`` unsigned codes in ``[0, 2**bits)``.
         scales: float32 ``[N, k_blocks]`` (already rounded to the dtype they are stored in).
-        zero_points: uint8 ``[N, k_blocks]``, or ``None`` for symmetric weights whose
+        zero_points: uint8 ``[N, k_blocks]``, or float32 ``[N, k_blocks]`` (HQQ's float zero
+            points, stored unpacked in the scales' dtype), or ``None`` for symmetric weights whose
             zero point is the implied ``2**(bits-1)``.
         bits: 2..8.
         block_size: elements of K per block.

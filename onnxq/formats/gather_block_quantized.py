@@ -160,9 +160,12 @@ def qweight_from_nbits_layout(
     zps = None
     if zero_points is not None:
         zp = np.asarray(zero_points)
-        if zp.dtype != np.uint8:
-            raise OnnxqError(f"only uint8 (packed) zero points are supported, got {zp.dtype}")
-        zps = unpack_zero_points(zp.reshape(n, -1), bits, k_blocks)
+        if zp.dtype.kind == "f":  # float zero points (HQQ): [N, k_blocks] as they are
+            zps = zp.astype(np.float32).reshape(n, k_blocks)
+        elif zp.dtype == np.uint8:
+            zps = unpack_zero_points(zp.reshape(n, -1), bits, k_blocks)
+        else:
+            raise OnnxqError(f"MatMulNBits zero points must be packed uint8 or float, got {zp.dtype}")
     return QuantizedWeight(codes, scales, zps, bits, block_size, k)
 
 

@@ -66,7 +66,11 @@ def make_matmul_nbits_initializers(
     packed = pack_bits(_zero_padding(qweight), bits)  # [N, k_blocks, block_size*bits/8]
     scales = qweight.scales.astype(scale_dtype.numpy())
     zero_points = None
-    if qweight.zero_points is not None:
+    if qweight.zero_points is not None and qweight.zero_points.dtype.kind == "f":
+        # float zero points (HQQ): [N, k_blocks] in the scales' dtype; dequant is (q - zp) * scale
+        zero_points = initializer_value(qweight.zero_points.astype(scale_dtype.numpy()), f"{name_prefix}_zero_points",
+                                        scale_dtype)
+    elif qweight.zero_points is not None:
         zero_points = initializer_value(pack_zero_points(qweight.zero_points, bits), f"{name_prefix}_zero_points")
     return MatMulNBitsInitializers(
         b=initializer_value(packed, f"{name_prefix}_Q{bits}"),

@@ -1,4 +1,4 @@
-"""GPTQ and AWQ through ONNX Runtime: calibrate, solve, rewrite to MatMulNBits.
+"""GPTQ, AWQ, TEQ and AutoRound through ONNX Runtime: calibrate, solve, rewrite to MatMulNBits.
 
 Sequential mode (the default, as in the GPTQ paper arXiv 2210.17323 sec. 4 and
 AWQ arXiv 2306.00978): the weight sites are grouped into transformer blocks
@@ -33,8 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.algorithms.autoround import autoround_quantize_weight
 from onnxq.algorithms.awq import awq_clip_search, awq_search_scale
 from onnxq.algorithms.gptq import gptq_quantize_weight
+from onnxq.algorithms.teq import teq_quantize_weights
 from onnxq.calibration import (
     AbsMeanAccumulator,
     ActivationProbe,
@@ -100,7 +102,7 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
     ) -> None:
         super().__init__()
         if not config.needs_calibration:
-            raise OnnxqError(f"CalibratedNBitsPass needs algorithm 'gptq' or 'awq', got {config.algorithm!r}")
+            raise OnnxqError(f"CalibratedNBitsPass needs a calibrated algorithm, got {config.algorithm!r}")
         self.config = config
         self.calibration_data = calibration_data
         self.progress = progress
@@ -182,7 +184,6 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
     # -- statistics ---------------------------------------------------------------
     def _collect(self, model, names: list[str], feed_names: list[str], feeds: list[Feed], cached: list[Feed]) -> dict:
         probe = ActivationProbe(model, names, feed_names=feed_names, providers=self.providers)
-        gptq = self.config.algorithm == "gptq"
         stats: dict[str, list] = {}
         for i, feed in enumerate(feeds):
             activations = probe.run({**feed, **cached[i]})
@@ -191,12 +192,20 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
                 x = activations[name]
                 if name not in stats:
                     k = x.shape[-1]
-                    stats[name] = ([HessianAccumulator(k)] if gptq else
-                                   [AbsMeanAccumulator(k), RowSampler(self.config.awq.sample_rows, seed=i, k=k)])
+                    stats[name] = self._accumulators(k, seed=i)
                 rows_mask = mask if mask is not None and mask.size * x.shape[-1] == x.size else None
                 for accumulator in stats[name]:
                     accumulator.update(x, rows_mask)
         return stats
+
+    def _accumulators(self, k: int, seed: int) -> list:
+        """GPTQ: the Hessian; AWQ: mean |x| and a row sample; TEQ / AutoRound: a row sample."""
+        algorithm = self.config.algorithm
+        if algorithm == "gptq":
+            return [HessianAccumulator(k)]
+        if algorithm == "awq":
+            return [AbsMeanAccumulator(k), RowSampler(self.config.awq.sample_rows, seed=seed, k=k)]
+        return [RowSampler(getattr(self.config, algorithm).sample_rows, seed=seed, k=k)]
 
     # -- solvers ------------------------------------------------------------------
     def _solve(self, model, groups: dict[str, list[WeightSite]], stats: dict, editable) -> tuple[dict, list[str]]:
@@ -210,11 +219,19 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
                                    "give more samples or raise gptq.percdamp", rows, name, k)
                 for site in sites:
                     solved[id(site.node)] = self._gptq(site, stats[name][0].hessian)
-            else:
+            elif self.config.algorithm == "awq":
                 mean_abs, sampler = stats[name]
                 solved_group, note = self._awq(model, name, sites, mean_abs.value(), sampler.rows(), editable)
                 solved.update(solved_group)
                 notes.append(note)
+            elif self.config.algorithm == "teq":
+                solved_group, note = self._teq(name, sites, stats[name][0].rows(), editable)
+                solved.update(solved_group)
+                notes.append(note)
+            else:
+                x = stats[name][0].rows()
+                for site in sites:
+                    solved[id(site.node)] = self._autoround(site, x)
         return solved, notes
 
     def _settings(self, site: WeightSite) -> NodeSettings:
@@ -264,6 +281,40 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
             solved[id(site.node)] = _Solved(qweight, error)
         gain = 1 - search.loss_by_alpha.min() / search.loss_rtn if search.loss_rtn > 0 else 0.0
         return solved, f"{name}: alpha {search.alpha:.2f} (loss -{gain:.1%} vs RTN), {where}"
+
+    def _teq(self, name: str, sites: list[WeightSite], x: np.ndarray, editable) -> tuple[dict[int, _Solved], str]:
+        settings = [self._settings(site) for site in sites]
+        weights = [finite_weight(site) for site in sites]
+        first, options = settings[0], self.config.teq
+        result = teq_quantize_weights(
+            weights, x, first.bits, block_size_for(first.block_size, sites[0].k), first.symmetric,
+            steps=options.steps, **({"lr": options.lr} if options.lr is not None else {}),
+            scale_dtype=sites[0].dtype.numpy(),
+        )
+        s = result.scales
+        where = "scales of 1 (RTN was best)"
+        if not np.all(s == 1):
+            where = fold_input_scale(sites[0].node.graph, sites[0].activation, [site.node for site in sites], s,
+                                     editable=editable)
+        solved = {}
+        for site, weight, st, qweight in zip(sites, weights, settings, result.qweights):
+            if st != first:  # a sibling with its own override: RTN of its scaled weight
+                qweight = quantize_weight(s[:, None] * weight, st.bits, block_size_for(st.block_size, site.k),
+                                          st.symmetric, scale_dtype=site.dtype.numpy())
+            effective = qweight.dequantize() / s[:, None]
+            error = float(np.linalg.norm(effective - weight) / max(np.linalg.norm(weight), 1e-30))
+            solved[id(site.node)] = _Solved(qweight, error)
+        gain = 1 - result.loss / result.loss_rtn if result.loss_rtn > 0 else 0.0
+        return solved, f"{name}: TEQ loss -{gain:.1%} vs RTN, {where}"
+
+    def _autoround(self, site: WeightSite, x: np.ndarray) -> _Solved:
+        settings, options = self._settings(site), self.config.autoround
+        weight = finite_weight(site)
+        result = autoround_quantize_weight(
+            weight, x, settings.bits, block_size_for(settings.block_size, site.k), settings.symmetric,
+            steps=options.steps, lr=options.lr, scale_dtype=site.dtype.numpy(),
+        )
+        return _Solved(result.qweight, relative_error(weight, result.qweight))
 
     # -- rewrite ------------------------------------------------------------------
     def _rewrite(self, model: ir.Model, solved: dict[int, _Solved], node_ids: set[int], rtn: bool = False) -> None:

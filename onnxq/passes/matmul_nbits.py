@@ -15,14 +15,15 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.config import NodeSettings, QuantConfig
+from onnxq.algorithms.hqq import hqq_quantize_weight
+from onnxq.config import HQQConfig, NodeSettings, QuantConfig
 from onnxq.core import QuantizedWeight
 from onnxq.core.quantize import quantize_weight_with_error
 from onnxq.errors import OnnxqError
 from onnxq.formats.matmul_nbits import MS_DOMAIN, MatMulNBitsInitializers, make_matmul_nbits_initializers, make_matmul_nbits_node
 from onnxq.passes.weight_sites import SkippedNode, WeightSite, constant_tensor, find_weight_sites, finite_weight
 
-__all__ = ["MatMulToNBitsPass", "QuantizedNodeRecord", "WeightQuantizer", "Progress", "rtn_weight_quantizer", "block_size_for"]
+__all__ = ["MatMulToNBitsPass", "QuantizedNodeRecord", "WeightQuantizer", "Progress", "rtn_weight_quantizer", "hqq_weight_quantizer", "block_size_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,20 @@ def rtn_weight_quantizer(
         weight, settings.bits, block_size_for(settings.block_size, site.k), settings.symmetric,
         mse_clip=settings.mse_clip, scale_dtype=scale_dtype,
     )
+
+
+def hqq_weight_quantizer(options: HQQConfig) -> WeightQuantizer:
+    """HQQ (half-quadratic zero-point optimisation, calibration-free) as a :data:`WeightQuantizer`."""
+
+    def quantize(site: WeightSite, weight: np.ndarray, settings: NodeSettings, scale_dtype) -> tuple[QuantizedWeight, float]:
+        result = hqq_quantize_weight(
+            weight, settings.bits, block_size_for(settings.block_size, site.k), settings.symmetric,
+            iters=options.iters, scale_dtype=scale_dtype,
+            zero_point=options.zero_point if not settings.symmetric else "int",
+        )
+        return result.qweight, result.error
+
+    return quantize
 
 
 def block_size_for(block_size: int, k: int) -> int:

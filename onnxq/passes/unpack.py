@@ -48,7 +48,7 @@ def read_matmul_nbits(node: ir.Node) -> QuantizedWeight:
     """The ``[K, N]`` weight of a MatMulNBits node (B / scales / zero_points must be initializers).
 
     Raises:
-        OnnxqError: non-constant inputs, ``g_idx``, or non-uint8 (float) zero points.
+        OnnxqError: non-constant inputs or ``g_idx``.
     """
     attrs = {k: v.as_int() for k, v in node.attributes.items() if v.type == ir.AttributeType.INT}
     k, n, bits, bs = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
