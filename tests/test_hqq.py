@@ -75,8 +75,8 @@ def test_int_zero_points_are_valid_uint8_and_codes_fit_them(scale_dtype):
         np.testing.assert_array_equal(qw.scales.astype(scale_dtype).astype(np.float32), qw.scales)
         blocks = weight_to_blocks(w, 64)
         np.testing.assert_array_equal(quantize_with_params(blocks, qw.scales, qw.zero_points, bits), qw.codes)
-        assert np.all(block_errors(w, qw) <= block_errors(w, quantize_weight(w, bits, 64, False, scale_dtype=scale_dtype))
-                      * (1 + 1e-5) + 1e-12)
+        rtn = quantize_weight(w, bits, 64, False, scale_dtype=scale_dtype)
+        assert np.all(block_errors(w, qw) <= block_errors(w, rtn) * (1 + 1e-5) + 1e-12)
 
 
 def test_float_zero_points_are_rounded_to_scale_dtype():
@@ -120,7 +120,8 @@ def _matmul_nbits_float_zp(x, res, dtype):
         [node], "g", [helper.make_tensor_value_info("A", elem, list(x.shape))],
         [helper.make_tensor_value_info("Y", elem, [x.shape[0], qw.n])], initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     onnx.checker.check_model(model)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"A": x.astype(dtype)})[0].astype(np.float64)

@@ -38,8 +38,10 @@ and the same ``z`` with the scale refitted by least squares to ``w`` for that it
 among RTN (:func:`~onnxq.core.quantize_weight`) and all candidates, the one of lowest squared
 error ``||w - Q(w)||^2``: the result is never worse than RTN on the weight MSE, block by block.
 (Without the refit, rounding ``z`` to an integer gives back RTN's zero point almost everywhere,
-so the integer mode would be RTN; the refit is what makes it pay.) Codes are computed as in :mod:`onnxq.core.quantize` (scale, and float zero
-point, rounded to ``scale_dtype`` first, reciprocal multiply, round half up), so
+so the integer mode would be RTN; the refit is what makes it pay.)
+
+Codes are computed as in :mod:`onnxq.core.quantize` (scale, and float zero point, rounded to
+``scale_dtype`` first, reciprocal multiply, round half up), so
 ``qweight.dequantize()`` is what the runtime computes. Padded rows of K take no part in the
 statistics. Work is done on chunks of output columns that bound memory.
 """
@@ -117,11 +119,16 @@ def _masked_sum(values: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
 
 
 def _candidates(
-    blocks: np.ndarray, valid: np.ndarray | None, scale: np.ndarray, zero: np.ndarray, qmax: np.float32, scale_dtype
+    blocks: np.ndarray,
+    valid: np.ndarray | None,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    centered: np.ndarray,
+    qmax: np.float32,
+    scale_dtype,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``(scale, zero, squared error)`` of an iterate, and of the same zero with the scale refitted by
-    least squares to ``blocks`` for that iterate's codes (``S = <q - z, w> / ||q - z||^2``)."""
-    centered = _codes(blocks, _reciprocal(scale), zero, qmax) - zero[..., None]
+    """``(scale, zero, squared error)`` of an iterate (``centered`` = its codes minus ``zero``), and of the
+    same zero with the scale refitted by least squares for those codes (``S = <q - z, w> / ||q - z||^2``)."""
     diff = blocks - centered * scale[..., None]
     out = [(scale, zero, _masked_sum(diff * diff, valid))]
     numerator = _masked_sum(centered * blocks, valid)
@@ -180,9 +187,13 @@ def _hqq_blocks(
         diff = blocks - centered * scale[..., None]  # w - W_r
         if valid is not None:
             diff *= valid
-        stored_zero = zero if float_zero or symmetric else np.clip(np.floor(zero + np.float32(0.5)), 0, qmax)
+        if float_zero or symmetric:
+            stored_zero, stored_centered = zero, centered
+        else:
+            stored_zero = np.clip(np.floor(zero + np.float32(0.5)), 0, qmax)
+            stored_centered = _codes(blocks, recip, stored_zero, qmax) - stored_zero[..., None]
         for candidate_scale, candidate_zero, candidate_err in _candidates(
-            blocks, valid, scale, stored_zero, qmax, scale_dtype
+            blocks, valid, scale, stored_zero, stored_centered, qmax, scale_dtype
         ):
             better = candidate_err < best_err
             best_err = np.where(better, candidate_err, best_err)
