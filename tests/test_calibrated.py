@@ -45,6 +45,7 @@ def output_error(quantized, held_out) -> float:
 
 
 def config(algorithm, sequential=True, **kw):
+    kw.setdefault("awq", AWQConfig(grid=10))  # a coarser alpha grid keeps the test fast
     return QuantConfig(algorithm=algorithm, block_size=32, calibration=CalibrationConfig(samples=16, sequential=sequential), **kw)
 
 
