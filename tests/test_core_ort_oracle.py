@@ -72,3 +72,27 @@ def test_special_blocks_match_ort(symmetric):
     np.testing.assert_array_equal(scales, ref_scales)
     if not symmetric:
         np.testing.assert_array_equal(zp, ref_zp)
+
+
+@pytest.mark.parametrize("bits,block_size,symmetric", [(4, 32, False), (4, 128, False), (2, 32, False), (4, 32, True)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_grid_weights_with_rounding_ties_match_ort(bits, block_size, symmetric, dtype):
+    """Weights that already sit on a uniform grid (like a GGUF Q4_1 checkpoint dequantized) put the
+    zero point ``-min / scale`` and the codes on exact .5 ties: the rounding must be ORT's
+    (C roundf of a true division), not a reciprocal multiply and ``floor(x + 0.5)``."""
+    rng = np.random.default_rng(bits * 7 + block_size)
+    levels = (1 << bits) - 1
+    k, n = 512, 64
+    blocks = k // block_size
+    step = (rng.random((blocks, n)) * 0.02 + 0.001).astype(np.float32)
+    zero = rng.integers(0, levels, (blocks, n)) + 0.5  # -min / scale = z + 0.5 exactly
+    codes = rng.integers(0, levels + 1, (k, n)).astype(np.float32)
+    codes[::block_size] = 0  # every block spans the whole grid
+    codes[1::block_size] = levels
+    w = ((codes - zero.repeat(block_size, 0)) * step.repeat(block_size, 0)).astype(dtype)
+    b, scales, zp = onnxq_pack(w, bits, block_size, symmetric, dtype)
+    ref_b, ref_scales, ref_zp = ort_pack(w, bits, block_size, symmetric, dtype)
+    np.testing.assert_array_equal(b, ref_b)
+    np.testing.assert_array_equal(scales, ref_scales)
+    if not symmetric:
+        np.testing.assert_array_equal(zp, ref_zp)

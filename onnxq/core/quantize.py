@@ -4,9 +4,10 @@ Conventions, bit-exact with ``onnxruntime``'s ``quantize_matmul_{2,4,8}bits`` fo
 float32 weights (checked in ``tests/test_core_ort_oracle.py``):
 
 * asymmetric: ``lo = min(min(x) * ratio, 0)``, ``hi = max(max(x) * ratio, 0)``,
-  ``scale = (hi - lo) / (2**b - 1)``, ``r = 1 / scale`` (0 when scale is 0),
-  ``zp = clip(floor(-lo * r + 0.5), 0, 2**b - 1)``,
-  ``q = clip(floor(x * r + zp + 0.5), 0, 2**b - 1)``.
+  ``scale = (hi - lo) / (2**b - 1)``, ``zp = clip(roundf(-lo / scale), 0, 2**b - 1)``
+  (0 when scale is 0), ``r = 1 / scale`` (0 when scale is 0),
+  ``q = clip(roundf(x * r + zp), 0, 2**b - 1)``; ``roundf`` is C's (halves away from
+  zero), computed exactly.
 * symmetric ("full range"): the block's value of largest magnitude ``e`` (the
   minimum on a tie) maps exactly to ``-2**(b-1)``: ``scale = e * ratio / -2**(b-1)``
   (a signed scale), ``zp = 2**(b-1)``, so all ``2**b`` codes are usable.
@@ -56,7 +57,16 @@ def check_quant_params(bits: int, block_size: int) -> None:
 
 
 def _round_half_up(x: np.ndarray) -> np.ndarray:
-    return np.floor(x + np.float32(0.5), out=x)
+    """C's ``roundf`` for ``x >= 0`` (halves away from zero), exactly, in place.
+
+    ``floor(x + 0.5)`` is not exact: for the float just below ``n + 0.5`` the sum
+    rounds up. Negative inputs are only ever clipped to 0 afterwards, and both forms
+    give a value <= 0 for them.
+    """
+    floor = np.floor(x)
+    np.subtract(x, floor, out=x)  # the fraction, exact for floats
+    np.add(floor, x >= np.float32(0.5), out=x)
+    return x
 
 
 def quantize_blocks(
@@ -98,9 +108,9 @@ def quantize_blocks(
         scales = ((hi - lo) / qmax).astype(np.float32)
     if symmetric:
         zero_points = np.full(scales.shape, 1 << (bits - 1), dtype=np.float32)
-    else:  # the zero point comes from the unrounded scale, as in ORT's packer
-        exact_recip = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=scales != 0)
-        zero_points = np.clip(_round_half_up(-lo * exact_recip), 0, qmax)
+    else:  # as ORT's packer: roundf(-lo / scale) with the unrounded scale (0 for an all-zero block)
+        zero_points = np.divide(-lo, scales, out=np.zeros_like(scales), where=scales != 0)
+        zero_points = np.clip(_round_half_up(zero_points), 0, qmax)
     scales = scales.astype(scale_dtype).astype(np.float32)
     recip = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=scales != 0)
     codes = blocks * np.expand_dims(recip, axis)
