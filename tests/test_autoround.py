@@ -181,6 +181,28 @@ def test_padded_k_and_several_column_chunks(monkeypatch):
     assert np.all(ours <= base * (1 + 1e-4)) and ours.sum() < 0.7 * base.sum()
 
 
+def test_mini_batches():
+    """Seeded row sampling: same seed, same result; batch_size >= T is the full batch; the loss is
+    evaluated on all rows every ceil(T / batch_size) steps (NaN elsewhere) and still never above RTN."""
+    w, x = real_layer("fc1")
+    w, x = w[:, :48], x[:100]
+    a = autoround_quantize_weight(w, x, 4, 64, False, steps=12, batch_size=30, seed=3)
+    b = autoround_quantize_weight(w, x, 4, 64, False, steps=12, batch_size=30, seed=3)
+    c = autoround_quantize_weight(w, x, 4, 64, False, steps=12, batch_size=30, seed=4)
+    np.testing.assert_array_equal(a.qweight.codes, b.qweight.codes)
+    assert not np.array_equal(a.loss_history, c.loss_history, equal_nan=True)
+    evaluated = np.isfinite(a.loss_history)
+    np.testing.assert_array_equal(np.flatnonzero(evaluated), [0, 4, 8, 12])
+    ours = column_losses(x, w, a.qweight.dequantize())
+    base = column_losses(x, w, quantize_weight(w, 4, 64, False).dequantize())
+    assert a.loss == pytest.approx(ours.sum(), rel=1e-4) and a.loss_rtn == pytest.approx(base.sum(), rel=1e-4)
+    assert np.all(ours <= base * (1 + 1e-4)) and a.loss < 0.8 * a.loss_rtn
+    full = autoround_quantize_weight(w, x, 4, 64, False, steps=12)
+    same = autoround_quantize_weight(w, x, 4, 64, False, steps=12, batch_size=100, seed=9)
+    np.testing.assert_array_equal(full.qweight.codes, same.qweight.codes)
+    np.testing.assert_array_equal(full.loss_history, same.loss_history)
+
+
 def test_deterministic_and_inputs_untouched():
     w, x = real_layer("q")
     w, x = w[:, :32].copy(), x[:64].copy()
@@ -202,6 +224,8 @@ def test_bad_inputs_raise_onnxq_error():
         autoround_quantize_weight(w, x, steps=-1)
     with pytest.raises(OnnxqError, match="lr"):
         autoround_quantize_weight(w, x, lr=0.0)
+    with pytest.raises(OnnxqError, match="batch_size"):
+        autoround_quantize_weight(w, x, batch_size=0)
     with pytest.raises(OnnxqError, match="bits"):
         autoround_quantize_weight(w, x, bits=1)
     with pytest.raises(OnnxqError, match="finite"):

@@ -32,9 +32,11 @@ the rounding of ``z`` (as the reference implementation's ``torch.round``). Writi
 
 Each step moves every parameter by ``lr_t * sign(gradient)`` (signed SGD, sec. 3) with
 ``lr_t`` decaying linearly from ``lr`` (default ``1 / steps``) to 0, then clamps it to its
-range. The loss of every iterate is measured exactly (no STE there) and, per output column,
-the best iterate is kept; step 0 is plain RTN, so no column's calibration loss is ever above
-RTN's. The loss separates over output columns, so columns are optimised in independent
+range. The gradient comes from all rows of ``x`` or, as in the reference, from a mini-batch of
+rows per step (``batch_size``, rows drawn epoch by epoch from a seeded generator). The loss on
+all of ``x`` is measured exactly (no STE there) at every step (every ``ceil(T / batch_size)``
+steps with mini-batches, and at the last) and, per output column, the best measured iterate is
+kept; step 0 is plain RTN, so no column's calibration loss is ever above RTN's. The loss separates over output columns, so columns are optimised in independent
 chunks that bound memory (a few ``[K, chunk]`` float32 arrays).
 
 :class:`SteBlockQuantizer` (the quantizer and its straight-through gradients) is shared with
@@ -255,10 +257,12 @@ class AutoRoundResult:
     """Outcome of :func:`autoround_quantize_weight`.
 
     Attributes:
-        qweight: the quantized weight (per output column, the best iterate's codes / scales / zero points).
-        loss_history: float64 ``[steps + 1]``: ``||x W - x Q||^2`` of the iterate at each step
-            (summed over columns; step 0 is RTN).
-        loss: ``||x W - x Q||^2`` of ``qweight`` (per-column best iterates, so ``<= min(loss_history)``).
+        qweight: the quantized weight (per output column, the best evaluated iterate's codes / scales /
+            zero points).
+        loss_history: float64 ``[steps + 1]``: ``||x W - x Q||^2`` on all of ``x`` of the iterate at each
+            step (summed over columns; step 0 is RTN); NaN at steps where it was not evaluated
+            (mini-batches: it is evaluated every ``ceil(T / batch_size)`` steps and at the last one).
+        loss: ``||x W - x Q||^2`` of ``qweight`` (per-column best, so ``<=`` every evaluated entry).
         loss_rtn: the same for plain RTN (``loss_history[0]``).
     """
 
@@ -266,6 +270,15 @@ class AutoRoundResult:
     loss_history: np.ndarray
     loss: float
     loss_rtn: float
+
+
+@dataclass(frozen=True)
+class _RowBatches:
+    """Mini-batch schedule: ``x: [T, K_padded]``, ``rows[step]`` the rows used at that step."""
+
+    x: np.ndarray
+    rows: np.ndarray
+    period: int
 
 
 def autoround_quantize_weight(
@@ -277,21 +290,28 @@ def autoround_quantize_weight(
     *,
     steps: int = 200,
     lr: float | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
     scale_dtype: np.dtype | type = np.float32,
 ) -> AutoRoundResult:
     """AutoRound one weight ``[K, N]`` on its input sample ``x: [T, K]`` (arXiv 2309.05516).
 
     Args:
         weight: ``[K, N]`` float weight in MatMul orientation; not modified.
-        x: ``[T, K]`` input sample (the cost per step is ``~4 min(T, K) K N`` flops; a few hundred
-            rows is the intended size).
+        x: ``[T, K]`` input sample (a few hundred rows is the intended size).
         bits, block_size, symmetric, scale_dtype: the quantizer, as :func:`~onnxq.core.quantize_weight`
             (``block_size=-1``: one block over all of K).
         steps: signed-gradient steps (0 gives RTN).
         lr: initial step of ``V``, ``alpha`` and ``beta`` (decays linearly to 0); default ``1 / steps``.
+        batch_size: rows of ``x`` per step, drawn without replacement epoch by epoch (the reference
+            trains on mini-batches); ``None`` (or ``>= T``) uses all rows every step. A step costs
+            ``~4 min(T, K) K N`` flops with all rows and ``~4 batch_size K N`` with mini-batches, plus
+            ``2 T K N`` for the exact loss every ``ceil(T / batch_size)`` steps (best iterates are
+            chosen among those evaluations).
+        seed: seeds the row sampling (only used with mini-batches).
 
     Returns:
-        :class:`AutoRoundResult`; its calibration loss is never above RTN's, column by column.
+        :class:`AutoRoundResult`; its loss on ``x`` is never above RTN's, column by column.
     """
     check_settings("AutoRound", bits, block_size)
     weight = check_weight("AutoRound", weight)
@@ -299,14 +319,28 @@ def autoround_quantize_weight(
     x = check_input("AutoRound", x, k)
     if not isinstance(steps, (int, np.integer)) or steps < 0:
         raise OnnxqError(f"AutoRound steps must be an integer >= 0, got {steps!r}")
-    lr = 1.0 / max(int(steps), 1) if lr is None else lr
+    steps = int(steps)
+    lr = 1.0 / max(steps, 1) if lr is None else lr
     if not (isinstance(lr, (int, float, np.floating)) and np.isfinite(lr) and lr > 0):
         raise OnnxqError(f"AutoRound lr must be a finite number > 0, got {lr!r}")
+    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise OnnxqError(f"AutoRound batch_size must be a positive integer or None, got {batch_size!r}")
     bs = k if block_size == -1 else int(block_size)
     k_blocks = -(-k // bs)
-    operator = OutputErrorOperator(x, k_blocks * bs)
+    t = x.shape[0]
+    batches = None
+    operator = None
+    if batch_size is not None and batch_size < t:
+        rng = np.random.default_rng(seed)
+        epochs = -(-steps * int(batch_size) // t) + 1
+        order = np.concatenate([rng.permutation(t) for _ in range(epochs)])
+        padded_x = np.zeros((t, k_blocks * bs), dtype=np.float32)
+        padded_x[:, :k] = x
+        batches = _RowBatches(padded_x, order[: steps * batch_size].reshape(steps, batch_size), -(-t // batch_size))
+    else:
+        operator = OutputErrorOperator(x, k_blocks * bs)
     chunk = max(1, _CHUNK_ELEMENTS // (k_blocks * bs))
-    history = np.zeros(int(steps) + 1, dtype=np.float64)
+    history = np.zeros(steps + 1, dtype=np.float64)
     codes = np.empty((n, k_blocks, bs), dtype=np.uint8)
     scales = np.empty((n, k_blocks), dtype=np.float32)
     zero_points = None if symmetric else np.empty((n, k_blocks), dtype=np.uint8)
@@ -314,22 +348,32 @@ def autoround_quantize_weight(
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         quantizer = SteBlockQuantizer(padded_blocks(weight[:, start:stop], bs), bits, symmetric, scale_dtype)
-        state, best_loss = _optimise_chunk(quantizer, operator, int(steps), float(lr), history)
+        state, best_loss = _optimise_chunk(quantizer, operator, batches, steps, float(lr), history)
         part = quantizer.quantized_weight(state, k)
         codes[start:stop] = part.codes
         scales[start:stop] = part.scales
         if zero_points is not None:
             zero_points[start:stop] = part.zero_points
         best_total += float(best_loss.sum())
+    if batches is not None:
+        evaluated = np.arange(steps + 1) % batches.period == 0
+        evaluated[-1] = True
+        history[~evaluated] = np.nan
     qweight = QuantizedWeight(codes, scales, zero_points, bits, bs, k)
     logger.debug("AutoRound [%d, %d]: loss %.4g -> %.4g (RTN -> best)", k, n, history[0], best_total)
     return AutoRoundResult(qweight=qweight, loss_history=history, loss=best_total, loss_rtn=float(history[0]))
 
 
 def _optimise_chunk(
-    quantizer: SteBlockQuantizer, operator: OutputErrorOperator, steps: int, lr: float, history: np.ndarray
+    quantizer: SteBlockQuantizer,
+    operator: OutputErrorOperator | None,
+    batches: _RowBatches | None,
+    steps: int,
+    lr: float,
+    history: np.ndarray,
 ) -> tuple[SteState, np.ndarray]:
-    """Signed-SGD on one column chunk; adds each step's loss to ``history``; returns the best state per column."""
+    """Signed SGD on one column chunk (all rows through ``operator``, or mini-batches); adds the loss of
+    each evaluated step to ``history``; returns the best evaluated state per column and its loss."""
     k_blocks, bs, n = quantizer.blocks.shape
     offsets = np.zeros((k_blocks, bs, n), dtype=np.float32)
     alpha = np.ones((k_blocks, n), dtype=np.float32)
@@ -342,20 +386,33 @@ def _optimise_chunk(
     for step in range(steps + 1):
         state = quantizer.forward(offsets, alpha, beta)
         diff = quantizer.blocks - state.deq
-        hd, col_loss = operator.apply(diff.reshape(k_blocks * bs, n))
-        history[step] += col_loss.sum()
-        better = col_loss < best_loss
-        if better.any():
-            np.copyto(best_loss, col_loss, where=better)
-            np.copyto(best_offsets, offsets, where=better)
-            np.copyto(best_alpha, alpha, where=better)
-            np.copyto(best_beta, beta, where=better)
+        diff = diff.reshape(k_blocks * bs, n)
+        if batches is None:
+            descent, col_loss = operator.apply(diff)  # x^T x (W - Q) = -dL/dQ / 2: only signs are used
+        else:
+            col_loss = None
+            if step % batches.period == 0 or step == steps:
+                out = batches.x @ diff
+                col_loss = np.einsum("tn,tn->n", out, out, dtype=np.float64)
+            if step < steps:
+                rows = batches.rows[step]
+                x_batch = batches.x[rows]
+                descent = x_batch.T @ (out[rows] if col_loss is not None else x_batch @ diff)
+        if col_loss is not None:
+            history[step] += col_loss.sum()
+            better = col_loss < best_loss
+            if better.any():
+                np.copyto(best_loss, col_loss, where=better)
+                np.copyto(best_offsets, offsets, where=better)
+                np.copyto(best_alpha, alpha, where=better)
+                np.copyto(best_beta, beta, where=better)
         if step == steps:
             break
         step_size = np.float32(lr * (1.0 - step / steps))
-        descent = hd.reshape(k_blocks, bs, n)  # x^T x (W - Q) = -dL/dQ / 2: only signs are used
+        descent = descent.reshape(k_blocks, bs, n)
         through_scale = quantizer.scale_gradient(state, descent)  # -dL/dS / 2
-        descent *= state.scale[:, None, :]
+        if quantizer.symmetric:  # S > 0 for asymmetric blocks (or the block is 0 and so is Q)
+            descent *= state.scale[:, None, :]
         np.sign(descent, out=descent)
         descent *= state.inside
         descent *= step_size

@@ -20,7 +20,9 @@ see :class:`~onnxq.algorithms.autoround.SteBlockQuantizer`). With ``P_i = Q(s W_
 ``u`` is trained with Adam (the reference trains ``s`` with Adam); working on ``log s`` keeps
 ``s`` positive. The gradient is normalised by the RTN loss so that ``lr`` does not depend on the
 scale of the data. Every iterate's loss is measured exactly; the best one is returned and the
-first is ``s = 1`` (plain RTN), so the result is never worse than RTN on ``x``.
+first is ``s = 1`` (plain RTN), so the result is never worse than RTN on ``x``. The columns of
+all siblings are processed together in chunks of bounded size (small siblings share one matrix
+product per step; large ones never need more than a few ``[K, chunk]`` float32 arrays).
 """
 from __future__ import annotations
 
