@@ -70,6 +70,29 @@ def test_steps_zero_is_rtn_bit_for_bit(symmetric, scale_dtype):
         np.testing.assert_array_equal(res.qweight.zero_points, rtn.zero_points)
 
 
+def grid_weight(bits, k=256, n=24, block_size=64, seed=0):
+    """Weights already on a uniform grid whose ``-min / scale`` and codes sit on exact .5 ties
+    (as a dequantized GGUF Q4_1 checkpoint): only the exact rounding reproduces core RTN there."""
+    rng = np.random.default_rng(seed)
+    levels = (1 << bits) - 1
+    step = (rng.random((k // block_size, n)) * 0.02 + 0.001).astype(np.float32)
+    zero = rng.integers(0, levels, step.shape) + 0.5
+    codes = rng.integers(0, levels + 1, (k, n)).astype(np.float32)
+    codes[::block_size], codes[1::block_size] = 0, levels
+    return ((codes - zero.repeat(block_size, 0)) * step.repeat(block_size, 0)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_steps_zero_is_rtn_on_rounding_ties(bits):
+    w = grid_weight(bits)
+    x = np.random.default_rng(1).standard_normal((16, w.shape[0])).astype(np.float32)
+    for symmetric in (False, True):
+        res = autoround_quantize_weight(w, x, bits, 64, symmetric, steps=0)
+        rtn = quantize_weight(w, bits, 64, symmetric)
+        np.testing.assert_array_equal(res.qweight.codes, rtn.codes)
+        np.testing.assert_array_equal(res.qweight.effective_zero_points(), rtn.effective_zero_points())
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_ste_quantizer_with_clip_factors_is_core_rtn(bits, symmetric):

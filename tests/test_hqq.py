@@ -90,8 +90,20 @@ def test_float_zero_points_are_rounded_to_scale_dtype():
     assert res.qweight.codes.max() <= 15
 
 
-def test_iters_zero_is_rtn():
-    w = real_layer("fc1")[0][:, :64]
+def grid_weight(bits, k=256, n=24, block_size=64, seed=0):
+    """Weights already on a uniform grid whose ``-min / scale`` and codes sit on exact .5 ties."""
+    rng = np.random.default_rng(seed)
+    levels = (1 << bits) - 1
+    step = (rng.random((k // block_size, n)) * 0.02 + 0.001).astype(np.float32)
+    zero = rng.integers(0, levels, step.shape) + 0.5
+    codes = rng.integers(0, levels + 1, (k, n)).astype(np.float32)
+    codes[::block_size], codes[1::block_size] = 0, levels
+    return ((codes - zero.repeat(block_size, 0)) * step.repeat(block_size, 0)).astype(np.float32)
+
+
+@pytest.mark.parametrize("source", ["real", "grid ties"])
+def test_iters_zero_is_rtn(source):
+    w = real_layer("fc1")[0][:, :64] if source == "real" else grid_weight(4)
     res = hqq_quantize_weight(w, 4, 64, iters=0)
     rtn = quantize_weight(w, 4, 64, symmetric=False)
     np.testing.assert_array_equal(res.qweight.codes, rtn.codes)

@@ -36,8 +36,9 @@ range. The gradient comes from all rows of ``x`` or, as in the reference, from a
 rows per step (``batch_size``, rows drawn epoch by epoch from a seeded generator). The loss on
 all of ``x`` is measured exactly (no STE there) at every step (every ``ceil(T / batch_size)``
 steps with mini-batches, and at the last) and, per output column, the best measured iterate is
-kept; step 0 is plain RTN, so no column's calibration loss is ever above RTN's. The loss separates over output columns, so columns are optimised in independent
-chunks that bound memory (a few ``[K, chunk]`` float32 arrays).
+kept; step 0 is plain RTN, so no column's calibration loss is ever above RTN's. The loss
+separates over output columns, so columns are optimised in independent chunks that bound
+memory (a few ``[K, chunk]`` float32 arrays).
 
 :class:`SteBlockQuantizer` (the quantizer and its straight-through gradients) is shared with
 TEQ (:mod:`onnxq.algorithms.teq`).
@@ -88,6 +89,15 @@ def check_input(name: str, x: np.ndarray, k: int) -> np.ndarray:
     if not np.all(np.isfinite(x)):
         raise OnnxqError(f"{name} expected a finite input sample x, found NaN or inf")
     return x.astype(np.float32, copy=False)
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """Round ``x`` in place to the nearest integer, halves up (C's ``roundf`` for ``x >= 0``), exactly:
+    the rounding :mod:`onnxq.core.quantize` uses for codes and zero points."""
+    floor = np.floor(x)
+    np.subtract(x, floor, out=x)  # the fraction, exact in floating point
+    np.add(floor, x >= np.float32(0.5), out=x)
+    return x
 
 
 def padded_blocks(weight: np.ndarray, bs: int) -> np.ndarray:
@@ -157,8 +167,9 @@ class SteBlockQuantizer:
     optional rounding offsets and clip factors, and its straight-through gradients.
 
     Arithmetic is that of :func:`~onnxq.core.quantize_blocks` (scale rounded to ``scale_dtype``
-    before codes are computed, zero point from the unrounded scale, reciprocal multiply, round
-    half up), so without offsets and with unit factors the codes are the same bit for bit.
+    before codes are computed, zero point ``round(-lo / S)`` from the unrounded scale, reciprocal
+    multiply, round half up, exactly), so without offsets and with unit factors (or equal ones,
+    a clip ratio) the codes are the same bit for bit (checked in the tests).
     """
 
     def __init__(self, blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: np.dtype | type = np.float32):
@@ -191,16 +202,14 @@ class SteBlockQuantizer:
             lo = np.minimum(self.vmin if lo_factor is None else self.vmin * lo_factor, np.float32(0))
             hi = np.maximum(self.vmax if hi_factor is None else self.vmax * hi_factor, np.float32(0))
             raw = ((hi - lo) / self.qmax).astype(np.float32)
-            exact_recip = np.divide(np.float32(1), raw, out=np.zeros_like(raw), where=raw != 0)
-            zero = np.clip(np.floor(-lo * exact_recip + np.float32(0.5)), 0, self.qmax)
+            zero = np.clip(round_half_away(np.divide(-lo, raw, out=np.zeros_like(raw), where=raw != 0)), 0, self.qmax)
         scale = raw.astype(self.scale_dtype).astype(np.float32)
         recip = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale != 0)
         codes = self.blocks * recip[:, None, :]
         codes += zero[:, None, :]
         if offsets is not None:
             codes += offsets
-        codes += np.float32(0.5)
-        np.floor(codes, out=codes)
+        round_half_away(codes)
         inside = (codes >= 0) & (codes <= self.qmax)
         np.clip(codes, 0, self.qmax, out=codes)
         centered = codes - zero[:, None, :]

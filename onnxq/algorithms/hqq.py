@@ -40,8 +40,8 @@ error ``||w - Q(w)||^2``: the result is never worse than RTN on the weight MSE, 
 (Without the refit, rounding ``z`` to an integer gives back RTN's zero point almost everywhere,
 so the integer mode would be RTN; the refit is what makes it pay.)
 
-Codes are computed as in :mod:`onnxq.core.quantize` (scale, and float zero point, rounded to
-``scale_dtype`` first, reciprocal multiply, round half up), so
+Codes are computed by :func:`~onnxq.core.quantize_with_params` (RTN's rounding) for the scale,
+and float zero point, already rounded to ``scale_dtype``, so
 ``qweight.dequantize()`` is what the runtime computes. Padded rows of K take no part in the
 statistics. Work is done on chunks of output columns that bound memory.
 """
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxq.core import QuantizedWeight, check_quant_params, quantize_blocks, weight_to_blocks
+from onnxq.core import QuantizedWeight, check_quant_params, quantize_blocks, quantize_with_params, weight_to_blocks
 from onnxq.errors import OnnxqError
 
 __all__ = ["HQQResult", "hqq_quantize_weight"]
@@ -99,13 +99,10 @@ def _to_dtype(values: np.ndarray, dtype) -> np.ndarray:
     return values.astype(dtype).astype(np.float32)
 
 
-def _codes(blocks: np.ndarray, recip: np.ndarray, zero: np.ndarray, qmax: np.float32) -> np.ndarray:
-    """float32 codes ``clip(floor(w * recip + z + 0.5), 0, qmax)`` (onnxq's rounding) for ``[..., bs]``."""
-    codes = blocks * recip[..., None]
-    codes += zero[..., None]
-    codes += np.float32(0.5)
-    np.floor(codes, out=codes)
-    return np.clip(codes, 0, qmax, out=codes)
+def _codes(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    """float32 codes of ``blocks: [..., bs]`` for fixed (float) scales and zero points, rounded exactly as
+    :func:`~onnxq.core.quantize_with_params` (and so as RTN) rounds them."""
+    return quantize_with_params(blocks, scale, zero, bits).astype(np.float32)
 
 
 def _reciprocal(scale: np.ndarray) -> np.ndarray:
@@ -124,7 +121,7 @@ def _candidates(
     scale: np.ndarray,
     zero: np.ndarray,
     centered: np.ndarray,
-    qmax: np.float32,
+    bits: int,
     scale_dtype,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``(scale, zero, squared error)`` of an iterate (``centered`` = its codes minus ``zero``), and of the
@@ -135,7 +132,7 @@ def _candidates(
     denominator = _masked_sum(centered * centered, valid)
     refit = np.divide(numerator, denominator, out=scale.astype(np.float64), where=denominator > 0)
     refit = _to_dtype(refit, scale_dtype)
-    diff = blocks - (_codes(blocks, _reciprocal(refit), zero, qmax) - zero[..., None]) * refit[..., None]
+    diff = blocks - (_codes(blocks, refit, zero, bits) - zero[..., None]) * refit[..., None]
     out.append((refit, zero, _masked_sum(diff * diff, valid)))
     return out
 
@@ -182,7 +179,7 @@ def _hqq_blocks(
     active = np.ones(scale.shape, dtype=bool)
     for _ in range(iters):
         recip = _reciprocal(scale)
-        codes = _codes(blocks, recip, zero, qmax)
+        codes = _codes(blocks, scale, zero, bits)
         centered = codes - zero[..., None]
         diff = blocks - centered * scale[..., None]  # w - W_r
         if valid is not None:
@@ -191,9 +188,9 @@ def _hqq_blocks(
             stored_zero, stored_centered = zero, centered
         else:
             stored_zero = np.clip(np.floor(zero + np.float32(0.5)), 0, qmax)
-            stored_centered = _codes(blocks, recip, stored_zero, qmax) - stored_zero[..., None]
+            stored_centered = _codes(blocks, scale, stored_zero, bits) - stored_zero[..., None]
         for candidate_scale, candidate_zero, candidate_err in _candidates(
-            blocks, valid, scale, stored_zero, stored_centered, qmax, scale_dtype
+            blocks, valid, scale, stored_zero, stored_centered, bits, scale_dtype
         ):
             better = candidate_err < best_err
             best_err = np.where(better, candidate_err, best_err)
@@ -220,7 +217,7 @@ def _hqq_blocks(
             zero = np.where(active, updated, zero)
         beta *= kappa
 
-    codes = _codes(blocks, _reciprocal(best_scale), best_zero, qmax).astype(np.uint8)
+    codes = quantize_with_params(blocks, best_scale, best_zero, bits)
     return codes, best_scale.astype(np.float32), best_zero.astype(np.float32), best_err
 
 
