@@ -181,3 +181,15 @@ def test_bad_inputs_raise_onnxq_error():
         awq_clip_search(w, x, 4, 32, ratios=(1.0, 1.5))
     with pytest.raises(OnnxqError, match="at least one weight"):
         awq_search_scale([], x, np.ones(64), 4, 32)
+
+
+def test_wide_weight_scale_search_on_a_column_subset():
+    """An lm_head-like weight (many columns) is scored on a column subset: same choice, far less work."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((256, 64)) * np.exp(rng.normal(0, 1, 64))).astype(np.float32)
+    w = rng.standard_normal((64, 4096)).astype(np.float32)
+    mean_abs = np.abs(x).mean(0)
+    full = awq_search_scale([w], x, mean_abs, 4, 32, True, grid=6, max_columns=None)
+    sub = awq_search_scale([w], x, mean_abs, 4, 32, True, grid=6, max_columns=1024)
+    assert sub.alpha == full.alpha
+    np.testing.assert_allclose(sub.loss_by_alpha, full.loss_by_alpha, rtol=0.1)

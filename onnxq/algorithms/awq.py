@@ -154,6 +154,7 @@ def awq_search_scale(
     *,
     grid: int = 20,
     scale_dtype: np.dtype | type = np.float32,
+    max_columns: int | None = 8192,
 ) -> AWQScaleResult:
     """Grid-search AWQ's per-input-channel scale for layers sharing one input (arXiv 2306.00978 sec. 3.2).
 
@@ -164,6 +165,9 @@ def awq_search_scale(
         bits, block_size, symmetric, scale_dtype: the RTN quantizer ``Q`` (see
             :func:`~onnxq.core.quantize_weight`).
         grid: number of alphas in ``linspace(0, 1, grid)`` (>= 1; alpha = 0 is always tried).
+        max_columns: a weight with more output columns (e.g. an lm_head with a 50k vocabulary)
+            is scored on this many evenly spaced columns, its loss scaled by ``N / max_columns``
+            so siblings stay comparable (the same columns for every alpha); ``None``: all.
 
     Returns:
         :class:`AWQScaleResult` with the scales of the alpha of lowest loss (the first on a tie).
@@ -183,11 +187,20 @@ def awq_search_scale(
             f"AWQ expected act_mean_abs of shape [K={k}] with finite values >= 0, got shape {act_mean_abs.shape}"
         )
     factor = _row_factor(x)
+    scored = []  # (columns scored, weight of their loss)
+    for w in weights:
+        n = w.shape[1]
+        if max_columns is not None and n > max_columns:
+            columns = np.linspace(0, n - 1, max_columns).round().astype(np.int64)
+            scored.append((w[:, columns], n / max_columns))
+        else:
+            scored.append((w, 1.0))
     alphas = np.linspace(0.0, 1.0, grid) if grid > 1 else np.zeros(1)
     losses = np.empty(len(alphas), dtype=np.float64)
     for j, alpha in enumerate(alphas):
         s = awq_scales(act_mean_abs, float(alpha))
-        losses[j] = sum(_scaled_loss(factor, w, s, bits, block_size, symmetric, scale_dtype) for w in weights)
+        losses[j] = sum(factor_weight * _scaled_loss(factor, w, s, bits, block_size, symmetric, scale_dtype)
+                        for w, factor_weight in scored)
     best = int(np.argmin(losses))
     return AWQScaleResult(
         scales=awq_scales(act_mean_abs, float(alphas[best])),
