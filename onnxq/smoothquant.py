@@ -257,11 +257,15 @@ def smooth_model(
             loss, loss_plain = float(search.loss_by_alpha.min()), search.loss_plain
         else:
             s, chosen = smooth_scales(act_absmax, weight_row_absmax(weights), alpha), alpha
-        where = fold_input_scale(model.graph, sites[0].activation, [site.node for site in sites], s)
+        activation = sites[0].activation
+        # Shape/Size readers see the same shape after the division: they must not block folding
+        shape_readers = [user for user, _ in activation.uses() if user.op_type in ("Shape", "Size")
+                         and user.domain == "" and user.graph is model.graph]
+        where = fold_input_scale(model.graph, activation, [site.node for site in sites] + shape_readers, s)
         for site in sites:
             _scale_weight_rows(model.graph, site, s)
         report.append(SmoothedGroup(name, tuple(site.name for site in sites), chosen, loss, loss_plain, where))
-        logger.debug("smoothquant %s (%s): alpha %.2f, %s", name, ", ".join(s.name for s in sites), chosen, where)
+        logger.debug("smoothquant %s (%s): alpha %.2f, %s", name, ", ".join(site.name for site in sites), chosen, where)
     report.reverse()
     _drop_orphans(model.graph, used_before)
     model.meta[SMOOTH_REPORT_KEY] = report

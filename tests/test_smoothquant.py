@@ -197,7 +197,7 @@ def test_smoothing_actually_flattens_activation_outliers():
 def _shared_weights_model() -> onnx.ModelProto:
     """Siblings of different kinds, a weight shared with an excluded node, a tied lm_head, a Gemm.
 
-    ``n = LayerNorm(E[ids])`` feeds ``mm = n @ W`` and the tied ``lm_head = n @ E^T``;
+    ``n = LayerNorm(E[ids])`` feeds ``mm = n @ W``, the tied ``lm_head = n @ E^T`` and a Shape;
     ``other = x2 @ W`` (same W, excluded from smoothing); ``gemm = Gemm(x3, Wt, c, transB=1,
     alpha=0.5)`` reads a graph input, so its scale becomes an inserted Mul.
     """
@@ -212,6 +212,7 @@ def _shared_weights_model() -> onnx.ModelProto:
         helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
         helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], name="norm", axis=-1),
         helper.make_node("MatMul", ["n", "W"], ["mm"], name="mm"),
+        helper.make_node("Shape", ["n"], ["n_shape"], name="n_shape"),  # reads the shape only: folding is fine
         helper.make_node("Transpose", ["E"], ["Et"], name="tie", perm=[1, 0]),
         helper.make_node("MatMul", ["n", "Et"], ["logits"], name="lm_head"),
         helper.make_node("MatMul", ["x2", "W"], ["other"], name="other"),
@@ -225,6 +226,7 @@ def _shared_weights_model() -> onnx.ModelProto:
               helper.make_tensor_value_info("x3", f32, ["t", k])]
     outputs = [helper.make_tensor_value_info(name, f32, shape) for name, shape in
                (("mm", ["b", "s", n]), ("logits", ["b", "s", v]), ("other", ["b", "s", n]), ("gemm", ["t", n]))]
+    outputs.append(helper.make_tensor_value_info("n_shape", TensorProto.INT64, [3]))
     return make_model(nodes, inputs, outputs, inits)
 
 
