@@ -112,24 +112,21 @@ def padded_blocks(weight: np.ndarray, bs: int) -> np.ndarray:
 class OutputErrorOperator:
     """Applies ``H = x^T x`` (``x: [T, K]``, K zero-padded to ``k_padded``) to ``d: [k_padded, n]``.
 
-    Uses ``H`` itself when ``K < 2 min(T, K)`` and otherwise a factor ``R: [min(T, K), K]`` with
-    ``R^T R = H`` (``x`` itself when ``T <= K``, else its QR factor), whichever is cheaper.
+    ``H d`` costs ``2 K^2 n`` flops, ``x^T (x d)`` costs ``4 T K n``: ``H`` (computed once, in float64)
+    is used when ``K < 2 T``, ``x`` itself otherwise.
     """
 
     def __init__(self, x: np.ndarray, k_padded: int):
         t, k = x.shape
         padded = np.zeros((t, k_padded), dtype=np.float32)
         padded[:, :k] = x
-        rank = min(t, k)
         self.gram: np.ndarray | None = None
         self.factor: np.ndarray | None = None
-        if k < 2 * rank:
+        if k < 2 * t:
             x64 = padded.astype(np.float64)
             self.gram = (x64.T @ x64).astype(np.float32)
-        elif t <= k:
-            self.factor = padded
         else:
-            self.factor = np.linalg.qr(padded.astype(np.float64), mode="r").astype(np.float32)
+            self.factor = padded
 
     def apply(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(H d: [k_padded, n], ||x d[:, j]||^2 per column: float64 [n])``."""
@@ -314,7 +311,7 @@ def autoround_quantize_weight(
         lr: initial step of ``V``, ``alpha`` and ``beta`` (decays linearly to 0); default ``1 / steps``.
         batch_size: rows of ``x`` per step, drawn without replacement epoch by epoch (the reference
             trains on mini-batches); ``None`` (or ``>= T``) uses all rows every step. A step costs
-            ``~4 min(T, K) K N`` flops with all rows and ``~4 batch_size K N`` with mini-batches, plus
+            ``~min(4 T, 2 K) K N`` flops with all rows and ``~4 batch_size K N`` with mini-batches, plus
             ``2 T K N`` for the exact loss every ``ceil(T / batch_size)`` steps (best iterates are
             chosen among those evaluations).
         seed: seeds the row sampling (only used with mini-batches).

@@ -140,7 +140,7 @@ def teq_quantize_weights(
 
     Args:
         weights: sibling weights ``[K, N_i]`` that all read the same input; not modified.
-        x: ``[T, K]`` sample of that input (cost per step ``~4 min(T, K) K sum N_i`` flops;
+        x: ``[T, K]`` sample of that input (cost per step ``~min(4 T, 2 K) K sum N_i`` flops;
             a few hundred rows is the intended size).
         bits, block_size, symmetric, scale_dtype: the RTN quantizer, as
             :func:`~onnxq.core.quantize_weight`.
