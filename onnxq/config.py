@@ -131,11 +131,15 @@ class TuningConfig:
         steps: optimisation steps per layer (TEQ: per input group).
         lr: learning rate; ``None`` takes the algorithm's default.
         sample_rows: activation rows kept (reservoir sample) per input tensor.
+        max_elements: weights with more elements (K*N; e.g. a 50k-vocabulary lm_head) get RTN
+            instead: per-layer tuning costs O(steps * T * K * N), minutes for such a weight.
+            ``None`` tunes every weight.
     """
 
     steps: int = 200
     lr: float | None = None
     sample_rows: int = 512
+    max_elements: int | None = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not (isinstance(self.steps, int) and self.steps >= 1):
@@ -256,6 +260,9 @@ class QuantConfig:
             raise OnnxqError(f"quant_type must be one of {BNB4_TYPES}, got {self.quant_type!r}")
         if self.algorithm == "hqq" and self.hqq.zero_point == "float" and (self.symmetric or self.format != "nbits"):
             raise OnnxqError("hqq.zero_point 'float' needs asymmetric quantization (--asym) and format 'nbits'")
+        if self.algorithm == "hqq" and self.hqq.zero_point == "float" and self.bits == 8:
+            raise OnnxqError("hqq.zero_point 'float' works with 2 or 4 bits (ORT's CPU MatMulNBits refuses 8-bit "
+                             "weights with float zero points)")
         if self.format in ("bnb4", "fpq4") and self.algorithm != "rtn":
             raise OnnxqError(f"format {self.format!r} supports only algorithm 'rtn', got {self.algorithm!r}")
         if self.format in ("bnb4", "fpq4") and self.bits != 4:

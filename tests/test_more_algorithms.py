@@ -76,3 +76,19 @@ def test_cli_hqq_and_autoround(model, tmp_path):
     assert main(["quantize", str(src), str(tmp_path / "a.onnx"), "--algo", "autoround", "--steps", "20",
                  "--calib-data", str(data), "--quiet"]) == 0
     assert main(["quantize", str(src), str(tmp_path / "t.onnx"), "--algo", "teq", "--quiet"]) == 2
+
+
+def test_tuning_skips_weights_above_max_elements(model, held_out):
+    """A weight above autoround.max_elements gets exactly RTN's codes (the lm_head here: 64 x 97)."""
+    config = QuantConfig(algorithm="autoround", block_size=32, calibration=CalibrationConfig(samples=4),
+                         autoround=TuningConfig(steps=5, max_elements=64 * 96))
+    quantized = onnxq.quantize(model, config, feeds(4))
+    rtn = onnxq.quantize(model, QuantConfig(block_size=32))
+    lm = [n for n in nbits_nodes(quantized) if n.name.startswith("lm_head")][0]
+    lm_rtn = [n for n in nbits_nodes(rtn) if n.name.startswith("lm_head")][0]
+    np.testing.assert_array_equal(dequantized_weight(lm), dequantized_weight(lm_rtn))
+
+
+def test_hqq_float_zero_points_refuse_8_bits():
+    with pytest.raises(OnnxqError, match="2 or 4 bits"):
+        QuantConfig(algorithm="hqq", bits=8, symmetric=False, hqq=HQQConfig(zero_point="float"))

@@ -283,6 +283,8 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
         return solved, f"{name}: alpha {search.alpha:.2f} (loss -{gain:.1%} vs RTN), {where}"
 
     def _teq(self, name: str, sites: list[WeightSite], x: np.ndarray, editable) -> tuple[dict[int, _Solved], str]:
+        if self._too_large(sites):
+            return {id(site.node): self._rtn(site) for site in sites}, f"{name}: RTN (weights above teq.max_elements)"
         settings = [self._settings(site) for site in sites]
         weights = [finite_weight(site) for site in sites]
         first, options = settings[0], self.config.teq
@@ -307,8 +309,23 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
         gain = 1 - result.loss / result.loss_rtn if result.loss_rtn > 0 else 0.0
         return solved, f"{name}: TEQ loss -{gain:.1%} vs RTN, {where}"
 
+    def _too_large(self, sites: list[WeightSite]) -> bool:
+        limit = getattr(self.config, self.config.algorithm).max_elements
+        large = [s for s in sites if limit is not None and s.k * s.n > limit]
+        for site in large:
+            logger.info("%s: %s has %d weights (> max_elements %d): RTN instead", self.config.algorithm, site.name,
+                        site.k * site.n, limit)
+        return bool(large)
+
+    def _rtn(self, site: WeightSite) -> _Solved:
+        settings = self._settings(site)
+        qweight, error = rtn_weight_quantizer(site, finite_weight(site), settings, site.dtype.numpy())
+        return _Solved(qweight, error)
+
     def _autoround(self, site: WeightSite, x: np.ndarray) -> _Solved:
         settings, options = self._settings(site), self.config.autoround
+        if self._too_large([site]):
+            return self._rtn(site)
         weight = finite_weight(site)
         result = autoround_quantize_weight(
             weight, x, settings.bits, block_size_for(settings.block_size, site.k), settings.symmetric,
