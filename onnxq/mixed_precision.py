@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -106,6 +106,24 @@ class MixedPrecisionPlan:
     effective_bits: float
     loss: str
     candidates: list[Candidate] = field(repr=False)
+    group_bits: list[list[float]] = field(repr=False, default_factory=list)  # [group][candidate] stored bits
+    total_weights: int = 0
+
+    def for_budget(self, effective_bits: float) -> "MixedPrecisionPlan":
+        """The plan for another budget from the same measured sensitivities (no new measurement)."""
+        names = [c.name for c in self.candidates]
+        sensitivity = [[self.sensitivity[group[0]][name] for name in names] for group in self.groups]
+        floor = sum(min(row) for row in self.group_bits) / self.total_weights
+        if effective_bits < floor - 1e-9:
+            raise OnnxqError(f"effective bits {effective_bits} is below the smallest possible {floor:.3f} "
+                             f"for candidates {names}")
+        choice, used = _choose(sensitivity, self.group_bits, effective_bits * self.total_weights)
+        assignments = {site: names[choice[i]] for i, group in enumerate(self.groups) for site in group}
+        counts = {name: sum(1 for v in assignments.values() if v == name) for name in names}
+        logger.info("mixed precision: %.3f bits per weight (budget %.3f); nodes per format: %s",
+                    used / self.total_weights, effective_bits, counts)
+        return replace(self, assignments=assignments, target_bits=float(effective_bits),
+                       effective_bits=float(used / self.total_weights))
 
     def to_config(self, base: QuantConfig) -> QuantConfig:
         """``base`` with one exact-name override per site."""
@@ -225,13 +243,30 @@ def search_mixed_precision(
         raise OnnxqError(f"loss must be 'kl', 'mse' or 'auto', got {loss!r}")
     sensitivity = _measure(model, groups, formats, feeds, output_name, _loss_fn(kind), progress, providers)
 
-    choice = list(cheapest)
-    used = sum(bits[i][choice[i]] for i in range(len(groups)))
-    budget = effective_bits * total
+    plan = MixedPrecisionPlan(
+        assignments={},
+        groups=[[s.name for s in g] for g in groups],
+        sensitivity={g[0].name: {formats[c].name: sensitivity[i][c] for c in range(len(formats))}
+                     for i, g in enumerate(groups)},
+        target_bits=float(effective_bits),
+        effective_bits=0.0,
+        loss=kind,
+        candidates=formats,
+        group_bits=bits,
+        total_weights=total,
+    )
+    return plan.for_budget(effective_bits)
+
+
+def _choose(sensitivity: list[list[float]], bits: list[list[float]], budget: float) -> tuple[list[int], float]:
+    """Greedy knapsack: start from each group's cheapest format, then take the upgrade with the
+    largest loss reduction per extra bit while it fits. Returns (choice per group, bits used)."""
+    choice = [int(np.argmin(row)) for row in bits]
+    used = sum(bits[i][choice[i]] for i in range(len(bits)))
     while True:
         best = None
-        for i in range(len(groups)):
-            for c in range(len(formats)):
+        for i in range(len(bits)):
+            for c in range(len(bits[i])):
                 extra = bits[i][c] - bits[i][choice[i]]
                 gain = sensitivity[i][choice[i]] - sensitivity[i][c]
                 if extra <= 0 or gain <= 0 or used + extra > budget + 1e-6:
@@ -240,26 +275,10 @@ def search_mixed_precision(
                 if best is None or ratio > best[0]:
                     best = (ratio, i, c, extra)
         if best is None:
-            break
+            return choice, used
         _, i, c, extra = best
         choice[i] = c
         used += extra
-
-    assignments = {s.name: formats[choice[i]].name for i, g in enumerate(groups) for s in g}
-    plan = MixedPrecisionPlan(
-        assignments=assignments,
-        groups=[[s.name for s in g] for g in groups],
-        sensitivity={g[0].name: {formats[c].name: sensitivity[i][c] for c in range(len(formats))}
-                     for i, g in enumerate(groups)},
-        target_bits=float(effective_bits),
-        effective_bits=float(used / total),
-        loss=kind,
-        candidates=formats,
-    )
-    counts = {c.name: sum(1 for v in assignments.values() if v == c.name) for c in formats}
-    logger.info("mixed precision: %.3f bits per weight (budget %.3f); nodes per format: %s",
-                plan.effective_bits, effective_bits, counts)
-    return plan
 
 
 def _measure(model, groups, formats, feeds, output_name, loss_fn, progress, providers) -> list[list[float]]:
