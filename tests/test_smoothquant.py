@@ -2,6 +2,7 @@
 float outputs kept by smoothing, and W8A8 + SmoothQuant beating plain W8A8 (ORT CPU)."""
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -264,6 +265,25 @@ def test_shared_and_tied_weights_keep_their_other_readers(alpha):
     # the proto given is not modified
     assert {t.name: numpy_helper.to_array(t).tobytes() for t in proto.graph.initializer} == \
         {k: a.tobytes() for k, a in original.items()}
+
+
+def test_fp16_model_stays_fp16():
+    k, n = 32, 16
+    gamma = (1 + np.random.default_rng(0).normal(0, 0.1, k)).astype(np.float16)
+    gamma[[2, 7]] *= 20
+    f16 = TensorProto.FLOAT16
+    proto = make_model(
+        [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], name="norm", axis=-1),
+         helper.make_node("MatMul", ["h", "W"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("x", f16, ["b", 8, k])], [helper.make_tensor_value_info("y", f16, ["b", 8, n])],
+        {"g": gamma, "b": np.zeros(k, np.float16), "W": weight((k, n), 1, np.float16, 0.2)})
+    feeds = [{"x": np.random.default_rng(i).normal(0, 1, (2, 8, k)).astype(np.float16)} for i in range(3)]
+    (reference,) = run(proto, feeds[0])
+    smoothed = smooth_model(proto, feeds, alpha="auto")
+    (y,) = run(smoothed, feeds[0])
+    assert y.dtype == np.float16 and all(v.dtype == ir.DataType.FLOAT16 for v in smoothed.graph.initializers.values())
+    np.testing.assert_allclose(y.astype(np.float32), reference, atol=2e-3 * np.abs(reference).max())  # fp16 rounding
+    assert smoothed.meta[SMOOTH_REPORT_KEY][0].where.startswith("folded into LayerNormalization")
 
 
 def test_smooth_model_errors():

@@ -170,8 +170,10 @@ def smoothquant_search_alpha(
         act_absmax: ``[K]`` max ``|x|`` per channel over all calibration data.
         alphas: the grid (default ``0.30, 0.35, ..., 0.70``); ties go to the first.
         max_columns: when the siblings have more output columns in all, the loss is
-            measured on this many of them drawn without replacement (``seed``): each
-            column is quantized on its own, so this is an unbiased estimate of the loss.
+            summed over this many of them drawn without replacement (``seed``), e.g. for
+            a wide lm_head: each column is quantized on its own, so times ``N / max_columns``
+            that sum is an unbiased estimate of the full loss (the returned losses are the
+            sums over the sample).
         seed: seed of that column draw.
 
     Returns:
@@ -193,11 +195,11 @@ def smoothquant_search_alpha(
         columns = np.sort(np.random.default_rng(seed).choice(w.shape[1], max_columns, replace=False))
         w = w[:, columns]
     reference = x @ w
-    # the row statistic stays the one of all columns: it sets s, whatever the loss is measured on
 
     def loss(scales: np.ndarray) -> float:
         return float(np.square(reference - _quantized_product(x, w, np.asarray(scales, np.float64), a)).sum())
 
+    # w_max stays the statistic of all columns: it sets s, whatever columns the loss is measured on
     losses = np.array([loss(smooth_scales(a, w_max, alpha)) for alpha in alphas])
     best = int(np.argmin(losses))
     return SmoothSearchResult(smooth_scales(a, w_max, alphas[best]), alphas[best], alphas, losses, loss(np.ones(k)))
