@@ -20,6 +20,7 @@ from onnxq.calibration import NpzReader, TextReader
 from onnxq.config import ALGORITHMS, BNB4_TYPES, FORMATS, QuantConfig
 from onnxq.mixed_precision import DEFAULT_CANDIDATES, search_mixed_precision
 from onnxq.passes.convert import convert_model
+from onnxq.smoothquant import quantize_w8a8
 from onnxq.passes.unpack import unpack_model
 from onnxq.io import load_model
 from onnxq.errors import OnnxqError
@@ -77,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     calib = q.add_argument_group("calibrated algorithms (--algo gptq|awq)")
-    calib.add_argument("--algo", choices=ALGORITHMS,
-                       help="rtn (default), hqq (no data needed), gptq, awq, teq or autoround (need --calib-data)")
+    calib.add_argument("--algo", choices=(*ALGORITHMS, "smoothquant"),
+                       help="rtn (default), hqq (no data needed), gptq, awq, teq or autoround (need --calib-data); "
+                            "smoothquant: W8A8 (int8 weights and activations, QDQ) with SmoothQuant")
+    calib.add_argument("--sq-alpha", default="0.5",
+                       help="SmoothQuant migration strength in [0, 1], or 'auto' (searched per input group)")
+    calib.add_argument("--no-smooth", action="store_true", help="with --algo smoothquant: plain static W8A8")
     calib.add_argument("--calib-data", type=Path, metavar="FILE",
                        help=".npz of model inputs (NpzReader layouts), .npy of token ids, or a text file (+ --tokenizer)")
     calib.add_argument("--tokenizer", type=Path, help="ONNX tokenizer model (onnxruntime-extensions) for a text --calib-data")
@@ -154,7 +159,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         values = {k: v for k, v in values.items() if v is not None}
         if values:
             base[key] = {**base.get(key, {}), **values}
-    if getattr(args, "algo", None) is not None:
+    if getattr(args, "algo", None) not in (None, "smoothquant"):
         base["algorithm"] = args.algo
     return QuantConfig.from_dict(base, where=str(args.config or "settings"))
 
@@ -207,6 +212,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
     model = load_model(args.input)
     reader = _calibration_reader(args, config, model)
+    if args.algo == "smoothquant":
+        return _smoothquant(args, config, model, reader)
     if args.effective_bits is not None:
         config = _mixed_precision_plan(args, config, model, reader, progress)
         if hasattr(reader, "rewind"):
@@ -224,6 +231,27 @@ def _quantize(args: argparse.Namespace) -> int:
         print(summary_line(records, skipped))
         print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _smoothquant(args: argparse.Namespace, config: QuantConfig, model, reader) -> int:
+    if reader is None:
+        raise OnnxqError("--algo smoothquant needs calibration data (--calib-data)")
+    alpha = args.sq_alpha if args.sq_alpha == "auto" else _float(args.sq_alpha, "--sq-alpha")
+    start = time.perf_counter()
+    quantize_w8a8(model, reader, args.output, smooth=not args.no_smooth, alpha=alpha,
+                  samples=config.calibration.samples,
+                  external_data={"auto": None, "always": True, "never": False}[args.external_data])
+    if not args.quiet:
+        print(f"wrote {args.output} (W8A8 QDQ{'' if args.no_smooth else ', SmoothQuant alpha ' + str(alpha)}) "
+              f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise OnnxqError(f"{flag} expects a number or 'auto', got {text!r}") from None
 
 
 def _mixed_precision_plan(args, config: QuantConfig, model, reader, progress) -> QuantConfig:

@@ -362,3 +362,25 @@ def test_smoothquant_lowers_w8a8_error_on_outlier_activations():
     # 0.152 -> 0.012 where the kernels do not saturate)
     assert error(alpha=0.5) < 0.5 * error(smooth=False)
     assert error(alpha=0.5, activation_type="int8") < 0.5 * error(smooth=False, activation_type="int8")
+
+
+def test_cli_smoothquant(tmp_path):
+    """python -m onnxq quantize --algo smoothquant writes a W8A8 QDQ model that ORT runs."""
+    import onnx
+
+    from onnxq.calibration import save_npz
+    from onnxq.cli import main
+    from tests.graphs import run
+    from tests.tiny_transformer import make_tiny_transformer
+
+    model = make_tiny_transformer(num_layers=1, hidden=32, ffn=64, vocab=97, seed=2)
+    src, out, data = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "c.npz"
+    onnx.save(model, src)
+    rng = np.random.default_rng(0)
+    save_npz(data, [{"input_ids": rng.integers(0, 97, (1, 16)).astype(np.int64)} for _ in range(4)])
+    assert main(["quantize", str(src), str(out), "--algo", "smoothquant", "--calib-data", str(data), "--quiet"]) == 0
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(out).graph.node}
+    ids = {"input_ids": rng.integers(0, 97, (1, 16)).astype(np.int64)}
+    assert np.isfinite(run(out, ids)[0]).all()
+    assert main(["quantize", str(src), str(out), "--algo", "smoothquant", "--sq-alpha", "x",
+                 "--calib-data", str(data)]) == 2
