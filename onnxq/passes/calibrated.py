@@ -110,6 +110,7 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
         self.records: list[QuantizedNodeRecord] = []
         self.skipped: list[SkippedNode] = []
         self.blocks: list[BlockReport] = []
+        self._warned_rows = False
 
     # -- driver -----------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -214,9 +215,10 @@ class CalibratedNBitsPass(ir.passes.InPlacePass):
         for name, sites in groups.items():
             if self.config.algorithm == "gptq":
                 rows, k = stats[name][0].count, sites[0].k
-                if rows < 2 * k:
+                if rows < 2 * k and not self._warned_rows:
+                    self._warned_rows = True
                     logger.warning("GPTQ: only %d calibration rows for %r (K=%d): the solution may overfit; "
-                                   "give more samples or raise gptq.percdamp", rows, name, k)
+                                   "give more samples or raise gptq.percdamp (said once per run)", rows, name, k)
                 for site in sites:
                     solved[id(site.node)] = self._gptq(site, stats[name][0].hessian)
             elif self.config.algorithm == "awq":
