@@ -7,9 +7,10 @@
 from onnxq.api import inspect_model, quantize, save
 from onnxq.config import QuantConfig
 from onnxq.errors import OnnxqError
+from onnxq.smoothquant import quantize_w8a8, smooth_model
 from onnxq.summary import print_quant_summary, quant_summary
 
-__all__ = ["OnnxqError", "QuantConfig", "inspect_model", "print_quant_summary", "quant_summary", "quantize", "save"]
+__all__ = ["OnnxqError", "QuantConfig", "inspect_model", "print_quant_summary", "quant_summary", "quantize", "quantize_w8a8", "save", "smooth_model"]
 __version__ = "0.1.0"
 
 from onnxq.weight_only import awq_quantize, gptq_quantize, rtn_quantize  # noqa: E402  (Neural Compressor's ONNX API)

@@ -81,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--algo", choices=(*ALGORITHMS, "smoothquant"),
                        help="rtn (default), hqq (no data needed), gptq, awq, teq or autoround (need --calib-data); "
                             "smoothquant: W8A8 (int8 weights and activations, QDQ) with SmoothQuant")
-    calib.add_argument("--sq-alpha", default="0.5",
-                       help="SmoothQuant migration strength in [0, 1], or 'auto' (searched per input group)")
+    calib.add_argument("--sq-alpha", default="auto",
+                       help="SmoothQuant migration strength in [0, 1], or 'auto' (default: searched per input group)")
+    calib.add_argument("--weight-range", choices=("auto", "7bit", "8bit"), default="auto",
+                       help="W8A8 weights: 7-bit avoids int16 saturation in ORT's u8xs8 kernels on x86 CPUs "
+                            "without VNNI (auto: 8-bit only when /proc/cpuinfo lists a VNNI flag)")
     calib.add_argument("--no-smooth", action="store_true", help="with --algo smoothquant: plain static W8A8")
     calib.add_argument("--calib-data", type=Path, metavar="FILE",
                        help=".npz of model inputs (NpzReader layouts), .npy of token ids, or a text file (+ --tokenizer)")
@@ -238,13 +241,24 @@ def _smoothquant(args: argparse.Namespace, config: QuantConfig, model, reader) -
         raise OnnxqError("--algo smoothquant needs calibration data (--calib-data)")
     alpha = args.sq_alpha if args.sq_alpha == "auto" else _float(args.sq_alpha, "--sq-alpha")
     start = time.perf_counter()
+    reduce_range = args.weight_range == "7bit" or (args.weight_range == "auto" and not _has_vnni())
     quantize_w8a8(model, reader, args.output, smooth=not args.no_smooth, alpha=alpha,
-                  samples=config.calibration.samples,
+                  samples=config.calibration.samples, reduce_range=reduce_range,
                   external_data={"auto": None, "always": True, "never": False}[args.external_data])
     if not args.quiet:
-        print(f"wrote {args.output} (W8A8 QDQ{'' if args.no_smooth else ', SmoothQuant alpha ' + str(alpha)}) "
+        print(f"wrote {args.output} (W8A8 QDQ, {'7' if reduce_range else '8'}-bit weights"
+              f"{'' if args.no_smooth else ', SmoothQuant alpha ' + str(alpha)}) "
               f"in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _has_vnni() -> bool:
+    """Whether the CPU has VNNI (ORT's int8 kernels then accumulate without int16 saturation)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "vnni" in flags
 
 
 def _float(text: str, flag: str) -> float:
