@@ -22,7 +22,7 @@ import numpy as np
 
 import onnxq
 from onnxq.calibration import TextReader
-from onnxq.evaluate import compare_lms
+from onnxq.evaluate import compare_lm
 from onnxq.io import load_model
 from onnxq.mixed_precision import search_mixed_precision
 
@@ -50,17 +50,43 @@ def main() -> None:
     feeds = _feeds(args.model, args.samples, args.seq_len)
     base = {"bits": 4, "block_size": 128, "symmetric": True, "calibration": {"samples": args.samples}}
     tuning = {"steps": args.steps}
-    methods = {
-        "rtn": {},
+    first_methods = {"rtn": {}, "gptq": {"algorithm": "gptq"}}
+    later_methods = {
         "hqq (asym, uint8 zp)": {"algorithm": "hqq", "symmetric": False},
         "hqq (asym, float zp)": {"algorithm": "hqq", "symmetric": False, "hqq": {"zero_point": "float"}},
-        "gptq": {"algorithm": "gptq"},
-        "awq": {"algorithm": "awq"},
-        f"teq ({args.steps} steps)": {"algorithm": "teq", "teq": tuning},
         f"autoround ({args.steps} steps)": {"algorithm": "autoround", "autoround": tuning},
+        f"teq ({args.steps} steps)": {"algorithm": "teq", "teq": tuning},
+        "awq": {"algorithm": "awq"},
     }
     results: dict[str, dict] = {}
     paths: dict[str, Path] = {}
+    eval_ids = np.load(REAL / "eval_ids.npy")
+    fp32_mib = sum(p.stat().st_size for p in args.model.parent.glob(args.model.name + "*")) / 2**20
+    command = "python " + " ".join(sys.argv)
+    search_s = 0.0
+
+    def write() -> None:
+        rows = ["| method (int4 b128 sym unless noted) | quant time (s) | size (MiB) | ppl | Δppl vs fp32 | KL | top-1 |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        ppl_float = next(iter(results.values()))["ppl_float"]
+        rows.append(f"| fp32 | – | {fp32_mib:.1f} | {ppl_float:.3f} | – | – | – |")
+        for name, r in results.items():
+            rows.append(f"| {name} | {r['quant_s']:.1f} | {r['size_mib']:.1f} | {r['ppl']:.3f} | "
+                        f"{(r['ppl'] / r['ppl_float'] - 1) * 100:+.1f}% | {r['kl']:.4f} | {r['top1']:.1%} |")
+        tokens = next(iter(results.values()))["tokens"]
+        text = (
+            "# Beyond the peers: SmolLM2-135M\n\n"
+            f"Command: `{command}`\n\n"
+            f"Eval: {tokens} scored tokens ({args.windows} windows x 256) of the pydoc eval split; calibration: "
+            f"{args.samples} x {args.seq_len} tokens of the calib split; TEQ/AutoRound {args.steps} steps per layer "
+            "(weights above 8M elements, i.e. the lm_head, get RTN). Mixed precision: sensitivities measured once "
+            f"({search_s:.0f} s, included in each mixed row's time), candidates int4_b128 / int8_b128 with fp32 "
+            "scales (4.25 / 8.25 stored bits per weight). Each method ran alone in this process, one after the "
+            "other, on 2 cores shared with other jobs (times are indicative). SmolLM2's weights were stored as "
+            "Q4_1 (see docs/RESULTS.md).\n\n" + "\n".join(rows) + "\n"
+        )
+        args.out.write_text(text)
+        (args.workdir / "results.json").write_text(json.dumps(results, indent=1))
 
     def run(name: str, config: onnxq.QuantConfig, extra_seconds: float = 0.0) -> None:
         path = args.workdir / f"{len(paths)}.onnx"
@@ -69,11 +95,14 @@ def main() -> None:
         onnxq.save(model, path, external_data=True)
         seconds = time.perf_counter() - start + extra_seconds
         size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
-        results[name] = {"quant_s": seconds, "size_mib": size / 2**20}
         paths[name] = path
-        print(f"{name}: {seconds:.1f} s, {size / 2**20:.1f} MiB", file=sys.stderr, flush=True)
+        c = compare_lm(args.model, str(path), eval_ids, context=256, max_windows=args.windows)
+        results[name] = {"quant_s": seconds, "size_mib": size / 2**20, "ppl": c.ppl_quant, "ppl_float": c.ppl_float,
+                         "kl": c.kl_mean, "top1": c.top1_agreement, "tokens": c.tokens}
+        print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
+        write()
 
-    for name, options in methods.items():
+    for name, options in first_methods.items():
         run(name, onnxq.QuantConfig.from_dict({**base, **options}))
 
     start = time.perf_counter()
@@ -84,37 +113,14 @@ def main() -> None:
     print(f"sensitivity search: {search_s:.1f} s", file=sys.stderr, flush=True)
     for budget in (float(b) for b in args.budgets.split(",")):
         budget_plan = plan.for_budget(budget)
-        for algo in ("rtn", "gptq"):
+        for algo in ("gptq", "rtn"):
             config = onnxq.QuantConfig.from_dict({**base, "algorithm": algo})
             run(f"mixed {budget} ({algo}; {budget_plan.effective_bits:.2f} bits)", budget_plan.to_config(config),
                 extra_seconds=search_s)
+    for name, options in later_methods.items():
+        run(name, onnxq.QuantConfig.from_dict({**base, **options}))
 
-    comparison = compare_lms(args.model, {n: str(p) for n, p in paths.items()}, np.load(REAL / "eval_ids.npy"),
-                             context=256, max_windows=args.windows)
-    rows = ["| method (int4 b128 sym unless noted) | quant time (s) | size (MiB) | ppl | Δppl vs fp32 | KL | top-1 |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    first = next(iter(comparison.values()))
-    rows.append(f"| fp32 | – | {sum(p.stat().st_size for p in args.model.parent.glob(args.model.name + '*')) / 2**20:.1f} "
-                f"| {first.ppl_float:.3f} | – | – | – |")
-    for name, c in comparison.items():
-        r = results[name]
-        r.update(ppl=c.ppl_quant, kl=c.kl_mean, top1=c.top1_agreement)
-        rows.append(f"| {name} | {r['quant_s']:.1f} | {r['size_mib']:.1f} | {c.ppl_quant:.3f} | "
-                    f"{(c.ppl_quant / c.ppl_float - 1) * 100:+.1f}% | {c.kl_mean:.4f} | {c.top1_agreement:.1%} |")
-    command = "python " + " ".join(sys.argv)
-    text = (
-        "# Beyond the peers: SmolLM2-135M\n\n"
-        f"Command: `{command}`\n\n"
-        f"Eval: {first.tokens} scored tokens ({args.windows} windows x 256) of the pydoc eval split; calibration: "
-        f"{args.samples} x {args.seq_len} tokens of the calib split; TEQ/AutoRound {args.steps} steps per layer "
-        "(weights above 8M elements, i.e. the lm_head, get RTN). Mixed precision: sensitivities measured once "
-        f"({search_s:.0f} s, included in each mixed row's time), candidates int4_b128 / int8_b128 with fp32 scales "
-        "(4.25 / 8.25 stored bits per weight). Times on 2 shared cores; SmolLM2's weights were stored as Q4_1 "
-        "(see docs/RESULTS.md).\n\n" + "\n".join(rows) + "\n"
-    )
-    args.out.write_text(text)
-    (args.workdir / "results.json").write_text(json.dumps(results, indent=1))
-    print(text)
+    print(args.out.read_text())
 
 
 if __name__ == "__main__":
