@@ -52,7 +52,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     scheme.add_argument("--asym", dest="symmetric", action="store_false", default=None, help="asymmetric (zero points)")
     scheme.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric, full range (default)")
     group.add_argument("--accuracy-level", type=int, help="MatMulNBits accuracy_level 0-4 (default 0; 4 = int8 activations)")
-    group.add_argument("--mse-clip", action="store_true", default=None, help="per-block clip-ratio search (weight MSE)")
+    group.add_argument("--mse-clip", action="store_true", default=None, help="per-block clip-ratio search on weight MSE (can hurt LLM perplexity: see README)")
     group.add_argument("--format", choices=FORMATS,
                        help="nbits (MatMulNBits, default), qdq (opset-21 DequantizeLinear), bnb4 (MatMulBnb4), "
                             "fpq4 (legacy MatMulFpQ4, AVX-512 hosts only)")

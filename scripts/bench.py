@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+README_BEGIN, README_END = "<!-- bench.py table: begin -->", "<!-- bench.py table: end -->"
 NOTES_MARKER = "<!-- Notes below this line are written by hand and kept when scripts/bench.py regenerates the file. -->"
 
 
@@ -208,7 +209,8 @@ def run_quant(args: argparse.Namespace, name: str, results: dict) -> None:
     dst = _method_path(args.workdir, name)
     shutil.rmtree(dst.parent, ignore_errors=True)  # ORT appends to an existing .data file
     dst.parent.mkdir(parents=True)
-    cmd = [sys.executable, __file__, "--child", name, str(args.model), str(dst), "--calib-ids", str(args.calib_ids),
+    python = args.ort_python if METHODS[name].tool == "ort" else sys.executable
+    cmd = [python, __file__, "--child", name, str(args.model), str(dst), "--calib-ids", str(args.calib_ids),
            "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     print(f"[quant] {name} ...", file=sys.stderr, flush=True)
@@ -224,7 +226,8 @@ def run_quant(args: argparse.Namespace, name: str, results: dict) -> None:
         shutil.rmtree(dst.parent, ignore_errors=True)
         print(f"[quant] {name} FAILED: {entry['quant']['error']}", file=sys.stderr)
         return
-    entry["quant"] = json.loads(proc.stdout.strip().splitlines()[-1]) | {"size_bytes": _model_size(dst)}
+    report = next(line for line in reversed(proc.stdout.splitlines()) if line.startswith('{"wall_s"'))  # ORT prints too
+    entry["quant"] = json.loads(report) | {"size_bytes": _model_size(dst)}
     print(f"[quant] {name}: {entry['quant']}", file=sys.stderr, flush=True)
 
 
@@ -400,6 +403,17 @@ def _targets(results: dict) -> list[str]:
     return lines
 
 
+def _update_readme(args: argparse.Namespace, table: list[str]) -> None:
+    """Replace README.md's text between the bench.py markers with the accuracy table and targets."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if args.markdown.resolve() != (ROOT / "docs" / "RESULTS.md").resolve() or README_BEGIN not in text:
+        return
+    head, _, rest = text.partition(README_BEGIN)
+    _, _, tail = rest.partition(README_END)
+    readme.write_text(head + README_BEGIN + "\n" + "\n".join(table) + "\n" + README_END + tail)
+
+
 def write_report(args: argparse.Namespace, results: dict) -> None:
     methods, fp32 = results["methods"], results.get("fp32", {})
     ev = fp32 or {}
@@ -412,8 +426,9 @@ def write_report(args: argparse.Namespace, results: dict) -> None:
         f"{results.get('loadavg', '?')} (other people's jobs shared the cores: timings are indicative).",
         "",
         "**CAVEAT:** SmolLM2-135M-Instruct's only offline copy stores its layer weights as Q4_1 (asymmetric 4-bit, "
-        "block 32): its fp32 weights sit on that grid, so asymmetric block-32 RTN reproduces them almost exactly "
-        "and flatters any method. Compare methods at block 128 (sym/asym); the b32-asym rows are there to show this.",
+        "block 32, float scale and float minimum): the exported fp32 weights sit on that grid. MatMulNBits' integer "
+        "zero points cannot express Q4_1's float minimum, so block-32 asymmetric RTN is not lossless here (see its "
+        "KL), but the grid may still favour block-32 asymmetric schemes: compare methods at block 128.",
         "",
         "## SmolLM2-135M: accuracy and quantization cost",
         "",
@@ -451,6 +466,7 @@ def write_report(args: argparse.Namespace, results: dict) -> None:
             f"| {_fmt(e.get('ppl_quant'), '.4f')} | {_fmt(delta, '+.4f')} | {_fmt(e.get('kl_mean'), '.5f')} "
             f"| {_fmt(100 * e['top1_agreement'] if e else None, '.2f')}{'%' if e else ''} |")
     lines += ["", "### Targets", "", *_targets(results)]
+    _update_readme(args, lines[lines.index("## SmolLM2-135M: accuracy and quantization cost") + 2:])
     if results.get("identical"):
         lines += ["", "RTN packed weights, onnxq vs ORT (MatMulNBits B/scales/zero_points bytes, per node):", ""]
         lines += [f"- {k}: {v['identical_nodes']} of {v['nodes_onnxq']} nodes identical (ORT wrote {v['nodes_ort']})"
@@ -535,6 +551,8 @@ def main() -> None:
     parser.add_argument("--with-extras", action="store_true", help="also run the diagnostic variants")
     parser.add_argument("--list", action="store_true", help="print the selected pieces and exit")
     parser.add_argument("--report-only", action="store_true", help="only regenerate the markdown from the JSON")
+    parser.add_argument("--ort-python", default=sys.executable,
+                        help="interpreter for ORT's quantizer (its GPTQ imports torch, which onnxq does not need)")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

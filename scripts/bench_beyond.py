@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -43,8 +44,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="TEQ / AutoRound steps per layer")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--budgets", default="4.5,4.8,5.0")
+    parser.add_argument("--candidates", default="int4_b128,int4_b64,int8_b128",
+                        help="mixed-precision formats (SmolLM2's K=576 pads to 640 at block 128: 4.72 stored bits "
+                             "per weight, more than block 64's 4.5)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "models" / "real" / "beyond")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BEYOND.md")
+    parser.add_argument("--resume", action="store_true", help="keep the methods already in WORKDIR/results.json")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     feeds = _feeds(args.model, args.samples, args.seq_len)
@@ -54,11 +59,14 @@ def main() -> None:
     later_methods = {
         "hqq (asym, uint8 zp)": {"algorithm": "hqq", "symmetric": False},
         "hqq (asym, float zp)": {"algorithm": "hqq", "symmetric": False, "hqq": {"zero_point": "float"}},
+        "awq": {"algorithm": "awq"},
+        "gptq b64": {"algorithm": "gptq", "block_size": 64},
         f"autoround ({args.steps} steps)": {"algorithm": "autoround", "autoround": tuning},
         f"teq ({args.steps} steps)": {"algorithm": "teq", "teq": tuning},
-        "awq": {"algorithm": "awq"},
     }
     results: dict[str, dict] = {}
+    if args.resume and (args.workdir / "results.json").exists():
+        results = json.loads((args.workdir / "results.json").read_text())
     paths: dict[str, Path] = {}
     eval_ids = np.load(REAL / "eval_ids.npy")
     fp32_mib = sum(p.stat().st_size for p in args.model.parent.glob(args.model.name + "*")) / 2**20
@@ -80,16 +88,25 @@ def main() -> None:
             f"Eval: {tokens} scored tokens ({args.windows} windows x 256) of the pydoc eval split; calibration: "
             f"{args.samples} x {args.seq_len} tokens of the calib split; TEQ/AutoRound {args.steps} steps per layer "
             "(weights above 8M elements, i.e. the lm_head, get RTN). Mixed precision: sensitivities measured once "
-            f"({search_s:.0f} s, included in each mixed row's time), candidates int4_b128 / int8_b128 with fp32 "
-            "scales (4.25 / 8.25 stored bits per weight). Each method ran alone in this process, one after the "
+            f"({search_s:.0f} s, included in each mixed row's time), candidates {args.candidates} with fp32 scales; "
+            "stored bits per weight count padding, scales and zero points (int4 b128 is 4.25 bits at K=1536 but "
+            "4.72 at K=576, which pads to 640; int4 b64 is 4.5). Each method ran alone in this process, one after the "
             "other, on 2 cores shared with other jobs (times are indicative). SmolLM2's weights were stored as "
             "Q4_1 (see docs/RESULTS.md).\n\n" + "\n".join(rows) + "\n"
         )
         args.out.write_text(text)
+        readme = ROOT / "README.md"
+        begin, end = "<!-- bench_beyond.py table: begin -->", "<!-- bench_beyond.py table: end -->"
+        if args.out.resolve() == (ROOT / "docs" / "BEYOND.md").resolve() and begin in readme.read_text():
+            head, _, rest = readme.read_text().partition(begin)
+            readme.write_text(head + begin + "\n" + "\n".join(rows) + "\n" + end + rest.partition(end)[2])
         (args.workdir / "results.json").write_text(json.dumps(results, indent=1))
 
     def run(name: str, config: onnxq.QuantConfig, extra_seconds: float = 0.0) -> None:
         path = args.workdir / f"{len(paths)}.onnx"
+        if name in results and path.exists():
+            paths[name] = path
+            return
         start = time.perf_counter()
         model = onnxq.quantize(args.model, config, feeds if config.needs_calibration else None)
         onnxq.save(model, path, external_data=True)
@@ -105,14 +122,23 @@ def main() -> None:
     for name, options in first_methods.items():
         run(name, onnxq.QuantConfig.from_dict({**base, **options}))
 
-    start = time.perf_counter()
-    rtn_config = onnxq.QuantConfig.from_dict(base)
-    plan = search_mixed_precision(load_model(args.model), rtn_config, feeds, max(float(b) for b in args.budgets.split(",")),
-                                  "int4_b128,int8_b128", samples=2)
-    search_s = time.perf_counter() - start
+    plan_file = args.workdir / f"plan-{args.candidates.replace(',', '-')}.pkl"
+    if args.resume and plan_file.exists():  # the measured sensitivities of an earlier run (a script's cache)
+        plan, search_s = pickle.loads(plan_file.read_bytes())
+    else:
+        start = time.perf_counter()
+        rtn_config = onnxq.QuantConfig.from_dict(base)
+        plan = search_mixed_precision(load_model(args.model), rtn_config, feeds,
+                                      max(float(b) for b in args.budgets.split(",")), args.candidates, samples=2)
+        search_s = time.perf_counter() - start
+        plan_file.write_bytes(pickle.dumps((plan, search_s)))
     print(f"sensitivity search: {search_s:.1f} s", file=sys.stderr, flush=True)
     for budget in (float(b) for b in args.budgets.split(",")):
-        budget_plan = plan.for_budget(budget)
+        try:
+            budget_plan = plan.for_budget(budget)
+        except onnxq.OnnxqError as error:
+            print(f"mixed {budget}: {error}", file=sys.stderr, flush=True)
+            continue
         for algo in ("gptq", "rtn"):
             config = onnxq.QuantConfig.from_dict({**base, "algorithm": algo})
             run(f"mixed {budget} ({algo}; {budget_plan.effective_bits:.2f} bits)", budget_plan.to_config(config),
@@ -120,6 +146,7 @@ def main() -> None:
     for name, options in later_methods.items():
         run(name, onnxq.QuantConfig.from_dict({**base, **options}))
 
+    write()
     print(args.out.read_text())
 
 
