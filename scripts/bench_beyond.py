@@ -63,6 +63,8 @@ def main() -> None:
         "gptq b64": {"algorithm": "gptq", "block_size": 64},
         f"autoround ({args.steps} steps)": {"algorithm": "autoround", "autoround": tuning},
         f"teq ({args.steps} steps)": {"algorithm": "teq", "teq": tuning},
+        "rtn (asym)": {"symmetric": False},  # the reference for HQQ, which needs zero points
+        "rtn b64": {"block_size": 64},  # the reference for mixed 4.5 (mostly int4 b64)
     }
     results: dict[str, dict] = {}
     if args.resume and (args.workdir / "results.json").exists():
@@ -70,7 +72,10 @@ def main() -> None:
     paths: dict[str, Path] = {}
     eval_ids = np.load(REAL / "eval_ids.npy")
     fp32_mib = sum(p.stat().st_size for p in args.model.parent.glob(args.model.name + "*")) / 2**20
-    command = "python " + " ".join(sys.argv)
+    commands_file = args.workdir / "commands.json"
+    commands = json.loads(commands_file.read_text()) if args.resume and commands_file.exists() else []
+    commands = [c for c in commands if c != "python " + " ".join(sys.argv)] + ["python " + " ".join(sys.argv)]
+    commands_file.write_text(json.dumps(commands))
     search_s = 0.0
 
     def write() -> None:
@@ -84,9 +89,9 @@ def main() -> None:
         tokens = next(iter(results.values()))["tokens"]
         text = (
             "# Beyond the peers: SmolLM2-135M\n\n"
-            f"Command: `{command}`\n\n"
+            "Commands (later ones resume the earlier results): " + ", ".join(f"`{c}`" for c in commands) + "\n\n"
             f"Eval: {tokens} scored tokens ({args.windows} windows x 256) of the pydoc eval split; calibration: "
-            f"{args.samples} x {args.seq_len} tokens of the calib split; TEQ/AutoRound {args.steps} steps per layer "
+            f"{args.samples} x {args.seq_len} tokens of the calib split; TEQ/AutoRound: steps per layer as named "
             "(weights above 8M elements, i.e. the lm_head, get RTN). Mixed precision: sensitivities measured once "
             f"({search_s:.0f} s, included in each mixed row's time), candidates {args.candidates} with fp32 scales; "
             "stored bits per weight count padding, scales and zero points (int4 b128 is 4.25 bits at K=1536 but "
