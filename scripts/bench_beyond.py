@@ -99,7 +99,9 @@ def main() -> None:
             "other, on 2 cores shared with other jobs (times are indicative). SmolLM2's weights were stored as "
             "Q4_1 (see docs/RESULTS.md).\n\n" + "\n".join(rows) + "\n"
         )
-        args.out.write_text(text)
+        marker = "<!-- Notes below this line are written by hand and kept when bench_beyond.py rewrites the file. -->"
+        notes = args.out.read_text().partition(marker)[2] if args.out.exists() else ""
+        args.out.write_text(text + "\n" + marker + (notes or "\n"))
         readme = ROOT / "README.md"
         begin, end = "<!-- bench_beyond.py table: begin -->", "<!-- bench_beyond.py table: end -->"
         if args.out.resolve() == (ROOT / "docs" / "BEYOND.md").resolve() and begin in readme.read_text():
