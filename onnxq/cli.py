@@ -20,7 +20,6 @@ from onnxq.calibration import NpzReader, TextReader
 from onnxq.config import ALGORITHMS, BNB4_TYPES, FORMATS, QuantConfig
 from onnxq.mixed_precision import DEFAULT_CANDIDATES, search_mixed_precision
 from onnxq.passes.convert import convert_model
-from onnxq.smoothquant import quantize_w8a8
 from onnxq.passes.unpack import unpack_model
 from onnxq.io import load_model
 from onnxq.errors import OnnxqError
@@ -237,6 +236,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _smoothquant(args: argparse.Namespace, config: QuantConfig, model, reader) -> int:
+    from onnxq.smoothquant import quantize_w8a8  # imports onnxruntime.quantization: only when asked for
+
     if reader is None:
         raise OnnxqError("--algo smoothquant needs calibration data (--calib-data)")
     alpha = args.sq_alpha if args.sq_alpha == "auto" else _float(args.sq_alpha, "--sq-alpha")
