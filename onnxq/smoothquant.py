@@ -46,7 +46,7 @@ from onnxq.algorithms.smoothquant import (
     smoothquant_search_alpha,
     weight_row_absmax,
 )
-from onnxq.calibration import AbsMaxAccumulator, ActivationProbe, RowSampler, materialize
+from onnxq.calibration import AbsMaxAccumulator, ActivationProbe, ListReader, RowSampler, materialize
 from onnxq.errors import OnnxqError
 from onnxq.io import EXTERNAL_DATA_THRESHOLD, load_model, save_model
 from onnxq.passes.scale_folding import fold_input_scale
@@ -93,24 +93,8 @@ class SmoothedGroup:
     where: str
 
 
-class FeedListReader(OrtCalibrationDataReader):
-    """ONNX Runtime's ``CalibrationDataReader`` over a list of feeds (``get_next``/``rewind``)."""
-
-    def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]]):
-        self._feeds = list(feeds)
-        self._next = 0
-
-    def __len__(self) -> int:
-        return len(self._feeds)
-
-    def get_next(self) -> Feed | None:
-        if self._next >= len(self._feeds):
-            return None
-        self._next += 1
-        return dict(self._feeds[self._next - 1])
-
-    def rewind(self) -> None:
-        self._next = 0
+class FeedListReader(ListReader, OrtCalibrationDataReader):
+    """onnxq's :class:`~onnxq.calibration.ListReader` as ONNX Runtime's ``CalibrationDataReader``."""
 
 
 def _check_alpha(alpha: float | str) -> float | str:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from onnxq.calibration.probe import node_subgraphs
 from onnxq.errors import OnnxqError
 from onnxq.passes.weight_sites import WeightSite
 
@@ -153,16 +154,9 @@ def _site_positions(sites: list[WeightSite], nodes: list[ir.Node], graph: ir.Gra
     position = {id(n): i for i, n in enumerate(nodes)}
     owner: dict[int, int] = {}
     for i, node in enumerate(nodes):
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                subgraphs = [attr.as_graph()]
-            elif attr.type == ir.AttributeType.GRAPHS:
-                subgraphs = list(attr.as_graphs())
-            else:
-                continue
-            for sub in subgraphs:
-                for sub_node in sub.all_nodes():
-                    owner[id(sub_node)] = i
+        for sub in node_subgraphs(node):
+            for sub_node in sub.all_nodes():
+                owner[id(sub_node)] = i
     result = []
     for site in sites:
         key = id(site.node)

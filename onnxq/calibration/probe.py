@@ -36,7 +36,7 @@ from onnxq.calibration.readers import iter_feeds
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model
 
-__all__ = ["ActivationProbe", "INLINE_LIMIT", "collect_statistics"]
+__all__ = ["ActivationProbe", "INLINE_LIMIT", "collect_statistics", "node_subgraphs"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +60,22 @@ def _main_graph_values(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def _outer_references(node: ir.Node, graph: ir.Graph) -> Iterator[ir.Value]:
-    """Values of ``graph`` used inside ``node``'s subgraphs (If/Loop/Scan bodies)."""
+def node_subgraphs(node: ir.Node) -> Iterator[ir.Graph]:
+    """The subgraphs held in ``node``'s attributes (If branches, Loop/Scan bodies)."""
     for attr in node.attributes.values():
         if attr.type == ir.AttributeType.GRAPH:
-            subgraphs = [attr.as_graph()]
+            yield attr.as_graph()
         elif attr.type == ir.AttributeType.GRAPHS:
-            subgraphs = list(attr.as_graphs())
-        else:
-            continue
-        for sub in subgraphs:
-            for sub_node in sub.all_nodes():
-                for value in sub_node.inputs:
-                    if value is not None and value.graph is graph:
-                        yield value
+            yield from attr.as_graphs()
+
+
+def _outer_references(node: ir.Node, graph: ir.Graph) -> Iterator[ir.Value]:
+    """Values of ``graph`` used inside ``node``'s subgraphs (If/Loop/Scan bodies)."""
+    for sub in node_subgraphs(node):
+        for sub_node in sub.all_nodes():
+            for value in sub_node.inputs:
+                if value is not None and value.graph is graph:
+                    yield value
 
 
 class ActivationProbe:
