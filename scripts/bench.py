@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from report_files import mirror_into_readme, write_keeping_notes  # noqa: E402  (scripts/)
+
 README_BEGIN, README_END = "<!-- bench.py table: begin -->", "<!-- bench.py table: end -->"
 NOTES_MARKER = "<!-- Notes below this line are written by hand and kept when scripts/bench.py regenerates the file. -->"
 
@@ -403,17 +405,6 @@ def _targets(results: dict) -> list[str]:
     return lines
 
 
-def _update_readme(args: argparse.Namespace, table: list[str]) -> None:
-    """Replace README.md's text between the bench.py markers with the accuracy table and targets."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if args.markdown.resolve() != (ROOT / "docs" / "RESULTS.md").resolve() or README_BEGIN not in text:
-        return
-    head, _, rest = text.partition(README_BEGIN)
-    _, _, tail = rest.partition(README_END)
-    readme.write_text(head + README_BEGIN + "\n" + "\n".join(table) + "\n" + README_END + tail)
-
-
 def write_report(args: argparse.Namespace, results: dict) -> None:
     methods, fp32 = results["methods"], results.get("fp32", {})
     ev = fp32 or {}
@@ -466,7 +457,9 @@ def write_report(args: argparse.Namespace, results: dict) -> None:
             f"| {_fmt(e.get('ppl_quant'), '.4f')} | {_fmt(delta, '+.4f')} | {_fmt(e.get('kl_mean'), '.5f')} "
             f"| {_fmt(100 * e['top1_agreement'] if e else None, '.2f')}{'%' if e else ''} |")
     lines += ["", "### Targets", "", *_targets(results)]
-    _update_readme(args, lines[lines.index("## SmolLM2-135M: accuracy and quantization cost") + 2:])
+    if args.markdown.resolve() == (ROOT / "docs" / "RESULTS.md").resolve():  # the README shows the default report
+        mirror_into_readme(ROOT / "README.md", README_BEGIN, README_END,
+                           lines[lines.index("## SmolLM2-135M: accuracy and quantization cost") + 2:])
     if results.get("identical"):
         lines += ["", "RTN packed weights, onnxq vs ORT (MatMulNBits B/scales/zero_points bytes, per node):", ""]
         lines += [f"- {k}: {v['identical_nodes']} of {v['nodes_onnxq']} nodes identical (ORT wrote {v['nodes_ort']})"
@@ -500,13 +493,7 @@ def write_report(args: argparse.Namespace, results: dict) -> None:
                          f"| {r['quant_seconds']:.1f} | {_mib(r['size_bytes'])} (fp32 {_mib(r['fp32_size_bytes'])}) "
                          f"| {r['cosine_mean']:.6f} | {r['cosine_min']:.6f} | {r['sentences']} |")
     lines += ["", "## Commands", "", "```", *results.get("commands", []), "```", ""]
-    notes = ""
-    if args.markdown.exists():
-        text = args.markdown.read_text()
-        if NOTES_MARKER in text:
-            notes = text.split(NOTES_MARKER, 1)[1]
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text("\n".join(lines) + "\n" + NOTES_MARKER + (notes or "\n"))
+    write_keeping_notes(args.markdown, "\n".join(lines) + "\n", NOTES_MARKER)
 
 
 # -- main ----------------------------------------------------------------------------------

@@ -26,8 +26,11 @@ from onnxq.calibration import TextReader
 from onnxq.evaluate import compare_lm
 from onnxq.io import load_model
 from onnxq.mixed_precision import search_mixed_precision
+from report_files import mirror_into_readme, write_keeping_notes
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTES_MARKER = "<!-- Notes below this line are written by hand and kept when bench_beyond.py rewrites the file. -->"
+README_BEGIN, README_END = "<!-- bench_beyond.py table: begin -->", "<!-- bench_beyond.py table: end -->"
 REAL = ROOT / "models" / "real" / "smollm2"
 
 
@@ -99,14 +102,9 @@ def main() -> None:
             "other, on 2 cores shared with other jobs (times are indicative). SmolLM2's weights were stored as "
             "Q4_1 (see docs/RESULTS.md).\n\n" + "\n".join(rows) + "\n"
         )
-        marker = "<!-- Notes below this line are written by hand and kept when bench_beyond.py rewrites the file. -->"
-        notes = args.out.read_text().partition(marker)[2] if args.out.exists() else ""
-        args.out.write_text(text + "\n" + marker + (notes or "\n"))
-        readme = ROOT / "README.md"
-        begin, end = "<!-- bench_beyond.py table: begin -->", "<!-- bench_beyond.py table: end -->"
-        if args.out.resolve() == (ROOT / "docs" / "BEYOND.md").resolve() and begin in readme.read_text():
-            head, _, rest = readme.read_text().partition(begin)
-            readme.write_text(head + begin + "\n" + "\n".join(rows) + "\n" + end + rest.partition(end)[2])
+        write_keeping_notes(args.out, text + "\n", NOTES_MARKER)
+        if args.out.resolve() == (ROOT / "docs" / "BEYOND.md").resolve():  # the README shows the default report
+            mirror_into_readme(ROOT / "README.md", README_BEGIN, README_END, rows)
         (args.workdir / "results.json").write_text(json.dumps(results, indent=1))
 
     def run(name: str, config: onnxq.QuantConfig, extra_seconds: float = 0.0) -> None:
