@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """``smooth_model`` / ``quantize_w8a8`` load on first use: they import onnxruntime.quantization (~25 MiB)."""
     if name in ("quantize_w8a8", "smooth_model"):
-        from onnxq import smoothquant
+        from onnxq.recipes import smoothquant
 
         return getattr(smoothquant, name)
     raise AttributeError(f"module 'onnxq' has no attribute {name!r}")

@@ -41,7 +41,7 @@ from onnxq.core.quantize import quantize_weight_with_error
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model
 from onnxq.passes.matmul_nbits import MatMulToNBitsPass, block_size_for
-from onnxq.passes.weight_sites import WeightSite
+from onnxq.graph.sites import WeightSite
 
 __all__ = ["rtn_quantize", "gptq_quantize", "awq_quantize", "prepare_inputs"]
 

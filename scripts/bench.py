@@ -4,7 +4,7 @@ For every method (``METHODS``): quantization wall time and peak RSS (load +
 quantize + save, each in its own fresh subprocess; VmHWM, imports included),
 output size (``.onnx`` + ``.onnx.data``); perplexity, mean KL(p_fp32 || p_quant)
 per token and top-1 agreement against fp32 on the same evaluation windows
-(``onnxq.evaluate.compare_lms``: one pass, the fp32 logits are computed once per
+(``onnxq.eval.metrics.compare_lms``: one pass, the fp32 logits are computed once per
 window for a group of models); ORT inference latency (fp32 against MatMulNBits
 models at accuracy_level 0 and 4; the exported model has no KV cache, so the
 "decode" row is a 1x1 forward, a proxy for one decode step's weight traffic, not a
@@ -263,7 +263,7 @@ def run_identical(args: argparse.Namespace, results: dict) -> None:
 def run_eval(args: argparse.Namespace, names: list[str], results: dict) -> None:
     from tqdm import tqdm
 
-    from onnxq.evaluate import compare_lms
+    from onnxq.eval.metrics import compare_lms
 
     ids = np.load(args.eval_ids)
     names = [n for n in names if _method_path(args.workdir, n.partition("@")[0]).exists()]
@@ -321,7 +321,7 @@ def run_minilm(args: argparse.Namespace, names: list[str], results: dict) -> Non
     """Quantize MiniLM in-process with each method, cosine of sentence_embedding vs fp32 on pydoc eval paragraphs."""
     import onnxq
     from onnxq.calibration import ListReader, TextReader, materialize, tokenize
-    from onnxq.evaluate import compare_embeddings
+    from onnxq.eval.metrics import compare_embeddings
     from text_data import get_text
 
     model = args.minilm / "model.onnx"

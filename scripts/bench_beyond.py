@@ -3,7 +3,7 @@
 Every method quantizes ``models/real/smollm2/model.onnx`` to 4-bit block 128
 (symmetric unless noted), is timed (load + calibrate + quantize + save, in this
 process, one after the other), and is evaluated on the same windows of
-``eval_ids.npy`` against fp32 (perplexity, KL, top-1; onnxq.evaluate.compare_lms).
+``eval_ids.npy`` against fp32 (perplexity, KL, top-1; onnxq.eval.metrics.compare_lms).
 Calibrated methods use ``--samples`` windows of ``--seq-len`` tokens of
 ``calib_ids.npy``. Mixed precision measures sensitivities once (RTN fake-quant,
 candidates int4_b128 / int8_b128) and plans for several budgets from them.
@@ -23,9 +23,9 @@ import numpy as np
 
 import onnxq
 from onnxq.calibration import TextReader
-from onnxq.evaluate import compare_lm
+from onnxq.eval.metrics import compare_lm
 from onnxq.io import load_model
-from onnxq.mixed_precision import search_mixed_precision
+from onnxq.recipes.mixed_precision import search_mixed_precision
 from report_files import mirror_into_readme, write_keeping_notes
 
 ROOT = Path(__file__).resolve().parents[1]

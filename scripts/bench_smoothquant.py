@@ -1,14 +1,14 @@
 """SmoothQuant W8A8 vs plain static W8A8 on the real SmolLM2-135M model: perplexity with onnxruntime.
 
 Quantizes ``models/real/smollm2/model.onnx`` (``scripts/export_smollm2.py``) with
-:func:`onnxq.smoothquant.quantize_w8a8`: int8 per-channel weights, uint8 per-tensor
+:func:`onnxq.recipes.smoothquant.quantize_w8a8`: int8 per-channel weights, uint8 per-tensor
 activations (MinMax), QDQ MatMuls with float outputs, calibrated on windows of
 ``calib_ids.npy``; without smoothing, with SmoothQuant alpha 0.5 and with the per-group
 alpha search (default grid 0.30..0.70, and 0.30..1.00). Each twice: 8-bit weights, and
 7-bit weights (``reduce_range``, which onnxruntime advises on x86 CPUs without VNNI,
 whose fused u8 x s8 kernels add pairs of products in saturating int16). Then scores
 fp32, the smoothed fp32 model and every quantized model on the same windows of
-``eval_ids.npy`` in one pass (:func:`onnxq.evaluate.compare_lms`: perplexity, mean
+``eval_ids.npy`` in one pass (:func:`onnxq.eval.metrics.compare_lms`: perplexity, mean
 KL(fp32 || quantized) per token, top-1 agreement), checks the 8-bit-weight models with
 the fused kernels against the unfused QDQ graph on a few windows, prints markdown
 tables and writes them to ``docs/SMOOTHQUANT.md``.
@@ -32,10 +32,10 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxq.evaluate import compare_lms, perplexity  # noqa: E402
+from onnxq.eval.metrics import compare_lms, perplexity  # noqa: E402
 from onnxq.io import save_model  # noqa: E402
 from onnxq.algorithms.smoothquant import SMOOTHQUANT_ALPHAS  # noqa: E402
-from onnxq.smoothquant import SMOOTH_REPORT_KEY, quantize_w8a8, smooth_model  # noqa: E402
+from onnxq.recipes.smoothquant import SMOOTH_REPORT_KEY, quantize_w8a8, smooth_model  # noqa: E402
 
 logger = logging.getLogger("bench_smoothquant")
 

@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxq.calibration import ActivationProbe, find_blocks
-from onnxq.passes.weight_sites import find_weight_sites
+from onnxq.graph.sites import find_weight_sites
 from tests.graphs import run, weight
 from tests.tiny_transformer import NORMS, OUTLIER_CHANNELS, make_tiny_transformer, reference_forward
 

@@ -27,7 +27,7 @@ from onnxq.calibration import (
 from onnxq.calibration import probe as probe_module
 from onnxq.errors import OnnxqError
 from onnxq.io import save_model
-from onnxq.passes.weight_sites import find_weight_sites
+from onnxq.graph.sites import find_weight_sites
 from tests.graphs import make_model, matmul_model, run, weight
 from tests.tiny_transformer import make_tiny_transformer, reference_forward
 

@@ -1,8 +1,8 @@
-"""onnxq.evaluate and the eval command: perplexity, KL, top-1 and cosine against numpy references.
+"""onnxq.eval.metrics and the eval command: perplexity, KL, top-1 and cosine against numpy references.
 
 The references run the models' sessions (or the independent numpy forward of
 tests/tiny_transformer.py) on hand-written windows and compute log-softmax, NLL, KL
-and cosines directly, so the windowing and scoring of onnxq.evaluate are checked, not
+and cosines directly, so the windowing and scoring of onnxq.eval.metrics are checked, not
 reused.
 """
 import argparse
@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 
 import onnxq
-from onnxq.eval_cli import add_eval_parser, run_eval
-from onnxq.evaluate import (
+from onnxq.cli.eval import add_eval_parser, run_eval
+from onnxq.eval.metrics import (
     compare_embeddings,
     compare_lm,
     compare_lms,

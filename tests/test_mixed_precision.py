@@ -11,7 +11,7 @@ from onnxq.api import records_of
 from onnxq.calibration import save_npz
 from onnxq.cli import main
 from onnxq.io import load_model
-from onnxq.mixed_precision import parse_candidates, search_mixed_precision
+from onnxq.recipes.mixed_precision import parse_candidates, search_mixed_precision
 from tests.graphs import run
 from tests.tiny_transformer import make_tiny_transformer
 

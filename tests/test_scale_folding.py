@@ -6,7 +6,7 @@ import pytest
 from onnxq.calibration import find_blocks
 from onnxq.io import load_model
 from onnxq.passes import find_weight_sites
-from onnxq.passes.scale_folding import fold_input_scale
+from onnxq.graph.scale_folding import fold_input_scale
 from tests.graphs import run
 from tests.tiny_transformer import NORMS, make_tiny_transformer
 

@@ -16,7 +16,7 @@ from onnxq.algorithms.smoothquant import (
     weight_row_absmax,
 )
 from onnxq.errors import OnnxqError
-from onnxq.smoothquant import SMOOTH_REPORT_KEY, FeedListReader, quantize_w8a8, smooth_model
+from onnxq.recipes.smoothquant import SMOOTH_REPORT_KEY, FeedListReader, quantize_w8a8, smooth_model
 from tests.graphs import make_model, run, weight
 from tests.tiny_transformer import NORMS, OUTLIER_CHANNELS, make_tiny_transformer
 
@@ -334,7 +334,7 @@ def test_quantize_w8a8_writes_per_channel_qdq(tmp_path):
     # attention's activation x activation MatMuls stay float
     attention = [n for n in model.graph.node if n.name.endswith(("/qk", "/pv"))]
     assert len(attention) == 2 and all(producers[i].op_type != "DequantizeLinear" for n in attention for i in n.input)
-    assert "onnxq.smoothquant" in {p.key for p in model.metadata_props}
+    assert "onnxq.recipes.smoothquant" in {p.key for p in model.metadata_props}
     ids = _ids(0, 2, 16)
     (reference,) = run(proto, {"input_ids": ids})
     (y,) = run(str(out), {"input_ids": ids})

@@ -1,7 +1,7 @@
 """SmoothQuant: migrating activation outliers into the weights (Xiao et al., arXiv 2211.10438).
 
 Numpy only: statistics in, per-channel smoothing scales out; folding ``1 / s`` into the
-graph and running the int8 quantizer are the caller's job (:mod:`onnxq.smoothquant`).
+graph and running the int8 quantizer are the caller's job (:mod:`onnxq.recipes.smoothquant`).
 
 For layers ``y_i = x @ W_i`` sharing one input ``x: [T, K]`` (``W_i: [K, N_i]``, e.g.
 the q/k/v projections), SmoothQuant rewrites ``x @ W_i = (x / s) @ (s[:, None] * W_i)``

@@ -39,7 +39,7 @@ import onnx_ir as ir
 
 from onnxq.calibration.probe import node_subgraphs
 from onnxq.errors import OnnxqError
-from onnxq.passes.weight_sites import WeightSite
+from onnxq.graph.sites import WeightSite
 
 __all__ = ["Block", "NORM_OPS", "find_blocks"]
 

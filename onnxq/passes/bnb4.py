@@ -1,6 +1,6 @@
 """Rewrite weight sites into com.microsoft MatMulBnb4 (NF4 / FP4, QLoRA arXiv 2305.14314).
 
-Sites are those of :func:`~onnxq.passes.weight_sites.find_weight_sites` (MatMul, Gemm,
+Sites are those of :func:`~onnxq.graph.sites.find_weight_sites` (MatMul, Gemm,
 Transpose->MatMul). MatMulBnb4 has no bias input, so a Gemm's ``beta * C`` becomes
 an ``Add`` after it. Each unique weight is quantized once and its initializers are
 shared by every site that uses it. Also home of the small helpers that replace one
@@ -25,7 +25,7 @@ from onnxq.formats.bnb4 import (
 )
 from onnxq.formats.matmul_nbits import MS_DOMAIN
 from onnxq.passes.matmul_nbits import QuantizedNodeRecord, _owner_graph, _remove_unused, _unique_name
-from onnxq.passes.weight_sites import SkippedNode, WeightSite, constant_tensor, find_weight_sites, finite_weight
+from onnxq.graph.sites import SkippedNode, WeightSite, constant_tensor, find_weight_sites, finite_weight
 
 __all__ = ["MatMulToBnb4Pass", "initializer_names", "replace_site_with_node", "finite_weight"]
 

@@ -56,8 +56,8 @@ from onnxq.passes.matmul_nbits import (
     block_size_for,
     rtn_weight_quantizer,
 )
-from onnxq.passes.scale_folding import fold_input_scale
-from onnxq.passes.weight_sites import SkippedNode, WeightSite, find_weight_sites, finite_weight
+from onnxq.graph.scale_folding import fold_input_scale
+from onnxq.graph.sites import SkippedNode, WeightSite, find_weight_sites, finite_weight
 
 __all__ = ["CalibratedNBitsPass", "BlockReport"]
 

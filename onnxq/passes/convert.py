@@ -43,7 +43,7 @@ from onnxq.passes.bnb4 import initializer_names
 from onnxq.passes.matmul_nbits import _remove_unused, _unique_name
 from onnxq.passes.qdq import upgrade_opset
 from onnxq.passes.unpack import _base, _node_key, read_matmul_nbits
-from onnxq.passes.weight_sites import SkippedNode, constant_tensor
+from onnxq.graph.sites import SkippedNode, constant_tensor
 
 __all__ = ["convert_model", "NBitsToQDQPass", "QDQToNBitsPass", "CONVERSIONS"]
 

@@ -18,7 +18,7 @@ from onnxq.formats.matmul_fpq4 import FPQ4_BLOCK, make_matmul_fpq4_node, pack_fp
 from onnxq.formats.matmul_nbits import MS_DOMAIN
 from onnxq.passes.bnb4 import finite_weight, initializer_names, register_values, replace_site_with_node
 from onnxq.passes.matmul_nbits import QuantizedNodeRecord, WeightQuantizer, _remove_unused, rtn_weight_quantizer
-from onnxq.passes.weight_sites import SkippedNode, find_weight_sites
+from onnxq.graph.sites import SkippedNode, find_weight_sites
 
 __all__ = ["MatMulToFpQ4Pass"]
 

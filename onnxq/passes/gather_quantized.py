@@ -34,7 +34,7 @@ from onnxq.passes.matmul_nbits import (
     _unique_name,
     rtn_weight_quantizer,
 )
-from onnxq.passes.weight_sites import FLOAT_TYPES, SkippedNode, WeightSite, _constant, node_display_name
+from onnxq.graph.sites import FLOAT_TYPES, SkippedNode, WeightSite, _constant, node_display_name
 
 __all__ = ["find_gather_sites", "GatherToBlockQuantizedPass", "quantize_embeddings"]
 

@@ -1,6 +1,6 @@
 """Rewrite every weight site into com.microsoft MatMulNBits.
 
-For each :class:`~onnxq.passes.weight_sites.WeightSite` the pass asks the
+For each :class:`~onnxq.graph.sites.WeightSite` the pass asks the
 algorithm for a :class:`~onnxq.core.QuantizedWeight` (one weight in memory at a
 time), asks :mod:`onnxq.formats.matmul_nbits` for the initializers (shared by
 every site that uses the same weight with the same settings) and replaces the
@@ -21,7 +21,7 @@ from onnxq.core import QuantizedWeight
 from onnxq.core.quantize import quantize_weight_with_error
 from onnxq.errors import OnnxqError
 from onnxq.formats.matmul_nbits import MS_DOMAIN, MatMulNBitsInitializers, make_matmul_nbits_initializers, make_matmul_nbits_node
-from onnxq.passes.weight_sites import SkippedNode, WeightSite, constant_tensor, find_weight_sites, finite_weight
+from onnxq.graph.sites import SkippedNode, WeightSite, constant_tensor, find_weight_sites, finite_weight
 
 __all__ = ["MatMulToNBitsPass", "QuantizedNodeRecord", "WeightQuantizer", "Progress", "rtn_weight_quantizer", "hqq_weight_quantizer", "block_size_for"]
 

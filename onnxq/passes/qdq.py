@@ -34,7 +34,7 @@ from onnxq.passes.matmul_nbits import (
     _unique_name,
     rtn_weight_quantizer,
 )
-from onnxq.passes.weight_sites import SkippedNode, WeightSite, find_weight_sites
+from onnxq.graph.sites import SkippedNode, WeightSite, find_weight_sites
 
 __all__ = ["QDQ_OPSET", "MatMulToQDQPass", "upgrade_opset", "insert_dequantize"]
 

@@ -1,6 +1,6 @@
 """``python -m onnxq eval FLOAT.onnx QUANT.onnx --data ...``: accuracy of a quantized model.
 
-Two kinds of evaluation (:mod:`onnxq.evaluate`):
+Two kinds of evaluation (:mod:`onnxq.eval.metrics`):
 
 * ``lm``: causal LMs (``input_ids -> logits``): perplexity of both models, mean
   ``KL(p_float || p_quant)`` per token and top-1 agreement, on windows of
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from onnxq.calibration import InputSpec, ListReader, TextReader, tokenize
 from onnxq.calibration.text import read_text
 from onnxq.errors import OnnxqError
-from onnxq.evaluate import compare_embeddings, compare_lm, make_session
+from onnxq.eval.metrics import compare_embeddings, compare_lm, make_session
 
 __all__ = ["add_eval_parser", "run_eval"]
 

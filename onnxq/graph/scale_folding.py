@@ -26,7 +26,7 @@ from typing import Collection, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.passes.weight_sites import constant_tensor
+from onnxq.graph.sites import constant_tensor
 
 __all__ = ["fold_input_scale", "NORM_GAMMA_INPUTS"]
 

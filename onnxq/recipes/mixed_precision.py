@@ -37,7 +37,7 @@ from onnxq.config import QuantConfig
 from onnxq.core import quantize_weight
 from onnxq.errors import OnnxqError
 from onnxq.passes.matmul_nbits import Progress, block_size_for
-from onnxq.passes.weight_sites import WeightSite, find_weight_sites
+from onnxq.graph.sites import WeightSite, find_weight_sites
 
 __all__ = ["Candidate", "MixedPrecisionPlan", "parse_candidates", "search_mixed_precision", "DEFAULT_CANDIDATES"]
 

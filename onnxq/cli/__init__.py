@@ -18,12 +18,12 @@ from tqdm import tqdm
 from onnxq.api import inspect_model, quantize, records_of, save
 from onnxq.calibration import NpzReader, TextReader
 from onnxq.config import ALGORITHMS, BNB4_TYPES, FORMATS, QuantConfig
-from onnxq.mixed_precision import DEFAULT_CANDIDATES, search_mixed_precision
+from onnxq.recipes.mixed_precision import DEFAULT_CANDIDATES, search_mixed_precision
 from onnxq.passes.convert import convert_model
 from onnxq.passes.unpack import unpack_model
 from onnxq.io import load_model
 from onnxq.errors import OnnxqError
-from onnxq.eval_cli import add_eval_parser, run_eval
+from onnxq.cli.eval import add_eval_parser, run_eval
 from onnxq.summary import print_quant_summary
 from onnxq.report import format_records, format_skipped, format_table, summary_line
 
@@ -236,7 +236,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _smoothquant(args: argparse.Namespace, config: QuantConfig, model, reader) -> int:
-    from onnxq.smoothquant import quantize_w8a8  # imports onnxruntime.quantization: only when asked for
+    from onnxq.recipes.smoothquant import quantize_w8a8  # imports onnxruntime.quantization: only when asked for
 
     if reader is None:
         raise OnnxqError("--algo smoothquant needs calibration data (--calib-data)")

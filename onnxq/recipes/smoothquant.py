@@ -7,7 +7,7 @@ Two steps, each usable alone:
    every *input group* (the MatMul/Gemm weight sites reading one activation, e.g.
    q/k/v); compute SmoothQuant's scales ``s`` (:mod:`onnxq.algorithms.smoothquant`;
    ``alpha`` fixed or searched per group); divide the activation by ``s`` where it is
-   free (:func:`~onnxq.passes.scale_folding.fold_input_scale`: into the producing
+   free (:func:`~onnxq.graph.scale_folding.fold_input_scale`: into the producing
    norm / Mul / Add / MatMul constants, else an inserted ``Mul``) and multiply the
    siblings' weight rows by ``s``. Scaled weights are new initializers: a weight also
    read elsewhere keeps its old value there. A tied ``Transpose -> MatMul`` weight
@@ -49,8 +49,8 @@ from onnxq.algorithms.smoothquant import (
 from onnxq.calibration import AbsMaxAccumulator, ActivationProbe, ListReader, RowSampler, materialize
 from onnxq.errors import OnnxqError
 from onnxq.io import EXTERNAL_DATA_THRESHOLD, load_model, save_model
-from onnxq.passes.scale_folding import fold_input_scale
-from onnxq.passes.weight_sites import WeightSite, find_weight_sites
+from onnxq.graph.scale_folding import fold_input_scale
+from onnxq.graph.sites import WeightSite, find_weight_sites
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -63,7 +63,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SMOOTH_REPORT_KEY = "onnxq.smoothquant"
+SMOOTH_REPORT_KEY = "onnxq.recipes.smoothquant"
 """``model.meta[SMOOTH_REPORT_KEY]``: the :class:`SmoothedGroup` list of the last :func:`smooth_model`."""
 
 ACTIVATION_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
