@@ -12,39 +12,42 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from onnxq.algorithms.registry import algorithm_names, get_algorithm
 from onnxq.errors import OnnxqError
+from onnxq.formats.registry import get_format, weight_format_names
 
-__all__ = ["QuantConfig", "NodeSettings", "GPTQConfig", "AWQConfig", "HQQConfig", "TuningConfig", "CalibrationConfig", "ALGORITHMS", "FORMATS"]
+__all__ = ["QuantConfig", "NodeSettings", "GPTQConfig", "AWQConfig", "HQQConfig", "TuningConfig", "CalibrationConfig",
+           "ALGORITHMS", "FORMATS", "BNB4_TYPES"]
 
-ALGORITHMS = ("rtn", "hqq", "gptq", "awq", "teq", "autoround")
-CALIBRATED_ALGORITHMS = ("gptq", "awq", "teq", "autoround")
-FORMATS = ("nbits", "qdq", "bnb4", "fpq4")
+ALGORITHMS = algorithm_names()
+FORMATS = weight_format_names()
 BNB4_TYPES = ("nf4", "fp4")
 _OVERRIDABLE = ("bits", "block_size", "symmetric", "accuracy_level", "mse_clip", "skip")
 
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """The effective settings for one weight site (after overrides)."""
+    """The effective settings for one weight site (after overrides), before its format resolves them.
+
+    ``block_size`` may be -1 (one block over K): the format turns it into the block it writes
+    for the concrete weight (:meth:`onnxq.formats.base.Format.resolve`).
+    """
 
     bits: int
     block_size: int
     symmetric: bool
     accuracy_level: int
     mse_clip: bool
+    quant_type: str = "nf4"
+    float_zero_points: bool = False
 
 
 def _validate(bits: Any, block_size: Any, accuracy_level: Any, where: str) -> None:
-    if bits not in (2, 4, 8):
-        raise OnnxqError(f"{where}bits must be 2, 4 or 8 for MatMulNBits, got {bits!r}")
-    per_channel = block_size == -1
-    is_pow2 = isinstance(block_size, int) and block_size >= 16 and block_size & (block_size - 1) == 0
-    if not (per_channel or is_pow2):
-        raise OnnxqError(
-            f"{where}block_size must be a power of two >= 16 (or -1 for per-channel), got {block_size!r}"
-        )
-    if bits == 2 and not per_channel and block_size > 256:
-        raise OnnxqError(f"{where}2-bit MatMulNBits needs block_size <= 256, got {block_size}")
+    """The format-independent checks: what any weight quantization could store."""
+    if not (isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 8):
+        raise OnnxqError(f"{where}bits must be an integer in 2..8, got {bits!r}")
+    if not (isinstance(block_size, int) and not isinstance(block_size, bool) and (block_size == -1 or block_size >= 1)):
+        raise OnnxqError(f"{where}block_size must be a positive integer, or -1 for one block over K, got {block_size!r}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise OnnxqError(f"{where}accuracy_level must be in 0..4, got {accuracy_level!r}")
 
@@ -61,7 +64,7 @@ class GPTQConfig:
 
     Attributes:
         percdamp: diagonal damping as a fraction of ``mean(diag H)`` (raised 10x on Cholesky failure).
-        blocksize: rows per lazy batch.
+        lazy_batch: rows per lazy batch (the paper's ``B``; config files may still say ``blocksize``).
         act_order: process input channels by descending ``diag(H)``; groups stay contiguous
             (static groups), so no ``g_idx`` is emitted.
         static_groups: block scales from the original weights up front (True) or when a
@@ -69,15 +72,15 @@ class GPTQConfig:
     """
 
     percdamp: float = 0.01
-    blocksize: int = 128
+    lazy_batch: int = 128
     act_order: bool = False
     static_groups: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.percdamp, (int, float)) and 0 < self.percdamp < 1):
             raise OnnxqError(f"gptq.percdamp must be in (0, 1), got {self.percdamp!r}")
-        if not (isinstance(self.blocksize, int) and self.blocksize >= 1):
-            raise OnnxqError(f"gptq.blocksize must be a positive integer, got {self.blocksize!r}")
+        if not (isinstance(self.lazy_batch, int) and self.lazy_batch >= 1):
+            raise OnnxqError(f"gptq.lazy_batch must be a positive integer, got {self.lazy_batch!r}")
 
 
 @dataclass(frozen=True)
@@ -205,8 +208,9 @@ class QuantConfig:
 
     Attributes:
         bits: 2, 4 or 8.
-        block_size: elements of K per scale; a power of two >= 16, or -1 for one block per
-            output channel (K is then padded to the next power of two for MatMulNBits).
+        block_size: elements of K per scale, or -1 for one block per output channel; the format
+            says which sizes its kernel runs (MatMulNBits: a power of two >= 16, and -1 becomes
+            the next power of two >= K).
         symmetric: full-range symmetric codes (no zero points stored) or asymmetric.
         accuracy_level: MatMulNBits compute mode (0 = the activation's own dtype;
             4 = int8 activations: faster, small extra error, known wrong-result reports
@@ -248,27 +252,26 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.algorithm in CALIBRATED_ALGORITHMS
+        return get_algorithm(self.algorithm).calibrated
+
+    @property
+    def float_zero_points(self) -> bool:
+        """HQQ with ``zero_point="float"``: zero points stored as floats."""
+        return self.algorithm == "hqq" and self.hqq.zero_point == "float"
 
     def __post_init__(self) -> None:
         _validate(self.bits, self.block_size, self.accuracy_level, "")
-        if self.algorithm not in ALGORITHMS:
-            raise OnnxqError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        if self.format not in FORMATS:
+        get_algorithm(self.algorithm)  # raises for unknown names
+        fmt = get_format(self.format)
+        if fmt.sites != "matmul":
             raise OnnxqError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.quant_type not in BNB4_TYPES:
             raise OnnxqError(f"quant_type must be one of {BNB4_TYPES}, got {self.quant_type!r}")
-        if self.algorithm == "hqq" and self.hqq.zero_point == "float" and (self.symmetric or self.format != "nbits"):
-            raise OnnxqError("hqq.zero_point 'float' needs asymmetric quantization (--asym) and format 'nbits'")
-        if self.algorithm == "hqq" and self.hqq.zero_point == "float" and self.bits == 8:
-            raise OnnxqError("hqq.zero_point 'float' works with 2 or 4 bits (ORT's CPU MatMulNBits refuses 8-bit "
-                             "weights with float zero points)")
-        if self.format in ("bnb4", "fpq4") and self.algorithm != "rtn":
+        if self.float_zero_points and self.symmetric:
+            raise OnnxqError("hqq.zero_point 'float' needs asymmetric quantization (--asym)")
+        if not fmt.int_codes and self.algorithm != "rtn":
             raise OnnxqError(f"format {self.format!r} supports only algorithm 'rtn', got {self.algorithm!r}")
-        if self.format in ("bnb4", "fpq4") and self.bits != 4:
-            raise OnnxqError(f"format {self.format!r} is 4-bit only, got bits={self.bits}")
-        if self.format == "fpq4" and self.block_size != 32:
-            raise OnnxqError(f"format 'fpq4' needs block_size 32, got {self.block_size}")
+        self._precheck(fmt, self._node_settings({}), "")
         for kind in ("include", "exclude"):
             for pattern in getattr(self, kind):
                 try:
@@ -282,7 +285,17 @@ class QuantConfig:
                     f"override {pattern!r} has unknown settings {sorted(unknown)}; allowed: {list(_OVERRIDABLE)}"
                 )
             merged = {f.name: getattr(self, f.name) for f in fields(self)} | dict(settings)
-            _validate(merged["bits"], merged["block_size"], merged["accuracy_level"], f"override {pattern!r}: ")
+            where = f"override {pattern!r}: "
+            _validate(merged["bits"], merged["block_size"], merged["accuracy_level"], where)
+            if not settings.get("skip"):
+                self._precheck(fmt, self._node_settings(settings), where)
+
+    @staticmethod
+    def _precheck(fmt, settings: "NodeSettings", where: str) -> None:
+        """The format's checks that need no weight (bits, fixed block sizes): errors before a model is read."""
+        reason = fmt.precheck(settings)
+        if reason is not None:
+            raise OnnxqError(f"{where}{reason}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> "QuantConfig":
@@ -296,6 +309,8 @@ class QuantConfig:
         for key, kind in _NESTED.items():
             if key in values and isinstance(values[key], Mapping):
                 options = dict(values[key])
+                if key == "gptq" and "blocksize" in options:  # the lazy batch's former name
+                    options["lazy_batch"] = options.pop("blocksize")
                 allowed = {f.name for f in fields(kind)}
                 if set(options) - allowed:
                     raise OnnxqError(f"{where}: {key} has unknown keys {sorted(set(options) - allowed)}; "
@@ -357,8 +372,11 @@ class QuantConfig:
         """Effective settings for ``node_name``, or ``None`` when it must stay in float."""
         if self.skip_reason(node_name) is not None:
             return None
-        values = {name: getattr(self, name) for name in ("bits", "block_size", "symmetric", "accuracy_level", "mse_clip")}
         override = self._override_for(node_name)
-        if override is not None:
-            values.update({k: v for k, v in override[1].items() if k != "skip"})
-        return NodeSettings(**values)
+        return self._node_settings({} if override is None else override[1])
+
+    def _node_settings(self, override: Mapping[str, Any]) -> NodeSettings:
+        values = {name: getattr(self, name) for name in ("bits", "block_size", "symmetric", "accuracy_level", "mse_clip")}
+        values.update({k: v for k, v in override.items() if k != "skip"})
+        return NodeSettings(**values, quant_type=self.quant_type,
+                            float_zero_points=self.float_zero_points and not values["symmetric"])

@@ -33,14 +33,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxq.api import quantize
+from onnxq.api import quantize, quantize_with_report
 from onnxq.calibration import input_specs
-from onnxq.config import AWQConfig, CalibrationConfig, GPTQConfig, NodeSettings, QuantConfig
+from onnxq.config import AWQConfig, CalibrationConfig, GPTQConfig, QuantConfig
 from onnxq.core import QuantizedWeight
 from onnxq.core.quantize import quantize_weight_with_error
 from onnxq.errors import OnnxqError
+from onnxq.formats import WeightSettings
 from onnxq.io import load_model
-from onnxq.passes.matmul_nbits import MatMulToNBitsPass, block_size_for
 from onnxq.graph.sites import WeightSite
 
 __all__ = ["rtn_quantize", "gptq_quantize", "awq_quantize", "prepare_inputs"]
@@ -185,19 +185,14 @@ def rtn_quantize(
         if not (isinstance(ratio, (int, float, np.floating)) and 0 < ratio <= 1):
             raise OnnxqError(f"ratios[{name!r}] must be a clip ratio in (0, 1], got {ratio!r}")
 
-    def quantizer(site: WeightSite, weight: np.ndarray, settings: NodeSettings,
-                  scale_dtype) -> tuple[QuantizedWeight, float]:
+    def solver(site: WeightSite, weight: np.ndarray, settings: WeightSettings) -> tuple[QuantizedWeight, float]:
         return quantize_weight_with_error(
-            weight, settings.bits, block_size_for(settings.block_size, site.k), settings.symmetric,
-            ratio=float(ratios.get(site.source.name, 1.0)), mse_clip=settings.mse_clip, scale_dtype=scale_dtype,
+            weight, settings.bits, settings.block_size, settings.symmetric,
+            ratio=float(ratios.get(site.source.name, 1.0)), mse_clip=settings.mse_clip,
+            scale_dtype=site.dtype.numpy(),
         )
 
-    ir_model = load_model(model)
-    rewrite = MatMulToNBitsPass(config, weight_quantizer=quantizer)
-    if not rewrite(ir_model).modified:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in rewrite.skipped[:5]) or "no MatMul or Gemm nodes"
-        raise OnnxqError(f"no quantizable MatMul/Gemm node found ({reasons})")
-    return _to_proto(ir_model)
+    return _to_proto(quantize_with_report(model, config, solver=solver).model)
 
 
 def gptq_quantize(
@@ -218,7 +213,8 @@ def gptq_quantize(
 ) -> onnx.ModelProto:
     """GPTQ (arXiv 2210.17323) to MatMulNBits, calibrated through onnxruntime (NC's ``gptq_quantize``).
 
-    ``percdamp``, ``blocksize`` and ``actorder`` go to :class:`~onnxq.config.GPTQConfig`
+    ``percdamp``, ``blocksize`` (the lazy batch, ``GPTQConfig.lazy_batch``) and ``actorder`` go to
+    :class:`~onnxq.config.GPTQConfig`
     (act-order with static groups: no ``g_idx``); ``mse`` is onnxq's per-block MSE clip
     choice; ``perchannel=False`` (NC: one grid for a whole group across all outputs, then
     re-quantized per column at export) is not reproduced: a warning is logged and the
@@ -234,7 +230,7 @@ def gptq_quantize(
                        "column and block (MatMulNBits' layout)")
     config = _quant_config(
         weight_config, ("gptq",), num_bits, group_size, scheme, accuracy_level, mse_clip=bool(mse),
-        gptq=GPTQConfig(percdamp=percdamp, blocksize=blocksize, act_order=bool(actorder)),
+        gptq=GPTQConfig(percdamp=percdamp, lazy_batch=blocksize, act_order=bool(actorder)),
     )
     ir_model = load_model(model)
     feeds = _calibration_feeds(ir_model, n_samples, dataloader, providers)

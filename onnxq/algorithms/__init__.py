@@ -1,9 +1,15 @@
-"""Calibrated weight-quantization solvers: statistics in, :class:`~onnxq.core.QuantizedWeight` out.
+"""Weight-quantization solvers: weights and statistics in, :class:`~onnxq.core.QuantizedWeight` out.
 
-No graph or onnxruntime code lives here: the passes collect the statistics
-(Hessians, activation samples, mean |x|) and call these functions per weight.
+No graph or onnxruntime code lives here: the quantization pass and the calibration
+driver collect the statistics (Hessians, activation samples, mean |x|) and ask the
+registry (:mod:`onnxq.algorithms.registry`) for the algorithm by name. Importing this
+package registers rtn, hqq, gptq, awq, teq and autoround.
 """
+from onnxq.algorithms import rtn  # noqa: F401  (registration order: the CLI lists them so)
+from onnxq.algorithms.hqq import HQQ, HQQResult, hqq_quantize_weight
+from onnxq.algorithms.gptq import GPTQ, GPTQResult, gptq_quantize_weight, gptq_solve
 from onnxq.algorithms.awq import (
+    AWQ,
     AWQ_CLIP_RATIOS,
     AWQResult,
     AWQScaleResult,
@@ -12,26 +18,43 @@ from onnxq.algorithms.awq import (
     awq_scales,
     awq_search_scale,
 )
-from onnxq.algorithms.autoround import AutoRoundResult, autoround_quantize_weight
-from onnxq.algorithms.gptq import GPTQResult, gptq_quantize_weight, gptq_solve
-from onnxq.algorithms.hqq import HQQResult, hqq_quantize_weight
-from onnxq.algorithms.teq import TEQResult, teq_quantize_weights
+from onnxq.algorithms.teq import TEQ, TEQResult, teq_quantize_weights
+from onnxq.algorithms.autoround import AutoRound, AutoRoundResult, autoround_quantize_weight
+from onnxq.algorithms.registry import (
+    Algorithm,
+    SiblingGroup,
+    Solution,
+    algorithm_names,
+    get_algorithm,
+    register_algorithm,
+)
 
 __all__ = [
+    "AWQ",
     "AWQ_CLIP_RATIOS",
     "AWQResult",
     "AWQScaleResult",
+    "Algorithm",
+    "AutoRound",
     "AutoRoundResult",
+    "GPTQ",
     "GPTQResult",
+    "HQQ",
     "HQQResult",
+    "SiblingGroup",
+    "Solution",
+    "TEQ",
     "TEQResult",
+    "algorithm_names",
+    "autoround_quantize_weight",
     "awq_clip_search",
     "awq_quantize_weights",
     "awq_scales",
     "awq_search_scale",
-    "autoround_quantize_weight",
+    "get_algorithm",
     "gptq_quantize_weight",
     "gptq_solve",
     "hqq_quantize_weight",
+    "register_algorithm",
     "teq_quantize_weights",
 ]

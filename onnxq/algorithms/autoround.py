@@ -47,13 +47,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
-from onnxq.core import QuantizedWeight, check_quant_params
+from onnxq.algorithms.registry import Algorithm, SiblingGroup, Solution, register_algorithm
+from onnxq.core import QuantizedWeight, check_quant_params, relative_error
+from onnxq.core.quantize import quantize_weight_with_error
 from onnxq.errors import OnnxqError
 
-__all__ = ["AutoRoundResult", "OutputErrorOperator", "SteBlockQuantizer", "SteState", "autoround_quantize_weight"]
+__all__ = ["AutoRound", "AutoRoundResult", "rtn_when_too_large", "OutputErrorOperator", "SteBlockQuantizer", "SteState", "autoround_quantize_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -430,3 +433,45 @@ def _optimise_chunk(
             beta += step_size * np.sign(through_scale * d_beta)
             np.clip(beta, lo, hi, out=beta)
     return quantizer.forward(best_offsets, best_alpha, best_beta), best_loss
+
+
+def rtn_when_too_large(algorithm: str, group: SiblingGroup, options: Any) -> Solution | None:
+    """RTN for the whole group when a weight has more than ``options.max_elements`` elements, else None.
+
+    Per-layer tuning costs ``O(steps * T * K * N)``: minutes for a 50k-vocabulary lm_head.
+    """
+    limit = options.max_elements
+    large = [(name, w.size) for name, w in zip(group.names, group.weights) if limit is not None and w.size > limit]
+    if not large:
+        return None
+    for name, size in large:
+        logger.info("%s: %s has %d weights (> max_elements %d): RTN instead", algorithm, name, size, limit)
+    results = [quantize_weight_with_error(w, s.bits, s.block_size, s.symmetric, mse_clip=s.mse_clip,
+                                          scale_dtype=group.scale_dtype)
+               for w, s in zip(group.weights, group.settings)]
+    return Solution([q for q, _ in results], [e for _, e in results], None,
+                    f"{group.input_name}: RTN (weights above {algorithm}.max_elements)")
+
+
+@register_algorithm
+class AutoRound(Algorithm):
+    """AutoRound (arXiv 2309.05516) per weight on a row sample of its input."""
+
+    name = "autoround"
+    statistics = ("rows",)
+    options_field = "autoround"
+
+    def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: Any) -> Solution:
+        qweights, errors = [], []
+        for name, weight, s in zip(group.names, group.weights, group.settings):
+            single = SiblingGroup(group.input_name, (name,), [weight], [s], group.scale_dtype)
+            fallback = rtn_when_too_large(self.name, single, options)
+            if fallback is not None:
+                qweights += fallback.qweights
+                errors += fallback.errors
+                continue
+            result = autoround_quantize_weight(weight, stats["rows"], s.bits, s.block_size, s.symmetric,
+                                               steps=options.steps, lr=options.lr, scale_dtype=group.scale_dtype)
+            qweights.append(result.qweight)
+            errors.append(relative_error(weight, result.qweight))
+        return Solution(qweights, errors)

@@ -27,10 +27,11 @@ stays bounded by a few ``[K, chunk]`` arrays.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from onnxq.algorithms.registry import Algorithm, SiblingGroup, Solution, effective_error, register_algorithm
 from onnxq.core import (
     QuantizedWeight,
     check_quant_params,
@@ -42,6 +43,7 @@ from onnxq.core import (
 from onnxq.errors import OnnxqError
 
 __all__ = [
+    "AWQ",
     "AWQ_CLIP_RATIOS",
     "AWQResult",
     "AWQScaleResult",
@@ -318,3 +320,33 @@ def awq_quantize_weights(
             qw = quantize_weight(scaled, bits, block_size, symmetric, scale_dtype=scale_dtype)
         qweights.append(qw)
     return AWQResult(scales=s, qweights=tuple(qweights), search=search)
+
+
+@register_algorithm
+class AWQ(Algorithm):
+    """AWQ (arXiv 2306.00978): one scale search per sibling group, then a clip search (or RTN) per weight."""
+
+    name = "awq"
+    statistics = ("abs_mean", "rows")
+    options_field = "awq"
+
+    def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: Any) -> Solution:
+        x, first = stats["rows"], group.settings[0]
+        search = awq_search_scale(group.weights, x, stats["abs_mean"], first.bits, first.block_size, first.symmetric,
+                                  grid=options.grid if options.scale_search else 1, scale_dtype=group.scale_dtype)
+        scale = search.scales if search.alpha > 0 else None
+        s = np.ones_like(search.scales) if scale is None else scale
+        scaled_x = x / s
+        qweights = []
+        for weight, st in zip(group.weights, group.settings):
+            scaled = s[:, None] * weight
+            if options.clip:
+                qweights.append(awq_clip_search(scaled, scaled_x, st.bits, st.block_size, st.symmetric,
+                                                scale_dtype=group.scale_dtype))
+            else:
+                qweights.append(quantize_weight(scaled, st.bits, st.block_size, st.symmetric,
+                                                scale_dtype=group.scale_dtype))
+        errors = [effective_error(w, q, s) for w, q in zip(group.weights, qweights)]
+        gain = 1 - search.loss_by_alpha.min() / search.loss_rtn if search.loss_rtn > 0 else 0.0
+        note = f"{group.input_name}: alpha {search.alpha:.2f} (loss -{gain:.1%} vs RTN)"
+        return Solution(qweights, errors, scale, note)

@@ -13,7 +13,7 @@ not yet quantized:
     e_k = (w_k - q_k) / U[k, k]           q_k = Q(w_k) with the block's fixed scale / zero point
     w_j -= U[k, j] * e_k                  for every j processed after k
 
-Updates are applied lazily (``blocksize`` rows at a time, the rest with one matrix
+Updates are applied lazily (``lazy_batch`` rows at a time, the rest with one matrix
 product per batch), which is the paper's "lazy batch" trick (sec. 4, step 2).
 Whatever the order and batching, the solver's loss has the closed form
 ``(W - Q)[:, n]^T H_damped (W - Q)[:, n] = sum_k e_k[n]^2``: :class:`GPTQResult.loss`.
@@ -44,13 +44,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
-from onnxq.core import QuantizedWeight, check_quant_params, quantize_weight, quantize_with_params
+from onnxq.algorithms.registry import Algorithm, SiblingGroup, Solution, register_algorithm
+from onnxq.core import QuantizedWeight, check_quant_params, quantize_weight, quantize_with_params, relative_error
 from onnxq.errors import OnnxqError
 
-__all__ = ["GPTQResult", "gptq_solve", "gptq_quantize_weight"]
+__all__ = ["GPTQ", "GPTQResult", "gptq_solve", "gptq_quantize_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def _damped_factor(hessian: np.ndarray, percdamp: float) -> tuple[np.ndarray, fl
     )
 
 
-def _check_inputs(weight, hessian, bits, block_size, percdamp, blocksize) -> tuple[np.ndarray, np.ndarray]:
+def _check_inputs(weight, hessian, bits, block_size, percdamp, lazy_batch) -> tuple[np.ndarray, np.ndarray]:
     try:
         check_quant_params(bits, block_size)
     except ValueError as exc:
@@ -139,8 +141,8 @@ def _check_inputs(weight, hessian, bits, block_size, percdamp, blocksize) -> tup
         raise OnnxqError("GPTQ expected a finite weight, found NaN or inf")
     if not percdamp > 0:
         raise OnnxqError(f"GPTQ percdamp must be > 0, got {percdamp!r}")
-    if not isinstance(blocksize, (int, np.integer)) or blocksize < 1:
-        raise OnnxqError(f"GPTQ blocksize (lazy batch) must be a positive integer, got {blocksize!r}")
+    if not isinstance(lazy_batch, (int, np.integer)) or lazy_batch < 1:
+        raise OnnxqError(f"GPTQ lazy_batch must be a positive integer, got {lazy_batch!r}")
     return weight.astype(np.float32), hessian.astype(np.float64)  # private copies
 
 
@@ -152,11 +154,12 @@ def gptq_solve(
     symmetric: bool = True,
     *,
     percdamp: float = 0.01,
-    blocksize: int = 128,
+    lazy_batch: int = 128,
     act_order: bool = False,
     static_groups: bool = True,
     mse_clip: bool = False,
     scale_dtype: np.dtype | type = np.float32,
+    blocksize: int | None = None,
 ) -> GPTQResult:
     """Run GPTQ (arXiv 2210.17323, Algorithm 1) on one weight and return the result with diagnostics.
 
@@ -168,18 +171,20 @@ def gptq_solve(
             K is zero-padded to a multiple of it (padded rows get an identity Hessian).
         symmetric: full-range symmetric codes (no zero points) or asymmetric.
         percdamp: damping ``percdamp * mean(diag H)`` added to the diagonal of ``H``.
-        blocksize: rows per lazy batch (the paper's ``B``).
+        lazy_batch: rows per lazy batch (the paper's ``B``; not the quantization ``block_size``).
         act_order: process rows by descending ``diag(H)``.
         static_groups: block parameters from the original weights up front (True) or from the
             current rows when a block is first reached (False); see the module docstring.
         mse_clip: choose each block's clip ratio by weight MSE (:func:`~onnxq.core.quantize_weight`).
         scale_dtype: dtype the scales will be stored in; they are rounded to it before use.
+        blocksize: the former name of ``lazy_batch`` (still accepted; it wins when given).
 
     Returns:
         :class:`GPTQResult`. Rows of K whose ``H_kk == 0`` (inputs that were always zero) are
         zeroed before quantization, as in the reference implementation.
     """
-    weight, hessian = _check_inputs(weight, hessian, bits, block_size, percdamp, blocksize)
+    lazy_batch = lazy_batch if blocksize is None else blocksize
+    weight, hessian = _check_inputs(weight, hessian, bits, block_size, percdamp, lazy_batch)
     k, n = weight.shape
     bs = k if block_size == -1 else int(block_size)
     k_blocks = -(-k // bs)
@@ -221,8 +226,8 @@ def gptq_solve(
 
     codes_rows = np.empty((kp, n), dtype=np.uint8)
     errors = np.empty((kp, n), dtype=np.float32)
-    for i1 in range(0, kp, blocksize):
-        i2 = min(i1 + blocksize, kp)
+    for i1 in range(0, kp, lazy_batch):
+        i2 = min(i1 + lazy_batch, kp)
         for i in range(i1, i2):
             row = int(order[i])
             block = row // bs
@@ -262,11 +267,12 @@ def gptq_quantize_weight(
     symmetric: bool = True,
     *,
     percdamp: float = 0.01,
-    blocksize: int = 128,
+    lazy_batch: int = 128,
     act_order: bool = False,
     static_groups: bool = True,
     mse_clip: bool = False,
     scale_dtype: np.dtype | type = np.float32,
+    blocksize: int | None = None,
 ) -> QuantizedWeight:
     """GPTQ-quantize ``weight: [K, N]`` given ``hessian: [K, K] = 2/n X^T X`` (arXiv 2210.17323).
 
@@ -274,6 +280,25 @@ def gptq_quantize_weight(
     whose codes, scales and zero points are exactly those the solver propagated errors for.
     """
     return gptq_solve(
-        weight, hessian, bits, block_size, symmetric, percdamp=percdamp, blocksize=blocksize,
-        act_order=act_order, static_groups=static_groups, mse_clip=mse_clip, scale_dtype=scale_dtype,
+        weight, hessian, bits, block_size, symmetric, percdamp=percdamp, lazy_batch=lazy_batch,
+        blocksize=blocksize, act_order=act_order, static_groups=static_groups, mse_clip=mse_clip, scale_dtype=scale_dtype,
     ).qweight
+
+
+@register_algorithm
+class GPTQ(Algorithm):
+    """GPTQ (arXiv 2210.17323) on each weight of the group, from its input's Hessian."""
+
+    name = "gptq"
+    statistics = ("hessian",)
+    options_field = "gptq"
+
+    def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: Any) -> Solution:
+        qweights = [
+            gptq_quantize_weight(weight, stats["hessian"], s.bits, s.block_size, s.symmetric,
+                                 percdamp=options.percdamp, lazy_batch=options.lazy_batch,
+                                 act_order=options.act_order, static_groups=options.static_groups,
+                                 mse_clip=s.mse_clip, scale_dtype=group.scale_dtype)
+            for weight, s in zip(group.weights, group.settings)
+        ]
+        return Solution(qweights, [relative_error(w, q) for w, q in zip(group.weights, qweights)])

@@ -49,13 +49,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
+from onnxq.algorithms.registry import Algorithm, SiblingGroup, Solution, register_algorithm
 from onnxq.core import QuantizedWeight, check_quant_params, quantize_blocks, quantize_with_params, weight_to_blocks
 from onnxq.errors import OnnxqError
 
-__all__ = ["HQQResult", "hqq_quantize_weight"]
+__all__ = ["HQQ", "HQQResult", "hqq_quantize_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -300,3 +302,18 @@ def hqq_quantize_weight(
     qweight = QuantizedWeight(codes, scales, zero_points, bits, bs, k)
     error = float(np.sqrt(err / ref)) if ref > 0 else float(np.sqrt(err))
     return HQQResult(qweight=qweight, float_zero_points=zeros if float_zero else None, error=error)
+
+
+@register_algorithm
+class HQQ(Algorithm):
+    """HQQ, calibration-free, per weight; float zero points where the settings ask for them."""
+
+    name = "hqq"
+    options_field = "hqq"
+
+    def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: Any) -> Solution:
+        results = [hqq_quantize_weight(w, s.bits, s.block_size, s.symmetric, iters=options.iters,
+                                       scale_dtype=group.scale_dtype,
+                                       zero_point="float" if s.float_zero_points else "int")
+                   for w, s in zip(group.weights, group.settings)]
+        return Solution([r.qweight for r in results], [r.error for r in results])

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -39,11 +39,13 @@ from onnxq.algorithms.autoround import (
     check_settings,
     check_weight,
     padded_blocks,
+    rtn_when_too_large,
 )
+from onnxq.algorithms.registry import Algorithm, SiblingGroup, Solution, effective_error, register_algorithm
 from onnxq.core import QuantizedWeight, quantize_weight
 from onnxq.errors import OnnxqError
 
-__all__ = ["TEQResult", "teq_quantize_weights"]
+__all__ = ["TEQ", "TEQResult", "teq_quantize_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,3 +198,32 @@ def teq_quantize_weights(
     logger.debug("TEQ K=%d, %d weights: loss %.4g -> %.4g (RTN -> best)", k, len(weights), history[0], best_loss)
     return TEQResult(scales=best_s, qweights=qweights, loss_history=history, loss=float(best_loss),
                      loss_rtn=float(history[0]))
+
+
+@register_algorithm
+class TEQ(Algorithm):
+    """TEQ (arXiv 2310.10944): trained per-input-channel scales shared by the sibling group."""
+
+    name = "teq"
+    statistics = ("rows",)
+    options_field = "teq"
+
+    def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: Any) -> Solution:
+        fallback = rtn_when_too_large(self.name, group, options)
+        if fallback is not None:
+            return fallback
+        first = group.settings[0]
+        result = teq_quantize_weights(group.weights, stats["rows"], first.bits, first.block_size, first.symmetric,
+                                      steps=options.steps, **({"lr": options.lr} if options.lr is not None else {}),
+                                      scale_dtype=group.scale_dtype)
+        s = result.scales
+        qweights = []
+        for weight, st, qweight in zip(group.weights, group.settings, result.qweights):
+            if st != first:  # a sibling with its own override: RTN of its scaled weight
+                qweight = quantize_weight(s[:, None] * weight, st.bits, st.block_size, st.symmetric,
+                                          scale_dtype=group.scale_dtype)
+            qweights.append(qweight)
+        scale = None if np.all(s == 1) else s
+        errors = [effective_error(w, q, scale) for w, q in zip(group.weights, qweights)]
+        gain = 1 - result.loss / result.loss_rtn if result.loss_rtn > 0 else 0.0
+        return Solution(qweights, errors, scale, f"{group.input_name}: TEQ loss -{gain:.1%} vs RTN")

@@ -215,6 +215,9 @@ class ActivationProbe:
             ir.serde.serialize_value_into(g.output.add(), value)
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # ORT fuses constant DequantizeLinear -> MatMul into MatMulNBits with int8 activations by
+        # default; calibration must see the exact float product the weights define
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
         if external_names:

@@ -19,95 +19,45 @@ ORT's kernel returns zeros for out-of-range indices.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.core import QuantizedWeight, unpack_bits, unpack_zero_points
 from onnxq.errors import OnnxqError
-from onnxq.formats.matmul_nbits import MS_DOMAIN, MatMulNBitsInitializers, make_matmul_nbits_initializers
+from onnxq.formats.base import MS_DOMAIN, Constant, Format, WeightLayout, WeightSettings, int_attributes
+from onnxq.formats.matmul_nbits import (
+    MatMulNBitsInitializers,
+    make_matmul_nbits_initializers,
+    nbits_stored_bytes,
+    qweight_from_nbits_layout,
+)
+from onnxq.graph.constants import constant_value
 
 __all__ = [
-    "GBQ_DTYPES",
-    "GatherBlockQuantizedInitializers",
+    "GatherBlockQuantizedFormat",
     "make_gather_block_quantized_initializers",
-    "gather_initializers_from_nbits",
     "make_gather_block_quantized_nodes",
-    "qweight_from_nbits_layout",
     "read_gather_block_quantized",
 ]
-
-GBQ_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-"""Output (scale) dtypes ORT's CPU kernel runs."""
-
-
-@dataclass(frozen=True)
-class GatherBlockQuantizedInitializers:
-    """``data`` is either 2-D ``[V, Kpad*bits/8]`` or MatMulNBits' 3-D B (read through a Reshape).
-
-    ``k`` (= D), ``n`` (= V), ``bits``, ``block_size`` describe ``W = table^T``.
-    """
-
-    data: ir.Value
-    scales: ir.Value
-    zero_points: ir.Value | None
-    k: int
-    n: int
-    bits: int
-    block_size: int
-
-    def values(self) -> list[ir.Value]:
-        return [v for v in (self.data, self.scales, self.zero_points) if v is not None]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.const_value.nbytes for v in self.values())
-
-    def qweight(self) -> QuantizedWeight:
-        """The codes / scales / zero points these initializers hold, as a ``[K, N]`` weight."""
-        zp = None if self.zero_points is None else self.zero_points.const_value.numpy()
-        return qweight_from_nbits_layout(self.data.const_value.numpy(), self.scales.const_value.numpy(), zp,
-                                         self.bits, self.block_size, self.k, self.n)
-
-
-def _check(bits: int, block_size: int, scale_dtype: ir.DataType) -> None:
-    if bits not in (2, 4, 8):
-        raise OnnxqError(f"GatherBlockQuantized holds 2, 4 or 8-bit codes, got {bits}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise OnnxqError(f"GatherBlockQuantized needs a power-of-two block_size >= 16, got {block_size}")
-    if scale_dtype not in GBQ_DTYPES:
-        raise OnnxqError(f"GatherBlockQuantized runs float32/float16 tables, got {scale_dtype.name}")
 
 
 def make_gather_block_quantized_initializers(
     qweight: QuantizedWeight, scale_dtype: ir.DataType, name_prefix: str
-) -> GatherBlockQuantizedInitializers:
+) -> MatMulNBitsInitializers:
     """data / scales / zero_points for ``qweight`` (``W = table^T``): MatMulNBits' arrays, data stored 2-D."""
-    _check(qweight.bits, qweight.block_size, scale_dtype)
     nbits = make_matmul_nbits_initializers(qweight, scale_dtype, name_prefix)
     packed = nbits.b.const_value.numpy().reshape(qweight.n, -1)
-    data = ir.Value(name=nbits.b.name, shape=ir.Shape(packed.shape), type=ir.TensorType(ir.DataType.UINT8),
-                    const_value=ir.tensor(packed, name=nbits.b.name))
-    return GatherBlockQuantizedInitializers(data, nbits.scales, nbits.zero_points, qweight.k, qweight.n,
-                                            qweight.bits, qweight.block_size)
-
-
-def gather_initializers_from_nbits(inits: MatMulNBitsInitializers) -> GatherBlockQuantizedInitializers:
-    """Share a MatMulNBits weight (``W = table^T``) with GatherBlockQuantized: the same three values."""
-    _check(inits.bits, inits.block_size, inits.scales.dtype)
-    return GatherBlockQuantizedInitializers(inits.b, inits.scales, inits.zero_points, inits.k, inits.n,
-                                            inits.bits, inits.block_size)
+    return MatMulNBitsInitializers(constant_value(packed, nbits.b.name), nbits.scales, nbits.zero_points,
+                                   qweight.k, qweight.n, qweight.bits, qweight.block_size)
 
 
 def make_gather_block_quantized_nodes(
-    inits: GatherBlockQuantizedInitializers,
+    inits: MatMulNBitsInitializers,
     indices: ir.Value,
     *,
     name: str,
-    constant: Callable[[np.ndarray, str], ir.Value],
+    constant: Constant,
 ) -> tuple[list[ir.Node], ir.Value]:
     """Nodes computing ``table[indices]`` (``[..., D]``) from ``inits``, and the output value.
 
@@ -116,7 +66,7 @@ def make_gather_block_quantized_nodes(
     """
     qw = inits
     nodes: list[ir.Node] = []
-    data = inits.data
+    data = inits.b
     if data.shape is not None and len(data.shape) == 3:
         shape = constant(np.array([qw.n, -1], dtype=np.int64), f"{name}_data_shape")
         reshape = ir.node("Reshape", [data, shape], name=f"{name}_data_reshape")
@@ -138,35 +88,6 @@ def make_gather_block_quantized_nodes(
         nodes.append(sl)
         out = sl.outputs[0]
     return nodes, out
-
-
-def qweight_from_nbits_layout(
-    packed: np.ndarray,
-    scales: np.ndarray,
-    zero_points: np.ndarray | None,
-    bits: int,
-    block_size: int,
-    k: int,
-    n: int,
-) -> QuantizedWeight:
-    """A :class:`QuantizedWeight` from MatMulNBits-layout arrays (B may be ``[N, kb, blob]`` or ``[N, kb*blob]``)."""
-    k_blocks = -(-k // block_size)
-    blob = block_size * bits // 8
-    packed = np.asarray(packed, dtype=np.uint8)
-    if packed.size != n * k_blocks * blob:
-        raise OnnxqError(f"packed weight has {packed.size} bytes, expected N*k_blocks*blob = {n * k_blocks * blob}")
-    codes = unpack_bits(packed.reshape(n, k_blocks, blob), bits, block_size)
-    scales = np.asarray(scales, dtype=np.float32).reshape(n, k_blocks)
-    zps = None
-    if zero_points is not None:
-        zp = np.asarray(zero_points)
-        if zp.dtype.kind == "f":  # float zero points (HQQ): [N, k_blocks] as they are
-            zps = zp.astype(np.float32).reshape(n, k_blocks)
-        elif zp.dtype == np.uint8:
-            zps = unpack_zero_points(zp.reshape(n, -1), bits, k_blocks)
-        else:
-            raise OnnxqError(f"MatMulNBits zero points must be packed uint8 or float, got {zp.dtype}")
-    return QuantizedWeight(codes, scales, zps, bits, block_size, k)
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -201,7 +122,7 @@ def read_gather_block_quantized(node: ir.Node) -> QuantizedWeight:
     ``data`` is uint8 (bits 2/4/8, MatMulNBits layout; an initializer or a ``Reshape`` of a
     shared MatMulNBits B) or int4/uint4 (one code per element, zero point default 0).
     """
-    attrs = {k: v.as_int() for k, v in node.attributes.items()}
+    attrs = int_attributes(node)
     bits, bs = attrs.get("bits", 4), attrs.get("block_size", 128)
     data = _const(node.inputs[0])
     scales = _const(node.inputs[2])
@@ -234,3 +155,38 @@ def read_gather_block_quantized(node: ir.Node) -> QuantizedWeight:
         return qweight_from_nbits_layout(data, scales, zero_points, bits, bs, k, n)
     zps = None if zero_points is None else unpack_zero_points(zero_points.reshape(n, -1), bits, k_blocks)
     return _padded_qweight(unpack_bits(data, bits, k), scales, zps, bits, bs)
+
+
+class GatherBlockQuantizedFormat(Format):
+    """com.microsoft GatherBlockQuantized with uint8 data (see the module docstring): embeddings only."""
+
+    name = "gather"
+    op_type = "GatherBlockQuantized"
+    bits = (2, 4, 8)
+    sites = "gather"
+    layout = "nbits"
+
+    def block_size_reason(self, bits: int, block_size: int) -> str | None:
+        if not (isinstance(block_size, (int, np.integer)) and block_size >= 16 and block_size & (block_size - 1) == 0):
+            return f"GatherBlockQuantized needs a power-of-two block_size >= 16, got {block_size!r}"
+        return None
+
+    def stored_bytes(self, k: int, n: int, settings: WeightSettings, dtype: ir.DataType) -> int:
+        return nbits_stored_bytes(k, n, settings, dtype)
+
+    def pack(self, payload: QuantizedWeight, settings: WeightSettings, dtype: ir.DataType, name: str,
+             layout: WeightLayout) -> MatMulNBitsInitializers:
+        return make_gather_block_quantized_initializers(payload, dtype, name)
+
+    def make_nodes(self, activation, packed: MatMulNBitsInitializers, settings: WeightSettings, *, name: str,
+                   bias: ir.Value | None, constant: Constant) -> tuple[list[ir.Node], ir.Value]:
+        return make_gather_block_quantized_nodes(packed, activation, name=name, constant=constant)
+
+    def read(self, node: ir.Node) -> QuantizedWeight:
+        return read_gather_block_quantized(node)
+
+    def describe_node(self, node: ir.Node) -> tuple[str, str] | None:
+        data = node.inputs[0]
+        shape = "x".join(str(d) for d in data.shape) if data is not None and data.shape is not None else "?"
+        attrs = int_attributes(node)
+        return shape, f"int{attrs.get('bits', 4)} block {attrs.get('block_size')}"

@@ -20,11 +20,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from dataclasses import dataclass
+
 from onnxq.core import QuantizedWeight
 from onnxq.errors import OnnxqError
-from onnxq.formats.matmul_nbits import MS_DOMAIN
+from onnxq.formats.base import MS_DOMAIN, Constant, Format, WeightLayout, WeightSettings
+from onnxq.graph.constants import constant_value
 
-__all__ = ["FPQ4_BLOCK", "pack_fpq4", "unpack_fpq4", "fpq4_blob_size", "make_matmul_fpq4_node", "read_matmul_fpq4"]
+__all__ = ["FPQ4_BLOCK", "FpQ4Initializers", "MatMulFpQ4Format", "pack_fpq4", "unpack_fpq4", "fpq4_blob_size",
+           "make_matmul_fpq4_node", "read_matmul_fpq4"]
 
 FPQ4_BLOCK = 32
 
@@ -83,3 +87,59 @@ def read_matmul_fpq4(node: ir.Node) -> QuantizedWeight:
     k, n = (int(d) for d in shape.const_value.numpy().reshape(-1))
     attr = node.attributes.get("blk_quant_type")
     return unpack_fpq4(blob.const_value.numpy(), k, n, 1 if attr is None else attr.as_int())
+
+
+@dataclass(frozen=True)
+class FpQ4Initializers:
+    """The constant inputs of one MatMulFpQ4 weight: the blob, ``B_shape`` ``[K, N]`` and the blob type."""
+
+    blob: ir.Value
+    shape: ir.Value
+    blk_quant_type: int
+
+    def values(self) -> list[ir.Value]:
+        return [self.blob, self.shape]
+
+    @property
+    def nbytes(self) -> int:
+        return self.blob.const_value.nbytes
+
+
+class MatMulFpQ4Format(Format):
+    """Legacy com.microsoft MatMulFpQ4 (see the module docstring): emit only on request."""
+
+    name = "fpq4"
+    op_type = "MatMulFpQ4"
+    bits = (4,)
+    dtypes = (ir.DataType.FLOAT,)
+
+    def resolve_block_size(self, block_size: int, k: int | None) -> int:
+        return block_size  # one layout only: -1 is refused, not rounded
+
+    def block_size_reason(self, bits: int, block_size: int) -> str | None:
+        if block_size != FPQ4_BLOCK:
+            return f"MatMulFpQ4 stores 4-bit codes in blocks of {FPQ4_BLOCK}, got block_size={block_size}"
+        return None
+
+    def node_name(self, base: str, settings: WeightSettings) -> str:
+        return f"{base}_FpQ4"
+
+    def stored_bytes(self, k: int, n: int, settings: WeightSettings, dtype: ir.DataType) -> int:
+        return fpq4_blob_size(k, n, settings.symmetric)
+
+    def pack(self, payload: QuantizedWeight, settings: WeightSettings, dtype: ir.DataType, name: str,
+             layout: WeightLayout) -> FpQ4Initializers:
+        blob, blk_quant_type = pack_fpq4(payload)
+        shape = constant_value(np.array([payload.k, payload.n], dtype=np.int64), f"{name}_FpQ4_shape")
+        return FpQ4Initializers(constant_value(blob, f"{name}_FpQ4"), shape, blk_quant_type)
+
+    def make_nodes(self, activation, packed: FpQ4Initializers, settings: WeightSettings, *, name: str,
+                   bias: ir.Value | None, constant: Constant) -> tuple[list[ir.Node], ir.Value]:
+        node = make_matmul_fpq4_node(activation, packed.blob, packed.shape, packed.blk_quant_type, name=name)
+        return [node], node.outputs[0]
+
+    def read(self, node: ir.Node) -> QuantizedWeight:
+        return read_matmul_fpq4(node)
+
+    def describe_node(self, node: ir.Node) -> tuple[str, str] | None:
+        return "-", "int4 block 32 (MLAS blob)"

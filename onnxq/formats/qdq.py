@@ -15,6 +15,10 @@ the full signed range, scale signed); asymmetric codes are stored as they are
 (uint4/uint8 with a zero point). 2- and 3-bit codes are stored in 4-bit containers and
 5..7-bit codes in 8-bit ones; the node then carries ``metadata_props["onnxq.bits"]`` so a
 conversion back to MatMulNBits restores the width.
+
+Limits (ONNX opset 21, checked against onnxruntime 1.32's CPU DequantizeLinear): bits 2..8,
+any block_size >= 1; ORT fuses ``DequantizeLinear(axis=0) -> MatMul`` into MatMulNBits only
+for 4-bit codes in power-of-two blocks >= 16.
 """
 from __future__ import annotations
 
@@ -25,9 +29,13 @@ import onnx_ir as ir
 
 from onnxq.core import QuantizedWeight
 from onnxq.errors import OnnxqError
+from onnxq.formats.base import Constant, Format, WeightLayout, WeightSettings, int_attributes
+from onnxq.graph.constants import constant_array, constant_value
+from onnxq.graph.opset import QDQ_OPSET, upgrade_opset
 
 __all__ = [
     "BITS_METADATA_KEY",
+    "QDQFormat",
     "QDQInitializers",
     "QDQWeight",
     "container_dtype",
@@ -76,11 +84,6 @@ class QDQInitializers:
         return sum(v.const_value.nbytes for v in self.values())
 
 
-def _initializer(array: np.ndarray, name: str, dtype: ir.DataType) -> ir.Value:
-    tensor = ir.tensor(array, dtype=dtype, name=name)
-    return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=tensor)
-
-
 def make_qdq_initializers(
     qweight: QuantizedWeight,
     scale_dtype: ir.DataType,
@@ -113,10 +116,10 @@ def make_qdq_initializers(
     zp_value = None
     if zero_points is not None:
         zp_arr = np.ascontiguousarray(zero_points).astype(np_dtype).reshape(lead + zero_points.shape)
-        zp_value = _initializer(zp_arr, f"{name_prefix}_zero_point", dtype)
+        zp_value = constant_value(zp_arr, f"{name_prefix}_zero_point", dtype)
     return QDQInitializers(
-        q=_initializer(q_arr, f"{name_prefix}_q{bits}", dtype),
-        scale=_initializer(s_arr, f"{name_prefix}_scale", scale_dtype),
+        q=constant_value(q_arr, f"{name_prefix}_q{bits}", dtype),
+        scale=constant_value(s_arr, f"{name_prefix}_scale", scale_dtype),
         zero_point=zp_value,
         axis=leading_ones + (1 if transposed else 0),
         block_size=qweight.block_size,
@@ -139,19 +142,6 @@ def make_dequantize_node(inits: QDQInitializers, *, name: str | None = None) -> 
     return node
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    if value.const_value is not None and (value.is_initializer() or value.producer() is None):
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
-        attr = producer.attributes.get("value")
-        if attr is not None and attr.type == ir.AttributeType.TENSOR:
-            return attr.as_tensor().numpy()
-    return None
-
-
 def _attr_int(node: ir.Node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
     return default if attr is None else attr.as_int()
@@ -161,17 +151,17 @@ def is_constant_dequantize(node: ir.Node) -> bool:
     """A default-domain DequantizeLinear whose inputs are all constants."""
     return (
         node.op_type == "DequantizeLinear" and node.domain == ""
-        and all(v is None or _const(v) is not None for v in node.inputs)
+        and all(v is None or constant_array(v) is not None for v in node.inputs)
         and node.inputs[0] is not None and node.inputs[1] is not None
     )
 
 
 def dequantize_linear_constant(node: ir.Node) -> np.ndarray:
     """float32 output of a constant DequantizeLinear (per-tensor, per-axis or blocked), per the ONNX spec."""
-    x = np.asarray(_const(node.inputs[0]))
-    scale = np.asarray(_const(node.inputs[1]), dtype=np.float32)
+    x = np.asarray(constant_array(node.inputs[0]))
+    scale = np.asarray(constant_array(node.inputs[1]), dtype=np.float32)
     zp_in = node.inputs[2] if len(node.inputs) > 2 else None
-    zp = None if zp_in is None else np.asarray(_const(zp_in))
+    zp = None if zp_in is None else np.asarray(constant_array(zp_in))
     axis = _attr_int(node, "axis", 1)
     block_size = _attr_int(node, "block_size", 0)
     rank = x.ndim
@@ -218,7 +208,7 @@ def read_qdq_weight(node: ir.Node) -> QDQWeight | str:
     """
     if not is_constant_dequantize(node):
         return "not a DequantizeLinear of constants"
-    q = np.asarray(_const(node.inputs[0]))
+    q = np.asarray(constant_array(node.inputs[0]))
     dtype = ir.DataType.from_numpy(q.dtype)
     if dtype not in _INT_TYPES:
         return f"quantized type {dtype.name} is not int4/uint4/int8/uint8"
@@ -229,9 +219,9 @@ def read_qdq_weight(node: ir.Node) -> QDQWeight | str:
     axis = _attr_int(node, "axis", 1)
     axis = axis + q.ndim if axis < 0 else axis
     block_size = _attr_int(node, "block_size", 0)
-    scale_raw = np.asarray(_const(node.inputs[1]))
+    scale_raw = np.asarray(constant_array(node.inputs[1]))
     zp_in = node.inputs[2] if len(node.inputs) > 2 else None
-    zp_raw = None if zp_in is None else np.asarray(_const(zp_in))
+    zp_raw = None if zp_in is None else np.asarray(constant_array(zp_in))
     if axis not in (lead, lead + 1):
         return f"axis {axis} is not one of the two matrix axes"
     if block_size:
@@ -286,3 +276,61 @@ def read_qdq_weight(node: ir.Node) -> QDQWeight | str:
         bits, block_size, k,
     )
     return QDQWeight(qweight, transposed, lead, ir.DataType.from_numpy(scale_raw.dtype))
+
+
+_DTYPE_BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
+
+
+class QDQFormat(Format):
+    """Standard blocked DequantizeLinear (opset 21; see the module docstring): the site keeps its node."""
+
+    name = "qdq"
+    op_type = "DequantizeLinear"
+    bits = (2, 3, 4, 5, 6, 7, 8)
+    dtypes = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    replaces = "weight"
+    embedding_format = "qdq"
+    domain = ""
+
+    def prepare(self, model: ir.Model) -> bool:
+        return upgrade_opset(model, QDQ_OPSET)
+
+    def node_name(self, base: str, settings: WeightSettings) -> str:
+        return f"{base}_dq"
+
+    def block_size_reason(self, bits: int, block_size: int) -> str | None:
+        if not (isinstance(block_size, (int, np.integer)) and block_size >= 1):
+            return f"DequantizeLinear block_size must be a positive integer, got {block_size!r}"
+        return None
+
+    def stored_bytes(self, k: int, n: int, settings: WeightSettings, dtype: ir.DataType) -> int:
+        container = 4 if settings.bits <= 4 else 8
+        k_blocks = -(-k // settings.block_size)
+        zero_points = 0 if settings.symmetric else -(-n * k_blocks * container // 8)
+        return -(-k * n * container // 8) + n * k_blocks * dtype.itemsize + zero_points
+
+    def pack(self, payload: QuantizedWeight, settings: WeightSettings, dtype: ir.DataType, name: str,
+             layout: WeightLayout) -> QDQInitializers:
+        return make_qdq_initializers(payload, dtype, name, transposed=layout.transposed,
+                                     leading_ones=layout.leading_ones)
+
+    def make_nodes(self, activation, packed: QDQInitializers, settings: WeightSettings, *, name: str,
+                   bias: ir.Value | None, constant: Constant) -> tuple[list[ir.Node], ir.Value]:
+        node = make_dequantize_node(packed, name=name)
+        return [node], node.outputs[0]
+
+    def read(self, node: ir.Node) -> QuantizedWeight:
+        read = read_qdq_weight(node)
+        if isinstance(read, str):
+            raise OnnxqError(f"DequantizeLinear node {node.name!r}: {read}")
+        return read.qweight
+
+    def describe_node(self, node: ir.Node) -> tuple[str, str] | None:
+        q = node.inputs[0]
+        if q is None or q.const_value is None or q.const_value.dtype not in _DTYPE_BITS:
+            return None
+        block = int_attributes(node).get("block_size", 0)
+        granularity = f"block {block}" if block else "per axis"
+        scheme = "asym" if len(node.inputs) > 2 and node.inputs[2] is not None else "sym"
+        shape = "x".join(str(d) for d in q.const_value.shape)
+        return shape, f"{q.const_value.dtype.name.lower()} {granularity} {scheme}"

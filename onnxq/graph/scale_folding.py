@@ -26,7 +26,7 @@ from typing import Collection, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.graph.sites import constant_tensor
+from onnxq.graph.constants import add_initializer, constant_tensor
 
 __all__ = ["fold_input_scale", "NORM_GAMMA_INPUTS"]
 
@@ -49,16 +49,10 @@ def _only_used_by(value: ir.Value, consumers: set[int]) -> bool:
 
 
 def _new_constant(graph: ir.Graph, like: ir.Value, array: np.ndarray, suffix: str) -> ir.Value:
-    taken = set(graph.initializers)
-    base = f"{like.name or 'const'}_{suffix}"
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
+    """A rescaled copy of the constant ``like``, in its dtype, as a new initializer."""
     dtype = constant_tensor(like).dtype
-    tensor = ir.tensor(array.astype(dtype.numpy()), dtype=dtype, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
+    return add_initializer(graph, array.astype(dtype.numpy()), f"{like.name or 'const'}_{suffix}",
+                           set(graph.initializers), dtype)
 
 
 def _scaled_vector(value: ir.Value | None, inv: np.ndarray) -> np.ndarray | None:
@@ -140,14 +134,8 @@ def fold_input_scale(
             node.replace_input_with(index, _new_constant(graph, node.inputs[index], array, "awq"))
         return "folded into " + ", ".join(dict.fromkeys(label for *_, label in edits))
     dtype = activation.type.dtype if activation.type is not None else ir.DataType.FLOAT
-    name = f"{activation.name}_inv_scale"
-    taken = set(graph.initializers)
-    i = 1
-    while name in taken:
-        name, i = f"{activation.name}_inv_scale_{i}", i + 1
-    inv_value = ir.Value(name=name, shape=ir.Shape(inv.shape), type=ir.TensorType(dtype),
-                         const_value=ir.tensor(inv.astype(dtype.numpy()), dtype=dtype, name=name))
-    graph.register_initializer(inv_value)
+    inv_value = add_initializer(graph, inv.astype(dtype.numpy()), f"{activation.name}_inv_scale",
+                                set(graph.initializers), dtype)
     mul = ir.node("Mul", [activation, inv_value], name=f"{activation.name}_scale")
     mul.outputs[0].name = f"{activation.name}_scaled"
     mul.outputs[0].type, mul.outputs[0].shape = activation.type, activation.shape

@@ -4,7 +4,10 @@ A site is ``Y = A @ W (+ bias)`` with ``W: [K, N]`` derived from a constant:
 
 * ``MatMul(A, B)`` with B a constant ``[K, N]`` (or ``[1, .., 1, K, N]``);
 * ``Gemm(A, B, C)`` with ``transA=0``: ``W = alpha * (B or B^T)``, bias ``beta * C``;
-* ``MatMul(A, Transpose(B, perm=[1, 0]))`` with B constant (e.g. a tied lm_head): ``W = B^T``.
+* ``MatMul(A, Transpose(B, perm=[1, 0]))`` with B constant (e.g. a tied lm_head): ``W = B^T``;
+* ``Gather(E, ids, axis=0)`` with ``E: [V, D]`` a constant float table (an embedding):
+  ``W = E^T: [K = D, N = V]``, so a tied embedding and its lm_head have one ``weight_key``
+  (:func:`find_gather_sites`).
 
 Subgraphs (If/Loop/Scan bodies) are searched too. Nodes that look like sites but
 cannot be rewritten are returned as :class:`SkippedNode` with the reason.
@@ -18,8 +21,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
+from onnxq.graph.constants import constant_source
 
-__all__ = ["WeightSite", "SkippedNode", "find_weight_sites", "FLOAT_TYPES", "node_display_name", "constant_tensor", "finite_weight"]
+__all__ = ["WeightSite", "SkippedNode", "find_weight_sites", "find_gather_sites", "FLOAT_TYPES", "node_display_name",
+           "finite_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +37,7 @@ class WeightSite:
 
     node: ir.Node
     name: str
-    kind: str  # "MatMul" | "Gemm" | "Transpose+MatMul"
+    kind: str  # "MatMul" | "Gemm" | "Transpose+MatMul" | "Gather"
     activation: ir.Value
     source: ir.Value  # the constant value the weight is read from
     tensor: ir.TensorProtocol  # its data (lazy / memory-mapped for external data)
@@ -87,30 +92,6 @@ def node_display_name(node: ir.Node, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
 
-def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The data of ``value`` when it is an initializer or a Constant node's output, else None."""
-    found = _constant(value)
-    return None if found is None else found[1]
-
-
-def _constant(value: ir.Value | None) -> tuple[ir.Value, ir.TensorProtocol] | None:
-    """``(value, tensor)`` if ``value`` is an initializer or a Constant node's output, else None.
-
-    Initializers that are also listed as graph inputs (old exporters do this) count
-    as constants; the rewrite removes them from the inputs once unused.
-    """
-    if value is None:
-        return None
-    if value.is_initializer() and value.const_value is not None:
-        return value, value.const_value
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
-        attr = producer.attributes.get("value")
-        if attr is not None and attr.type == ir.AttributeType.TENSOR:
-            return value, attr.as_tensor()
-    return None
-
-
 def _rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
 
@@ -118,14 +99,14 @@ def _rank(value: ir.Value) -> int | None:
 def _matmul_site(node: ir.Node, name: str) -> WeightSite | str:
     a, b = node.inputs[0], node.inputs[1]
     transpose_node = None
-    found = _constant(b)
+    found = constant_source(b)
     transpose = False
     kind = "MatMul"
     if found is None and b is not None and b.producer() is not None:
         producer = b.producer()
         perm = producer.attributes.get("perm")
         if producer.op_type == "Transpose" and producer.domain == "":
-            inner = _constant(producer.inputs[0])
+            inner = constant_source(producer.inputs[0])
             if inner is not None and len(inner[1].shape) == 2 and (perm is None or list(perm.as_ints()) == [1, 0]):
                 found, transpose, kind, transpose_node = inner, True, "Transpose+MatMul", producer
     if found is None:
@@ -153,7 +134,7 @@ def _gemm_site(node: ir.Node, name: str) -> WeightSite | str:
     attrs = node.attributes
     if attrs.get("transA") is not None and attrs["transA"].as_int() != 0:
         return "Gemm with transA=1"
-    found = _constant(node.inputs[1])
+    found = constant_source(node.inputs[1])
     if found is None:
         return "B is not a constant"
     source, tensor = found
@@ -166,7 +147,7 @@ def _gemm_site(node: ir.Node, name: str) -> WeightSite | str:
     k, n = (shape[1], shape[0]) if trans_b else shape
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is not None:
-        const_bias = _constant(bias)
+        const_bias = constant_source(bias)
         if const_bias is None or const_bias[1].size != n:
             return "Gemm C is not a constant of N elements"
     return WeightSite(node, name, "Gemm", node.inputs[0], source, tensor, trans_b, float(alpha), bias, float(beta),
@@ -188,4 +169,35 @@ def find_weight_sites(model: ir.Model) -> tuple[list[WeightSite], list[SkippedNo
             skipped.append(SkippedNode(name, node.op_type, f"weight dtype {found.dtype.name} is not a float type"))
         else:
             sites.append(found)
+    return sites, skipped
+
+
+def find_gather_sites(model: ir.Model) -> tuple[list[WeightSite], list[SkippedNode]]:
+    """``Gather(E, ids, axis=0)`` nodes with a constant 2-D float ``E`` (subgraphs included).
+
+    Each is returned as a :class:`WeightSite` of kind ``"Gather"`` with ``W = E^T``
+    (``transpose=True``, ``k = D``, ``n = V``, ``activation`` = the indices), so sites
+    sharing ``E`` with a tied lm_head have the same ``weight_key``.
+    """
+    sites: list[WeightSite] = []
+    skipped: list[SkippedNode] = []
+    for index, node in enumerate(model.graph.all_nodes()):
+        if node.op_type != "Gather" or node.domain != "":
+            continue
+        name = node_display_name(node, index)
+        found = constant_source(node.inputs[0])
+        if found is None:
+            continue  # a Gather on activations (shapes, indices...), not an embedding
+        source, tensor = found
+        axis = node.attributes["axis"].as_int() if node.attributes.get("axis") is not None else 0
+        if len(tensor.shape) != 2:
+            skipped.append(SkippedNode(name, "Gather", f"table has shape {tuple(tensor.shape)}; need [V, D]"))
+        elif axis not in (0, -2):
+            skipped.append(SkippedNode(name, "Gather", f"gathers along axis {axis}; need 0"))
+        elif tensor.dtype not in FLOAT_TYPES:
+            continue  # integer lookup tables are not weights
+        else:
+            v, d = tensor.shape
+            sites.append(WeightSite(node, name, "Gather", node.inputs[1], source, tensor, True, 1.0, None, 1.0,
+                                    d, v, tensor.dtype, 0))
     return sites, skipped

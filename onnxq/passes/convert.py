@@ -26,49 +26,33 @@ import onnx_ir as ir
 
 from onnxq.core import QuantizedWeight
 from onnxq.errors import OnnxqError
-from onnxq.formats.gather_block_quantized import (
-    GBQ_DTYPES,
-    gather_initializers_from_nbits,
-    make_gather_block_quantized_nodes,
-    read_gather_block_quantized,
-)
+from onnxq.formats import MS_DOMAIN, WeightSettings, get_format
+from onnxq.formats.gather_block_quantized import make_gather_block_quantized_nodes, read_gather_block_quantized
 from onnxq.formats.matmul_nbits import (
-    MS_DOMAIN,
     MatMulNBitsInitializers,
     make_matmul_nbits_initializers,
     make_matmul_nbits_node,
+    read_matmul_nbits,
 )
 from onnxq.formats.qdq import QDQWeight, make_dequantize_node, make_qdq_initializers, read_qdq_weight
-from onnxq.passes.bnb4 import initializer_names
-from onnxq.passes.matmul_nbits import _remove_unused, _unique_name
-from onnxq.passes.qdq import upgrade_opset
-from onnxq.passes.unpack import _base, _node_key, read_matmul_nbits
-from onnxq.graph.sites import SkippedNode, constant_tensor
+from onnxq.graph.constants import add_initializer, constant_tensor
+from onnxq.graph.edit import register_values, remove_unused
+from onnxq.graph.names import initializer_names, node_names, unique_name
+from onnxq.graph.opset import upgrade_opset
+from onnxq.graph.sites import SkippedNode
+from onnxq.passes.unpack import packed_source, packed_weight_key
 
 __all__ = ["convert_model", "NBitsToQDQPass", "QDQToNBitsPass", "CONVERSIONS"]
 
 logger = logging.getLogger(__name__)
 
 CONVERSIONS = ("qdq", "nbits")
+_GATHER = get_format("gather")
 
 
 def _stem(name: str | None, fallback: str) -> str:
     """``W_Q4`` / ``W_q4`` -> ``W``: the weight's name without a bit-width suffix."""
     return re.sub(r"_[qQ]\d$", "", name) if name else fallback
-
-
-def _int64(graph: ir.Graph, array: np.ndarray, name: str, taken: set[str]) -> ir.Value:
-    name = _unique_name(taken, name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
-def _register(graph: ir.Graph, values: list[ir.Value], taken: set[str]) -> None:
-    for value in values:
-        value.name = _unique_name(taken, value.name)
-        graph.register_initializer(value)
 
 
 def _home(value: ir.Value, node: ir.Node) -> ir.Graph:
@@ -90,11 +74,11 @@ class NBitsToQDQPass(ir.passes.InPlacePass):
         upgrade_opset(model)
         nodes = [n for n in model.graph.all_nodes()
                  if n.domain == MS_DOMAIN and n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
-        keys = {id(n): _node_key(n) for n in nodes}
+        keys = {id(n): packed_weight_key(n) for n in nodes}
         gathered = {keys[id(n)] for n in nodes if n.op_type == "GatherBlockQuantized"}
         partners = {keys[id(n)]: n for n in nodes if n.op_type == "MatMulNBits"}
         taken = initializer_names(model)
-        names = {n.name for n in model.graph.all_nodes() if n.name}
+        names = node_names(model)
         chains: dict[tuple, ir.Value] = {}
 
         def chain(node: ir.Node, transposed: bool) -> ir.Value:
@@ -104,13 +88,13 @@ class NBitsToQDQPass(ir.passes.InPlacePass):
                 if source.op_type == "MatMulNBits":
                     qweight, packed = read_matmul_nbits(source), source.inputs[1]
                 else:
-                    qweight, packed = read_gather_block_quantized(source), _base(source.inputs[0])
+                    qweight, packed = read_gather_block_quantized(source), packed_source(source.inputs[0])
                 scales = source.inputs[2]
                 inits = make_qdq_initializers(qweight, scales.const_value.dtype, _stem(packed.name, source.name),
                                               transposed=transposed)
                 graph = _home(packed, source)
-                _register(graph, inits.values(), taken)
-                dq = make_dequantize_node(inits, name=_unique_name(names, f"{_stem(packed.name, source.name)}_dq"))
+                register_values(graph, inits.values(), taken)
+                dq = make_dequantize_node(inits, name=unique_name(names, f"{_stem(packed.name, source.name)}_dq"))
                 graph.insert_before(graph.node(0), dq)
                 chains[key] = dq.outputs[0]
             return chains[key]
@@ -124,17 +108,17 @@ class NBitsToQDQPass(ir.passes.InPlacePass):
                 new_nodes = []
                 if tied:
                     transpose = ir.node("Transpose", [weight], attributes={"perm": [1, 0]},
-                                        name=_unique_name(names, f"{base}_weight_transpose"))
+                                        name=unique_name(names, f"{base}_weight_transpose"))
                     new_nodes.append(transpose)
                     weight = transpose.outputs[0]
-                new_nodes.append(ir.node("MatMul", [node.inputs[0], weight], name=_unique_name(names, base)))
+                new_nodes.append(ir.node("MatMul", [node.inputs[0], weight], name=unique_name(names, base)))
                 bias = node.inputs[5] if len(node.inputs) > 5 else None
                 if bias is not None:
                     new_nodes.append(ir.node("Add", [new_nodes[-1].outputs[0], bias],
-                                             name=_unique_name(names, f"{base}_bias")))
+                                             name=unique_name(names, f"{base}_bias")))
             else:
                 new_nodes = [ir.node("Gather", [chain(node, True), node.inputs[1]], attributes={"axis": 0},
-                                     name=_unique_name(names, base))]
+                                     name=unique_name(names, base))]
                 partner = partners.get(keys[id(node)])
                 trailing = None if partner is None else _padding_slice(node, partner.attributes["K"].as_int())
                 if trailing is not None:  # the shared table has the true width: the Slice has nothing to cut
@@ -145,11 +129,7 @@ class NBitsToQDQPass(ir.passes.InPlacePass):
             ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]],
                                                     [new_nodes[-1].outputs[0]])
             self.converted.append(node.name)
-        for graph in (model.graph, *model.graph.subgraphs()):
-            for node in reversed(list(graph)):  # Reshapes that fed a shared GatherBlockQuantized
-                if node.op_type == "Reshape" and not any(o.uses() or o.is_graph_output() for o in node.outputs):
-                    graph.remove(node, safe=True)
-        _remove_unused(model)
+        remove_unused(model)  # also the Reshapes that fed a shared GatherBlockQuantized
         if not any(n.domain == MS_DOMAIN for n in model.graph.all_nodes()):
             model.opset_imports.pop(MS_DOMAIN, None)
         logger.info("converted %d MatMulNBits/GatherBlockQuantized nodes to QDQ (%d DequantizeLinear)",
@@ -185,7 +165,7 @@ class QDQToNBitsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         taken = initializer_names(model)
-        names = {n.name for n in model.graph.all_nodes() if n.name}
+        names = node_names(model)
         for dq in [n for n in model.graph.all_nodes() if n.op_type == "DequantizeLinear" and n.domain == ""]:
             read = read_qdq_weight(dq)
             if isinstance(read, str):
@@ -193,9 +173,8 @@ class QDQToNBitsPass(ir.passes.InPlacePass):
             reason = _nbits_reason(read.qweight)
             inits: MatMulNBitsInitializers | None = None
             for consumer, user, target in _weight_uses(dq, read):
-                if reason is None and target == "Gather" and read.scale_dtype not in GBQ_DTYPES:
-                    self.skipped.append(SkippedNode(consumer.name, "Gather", f"GatherBlockQuantized runs float32/"
-                                                    f"float16 tables, got {read.scale_dtype.name}"))
+                if reason is None and target == "Gather" and _GATHER.dtype_reason(read.scale_dtype) is not None:
+                    self.skipped.append(SkippedNode(consumer.name, "Gather", _GATHER.dtype_reason(read.scale_dtype)))
                     continue
                 if reason is not None or isinstance(user, str):
                     self.skipped.append(SkippedNode(consumer.name, consumer.op_type, reason or user))
@@ -203,7 +182,7 @@ class QDQToNBitsPass(ir.passes.InPlacePass):
                 if inits is None:
                     inits = make_matmul_nbits_initializers(read.qweight, read.scale_dtype,
                                                            _stem(dq.inputs[0].name, dq.name))
-                    _register(_home(dq.inputs[0], dq), inits.values(), taken)
+                    register_values(_home(dq.inputs[0], dq), inits.values(), taken)
                 self._replace(consumer, user, target, inits, taken, names)
                 self.converted.append(consumer.name)
             for transpose, _ in list(dq.outputs[0].uses()):
@@ -214,7 +193,7 @@ class QDQToNBitsPass(ir.passes.InPlacePass):
                 dq.graph.remove(dq, safe=True)
         if not self.converted:
             return ir.passes.PassResult(model, False)
-        _remove_unused(model)
+        remove_unused(model)
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         logger.info("converted %d QDQ weight uses to MatMulNBits/GatherBlockQuantized, left %d",
                     len(self.converted), len(self.skipped))
@@ -224,10 +203,9 @@ class QDQToNBitsPass(ir.passes.InPlacePass):
                  taken: set[str], names: set[str]) -> None:
         graph = consumer.graph
         if target == "Gather":
-            gbq = gather_initializers_from_nbits(inits)
             nodes, out = make_gather_block_quantized_nodes(
-                gbq, consumer.inputs[1], name=_unique_name(names, f"{consumer.name}_Q{inits.bits}"),
-                constant=lambda array, name: _int64(graph, array, name, taken),
+                inits, consumer.inputs[1], name=unique_name(names, f"{consumer.name}_Q{inits.bits}"),
+                constant=lambda array, name: add_initializer(graph, array, name, taken),
             )
         else:
             bias = None
@@ -240,17 +218,17 @@ class QDQToNBitsPass(ir.passes.InPlacePass):
                 else:
                     user = {**user, "bias": np.asarray(constant_tensor(other).numpy(), dtype=np.float32).reshape(-1)}
             if bias is None and user.get("bias") is not None:
-                name = _unique_name(taken, f"{consumer.name}_bias")
+                name = unique_name(taken, f"{consumer.name}_bias")
                 bias_array = user["bias"].astype(inits.scales.dtype.numpy())
                 bias = ir.Value(name=name, shape=ir.Shape(bias_array.shape), type=ir.TensorType(inits.scales.dtype),
                                 const_value=ir.tensor(bias_array, dtype=inits.scales.dtype, name=name))
                 graph.register_initializer(bias)
             node = make_matmul_nbits_node(consumer.inputs[0], inits, accuracy_level=self.accuracy_level, bias=bias,
-                                          name=_unique_name(names, f"{consumer.name}_Q{inits.bits}"))
+                                          name=unique_name(names, f"{consumer.name}_Q{inits.bits}"))
             nodes, out = [node], node.outputs[0]
             if user.get("gap"):
-                axes = _int64(graph, np.arange(user["gap"], dtype=np.int64), f"{consumer.name}_unsqueeze_axes", taken)
-                nodes.append(ir.node("Unsqueeze", [out, axes], name=_unique_name(names, f"{consumer.name}_unsqueeze")))
+                axes = add_initializer(graph, np.arange(user["gap"], dtype=np.int64), f"{consumer.name}_unsqueeze_axes", taken)
+                nodes.append(ir.node("Unsqueeze", [out, axes], name=unique_name(names, f"{consumer.name}_unsqueeze")))
                 out = nodes[-1].outputs[0]
         old_nodes, last = [consumer], consumer
         if target != "Gather" and user.get("add") is not None:
@@ -260,15 +238,9 @@ class QDQToNBitsPass(ir.passes.InPlacePass):
 
 
 def _nbits_reason(qweight: QuantizedWeight) -> str | None:
-    """Why a QDQ weight cannot become MatMulNBits, or None."""
-    bs = qweight.block_size
-    if qweight.bits not in (2, 4, 8):
-        return f"{qweight.bits}-bit codes; MatMulNBits holds 2, 4 or 8 bits"
-    if bs < 16 or bs & (bs - 1):
-        return f"block_size {bs} is not a power of two >= 16"
-    if qweight.bits == 2 and bs > 256:
-        return f"2-bit MatMulNBits needs block_size <= 256, got {bs}"
-    return None
+    """Why a QDQ weight cannot become MatMulNBits (the format's own limits), or None."""
+    settings = WeightSettings(qweight.bits, qweight.block_size, qweight.symmetric)
+    return get_format("nbits").validate(settings, qweight.k, qweight.n)
 
 
 def _weight_uses(dq: ir.Node, read: QDQWeight) -> list[tuple[ir.Node, dict | str, str]]:

@@ -19,17 +19,15 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.core import QuantizedWeight
 from onnxq.errors import OnnxqError
-from onnxq.formats.bnb4 import read_matmul_bnb4
-from onnxq.formats.gather_block_quantized import qweight_from_nbits_layout, read_gather_block_quantized
-from onnxq.formats.matmul_fpq4 import read_matmul_fpq4
-from onnxq.formats.matmul_nbits import MS_DOMAIN
+from onnxq.formats import MS_DOMAIN, format_of_node
+from onnxq.formats.base import int_attributes
 from onnxq.formats.qdq import dequantize_linear_constant, is_constant_dequantize
-from onnxq.passes.bnb4 import initializer_names
-from onnxq.passes.matmul_nbits import _remove_unused, _unique_name
+from onnxq.graph.constants import constant_value
+from onnxq.graph.edit import remove_unused
+from onnxq.graph.names import initializer_names, unique_name
 
-__all__ = ["read_matmul_nbits", "unpack_model", "UnpackPass", "QUANTIZED_OPS"]
+__all__ = ["unpack_model", "UnpackPass", "QUANTIZED_OPS", "packed_source", "packed_weight_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,30 +38,8 @@ def _input(node: ir.Node, i: int) -> ir.Value | None:
     return node.inputs[i] if len(node.inputs) > i else None
 
 
-def _array(value: ir.Value | None) -> np.ndarray | None:
-    return None if value is None or value.const_value is None else value.const_value.numpy()
-
-
-def read_matmul_nbits(node: ir.Node) -> QuantizedWeight:
-    """The ``[K, N]`` weight of a MatMulNBits node (B / scales / zero_points must be initializers).
-
-    Raises:
-        OnnxqError: non-constant inputs or ``g_idx``.
-    """
-    attrs = {k: v.as_int() for k, v in node.attributes.items() if v.type == ir.AttributeType.INT}
-    k, n, bits, bs = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
-    b, scales, zp_value = _input(node, 1), _input(node, 2), _input(node, 3)
-    if _input(node, 4) is not None:
-        raise OnnxqError(f"MatMulNBits node {node.name!r} has g_idx (deprecated); onnxq does not read it")
-    if _array(b) is None or _array(scales) is None or (zp_value is not None and _array(zp_value) is None):
-        raise OnnxqError(f"MatMulNBits node {node.name!r}: B, scales and zero_points must be initializers")
-    return qweight_from_nbits_layout(_array(b), _array(scales), _array(zp_value), bits, bs, k, n)
-
-
 def _float_value(array: np.ndarray, dtype: ir.DataType, name: str, taken: set[str]) -> ir.Value:
-    name = _unique_name(taken, name)
-    tensor = ir.tensor(array.astype(dtype.numpy()), dtype=dtype, name=name)
-    return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=tensor)
+    return constant_value(array.astype(dtype.numpy()), unique_name(taken, name), dtype)
 
 
 def _home(value: ir.Value, node: ir.Node) -> ir.Graph:
@@ -71,7 +47,7 @@ def _home(value: ir.Value, node: ir.Node) -> ir.Graph:
     return value.graph if value.is_initializer() and value.graph is not None else node.graph
 
 
-def _base(value: ir.Value) -> ir.Value:
+def packed_source(value: ir.Value) -> ir.Value:
     """The packed initializer behind ``value`` (through the Reshape a shared GatherBlockQuantized reads it by)."""
     producer = value.producer()
     if producer is not None and producer.op_type == "Reshape" and producer.domain == "":
@@ -80,16 +56,16 @@ def _base(value: ir.Value) -> ir.Value:
 
 
 def _nbits_key(b: ir.Value, scales: ir.Value, zp: ir.Value | None, bits: int, block_size: int) -> tuple:
-    return (id(_base(b)), id(scales), id(zp), bits, block_size)
+    return (id(packed_source(b)), id(scales), id(zp), bits, block_size)
 
 
-def _node_key(node: ir.Node) -> tuple | None:
+def packed_weight_key(node: ir.Node) -> tuple | None:
     """Nodes with equal keys read the same packed weight (MatMulNBits and GatherBlockQuantized share keys)."""
     if node.domain != MS_DOMAIN or node.op_type not in QUANTIZED_OPS:
         return None
     if node.op_type in ("MatMulBnb4", "MatMulFpQ4"):
         return (node.op_type, *(id(v) for v in node.inputs[1:]))
-    attrs = {k: v.as_int() for k, v in node.attributes.items() if v.type == ir.AttributeType.INT}
+    attrs = int_attributes(node)
     data = node.inputs[0] if node.op_type == "GatherBlockQuantized" else node.inputs[1]
     scales = node.inputs[2]
     zp = _input(node, 3)
@@ -107,7 +83,7 @@ class UnpackPass(ir.passes.InPlacePass):
         nodes = list(model.graph.all_nodes())
         taken = initializer_names(model)
         names = {n.name for n in nodes if n.name}
-        keys = {id(n): _node_key(n) for n in nodes}
+        keys = {id(n): packed_weight_key(n) for n in nodes}
         gathered = {keys[id(n)] for n in nodes if n.op_type == "GatherBlockQuantized" and n.domain == MS_DOMAIN}
         self._tables: dict[tuple, ir.Value] = {}  # tied packed weights -> float table [N, K]
         self._weights: dict[tuple, ir.Value] = {}  # other packed weights -> float W [K, N]
@@ -125,8 +101,7 @@ class UnpackPass(ir.passes.InPlacePass):
             self.counts[node.op_type] = self.counts.get(node.op_type, 0) + 1
         if not self.counts:
             return ir.passes.PassResult(model, False)
-        _remove_dead(model)
-        _remove_unused(model)
+        remove_unused(model)
         if not any(n.domain == MS_DOMAIN for n in model.graph.all_nodes()):
             model.opset_imports.pop(MS_DOMAIN, None)
         logger.info("unpacked %s", ", ".join(f"{c} {op}" for op, c in sorted(self.counts.items())))
@@ -149,18 +124,10 @@ class UnpackPass(ir.passes.InPlacePass):
         cache = self._tables if tied else self._weights
         if key in cache:
             return cache[key], tied
-        if node.op_type == "MatMulNBits":
-            w = read_matmul_nbits(node).dequantize()
-            dtype = node.inputs[2].const_value.dtype
-            source = _base(node.inputs[1])
-        elif node.op_type == "MatMulBnb4":
-            w = read_matmul_bnb4(node).dequantize()
-            dtype = node.inputs[2].const_value.dtype
-            source = node.inputs[1]
-        else:  # MatMulFpQ4
-            w = read_matmul_fpq4(node).dequantize()
-            dtype = ir.DataType.FLOAT
-            source = node.inputs[1]
+        w = format_of_node(node).read(node).dequantize()
+        # MatMulNBits / MatMulBnb4 store scales in the activation dtype; MatMulFpQ4 is float32 only
+        dtype = ir.DataType.FLOAT if node.op_type == "MatMulFpQ4" else node.inputs[2].const_value.dtype
+        source = packed_source(node.inputs[1])
         base_name = (source.name or node.name) + "_float"
         value = _float_value(w.T if tied else w, dtype, base_name, taken)
         _home(source, node).register_initializer(value)
@@ -172,15 +139,15 @@ class UnpackPass(ir.passes.InPlacePass):
         new_nodes = []
         if is_table:
             transpose = ir.node("Transpose", [weight], attributes={"perm": [1, 0]},
-                                name=_unique_name(names, f"{node.name}_weight_transpose"))
+                                name=unique_name(names, f"{node.name}_weight_transpose"))
             new_nodes.append(transpose)
             weight = transpose.outputs[0]
-        matmul = ir.node("MatMul", [node.inputs[0], weight], name=_unique_name(names, f"{node.name}_float"))
+        matmul = ir.node("MatMul", [node.inputs[0], weight], name=unique_name(names, f"{node.name}_float"))
         new_nodes.append(matmul)
         result = matmul.outputs[0]
         bias = _input(node, 5) if node.op_type == "MatMulNBits" else None
         if bias is not None:
-            add = ir.node("Add", [result, bias], name=_unique_name(names, f"{node.name}_bias"))
+            add = ir.node("Add", [result, bias], name=unique_name(names, f"{node.name}_bias"))
             new_nodes.append(add)
             result = add.outputs[0]
         ir.convenience.replace_nodes_and_values(node.graph, node, [node], new_nodes, [node.outputs[0]], [result])
@@ -192,26 +159,16 @@ class UnpackPass(ir.passes.InPlacePass):
             if partner is not None:  # tied: the table is the MatMul weight, transposed (true K, no padding)
                 self._matmul_weight(partner, key, True, taken)
             else:
-                table = read_gather_block_quantized(node).dequantize().T  # [V, Kpad or D]
-                source = _base(node.inputs[0])
+                table = format_of_node(node).read(node).dequantize().T  # [V, Kpad or D]
+                source = packed_source(node.inputs[0])
                 value = _float_value(table, node.inputs[2].const_value.dtype, (source.name or node.name) + "_float",
                                      taken)
                 _home(source, node).register_initializer(value)
                 self._tables[key] = value
         gather = ir.node("Gather", [self._tables[key], node.inputs[1]], attributes={"axis": 0},
-                         name=_unique_name(names, f"{node.name}_float"))
+                         name=unique_name(names, f"{node.name}_float"))
         ir.convenience.replace_nodes_and_values(node.graph, node, [node], [gather], [node.outputs[0]],
                                                 [gather.outputs[0]])
-
-
-def _remove_dead(model: ir.Model) -> None:
-    """Drop Reshape nodes left without users (those that fed a shared GatherBlockQuantized)."""
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for node in reversed(list(graph)):
-            if node.op_type == "Reshape" and node.domain == "" and not any(
-                out.uses() or out.is_graph_output() for out in node.outputs
-            ):
-                graph.remove(node, safe=True)
 
 
 def unpack_model(model: ir.Model) -> ir.Model:

@@ -15,8 +15,9 @@ Each weight site may take one format from a candidate list (e.g. ``int4_b128``,
 3. assumes the losses add up across groups and picks formats greedily (largest loss
    reduction per extra bit first) until the average bits per weight reaches the budget.
 
-Bits per weight count the codes and the stored scales and zero points exactly
-(``int4_b128`` with fp32 scales is ``4 + 32/128 = 4.25`` bits; ``float`` is the
+Bits per weight are what the configured format stores, as it counts them
+(:meth:`onnxq.formats.base.Format.stored_bits`: codes, padding, scales and zero points;
+MatMulNBits ``int4_b128`` with fp32 scales is ``4 + 32/128 = 4.25`` bits; ``float`` is the
 model's own dtype, 32 for fp32). The plan is a :class:`~onnxq.config.QuantConfig`
 with one exact-name override per site, saved as JSON that ``quantize --config`` reads.
 """
@@ -33,11 +34,12 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibration import ActivationProbe, materialize
-from onnxq.config import QuantConfig
+from onnxq.config import NodeSettings, QuantConfig
 from onnxq.core import quantize_weight
 from onnxq.errors import OnnxqError
-from onnxq.passes.matmul_nbits import Progress, block_size_for
-from onnxq.graph.sites import WeightSite, find_weight_sites
+from onnxq.formats import Format, WeightSettings, get_format
+from onnxq.graph.sites import WeightSite
+from onnxq.passes.quantize_weights import Progress, plan_sites
 
 __all__ = ["Candidate", "MixedPrecisionPlan", "parse_candidates", "search_mixed_precision", "DEFAULT_CANDIDATES"]
 
@@ -56,17 +58,16 @@ class Candidate:
     block_size: int = 32
     symmetric: bool = True
 
-    def bits_per_weight(self, site: WeightSite) -> float:
-        """Stored bits per weight of ``site`` in this format (codes + scales + zero points)."""
-        dtype_bits = site.dtype.itemsize * 8
+    def settings_for(self, site: WeightSite, fmt: Format) -> WeightSettings:
+        """This candidate's settings for ``site``, resolved and checked by ``fmt`` (quantized candidates only)."""
+        settings = NodeSettings(self.bits, self.block_size, self.symmetric, 0, False)
+        return fmt.resolve(settings, site.k, site.n, f"candidate {self.name!r} on node {site.name!r}")
+
+    def bits_per_weight(self, site: WeightSite, fmt: Format) -> float:
+        """Stored bits per weight of ``site`` in this candidate, as ``fmt`` stores it."""
         if self.bits is None:
-            return float(dtype_bits)
-        bs = block_size_for(self.block_size, site.k)
-        k_blocks = -(-site.k // bs)
-        per_column = k_blocks * bs * self.bits + k_blocks * dtype_bits
-        if not self.symmetric:
-            per_column += -(-k_blocks * self.bits // 8) * 8
-        return per_column / site.k
+            return float(site.dtype.itemsize * 8)
+        return fmt.stored_bits(site.k, site.n, self.settings_for(site, fmt), site.dtype) / (site.k * site.n)
 
     def override(self) -> dict:
         if self.bits is None:
@@ -87,8 +88,8 @@ def parse_candidates(spec: str | Sequence[str], base: QuantConfig) -> list[Candi
             raise OnnxqError(f"unknown format candidate {name!r}; expected e.g. int4_b128, int8_b32_asym, float")
         symmetric = base.symmetric if match["scheme"] is None else match["scheme"] == "sym"
         block = int(match["block"]) if match["block"] else base.block_size
-        # validates bits / block size the same way as the main settings
-        QuantConfig(bits=int(match["bits"]), block_size=block, symmetric=symmetric)
+        # the main settings' checks, and the format's own
+        base.with_updates(bits=int(match["bits"]), block_size=block, symmetric=symmetric, overrides={})
         candidates.append(Candidate(name, int(match["bits"]), block, symmetric))
     if len(candidates) < 2:
         raise OnnxqError(f"mixed precision needs at least two format candidates, got {names}")
@@ -223,15 +224,16 @@ def search_mixed_precision(
         A :class:`MixedPrecisionPlan`; ``plan.to_config(config)`` gives the settings to quantize with.
     """
     formats = parse_candidates(candidates, config)
+    fmt = get_format(config.format)
     feeds = materialize(calibration_data, samples, model_inputs=model)
-    sites, _ = find_weight_sites(model)
-    sites = [s for s in sites if config.settings_for(s.name) is not None and s.node.graph is model.graph]
+    planned, _ = plan_sites(model, config, embeddings=False)
+    sites = [p.site for p in planned if p.site.node.graph is model.graph]
     if not sites:
         raise OnnxqError("no quantizable MatMul/Gemm node found for the mixed-precision search")
     groups = _groups(sites)
     weights_of = lambda group: sum(s.k * s.n for s in group)  # noqa: E731
     total = sum(weights_of(g) for g in groups)
-    bits = [[sum(c.bits_per_weight(s) * s.k * s.n for s in g) for c in formats] for g in groups]
+    bits = [[sum(c.bits_per_weight(s, fmt) * s.k * s.n for s in g) for c in formats] for g in groups]
     cheapest = [int(np.argmin(row)) for row in bits]
     floor = sum(bits[i][cheapest[i]] for i in range(len(groups))) / total
     if effective_bits < floor - 1e-9:
@@ -241,7 +243,7 @@ def search_mixed_precision(
     kind = loss if loss != "auto" else ("kl" if "logit" in output_name.lower() else "mse")
     if kind not in ("kl", "mse"):
         raise OnnxqError(f"loss must be 'kl', 'mse' or 'auto', got {loss!r}")
-    sensitivity = _measure(model, groups, formats, feeds, output_name, _loss_fn(kind), progress, providers)
+    sensitivity = _measure(model, groups, formats, fmt, feeds, output_name, _loss_fn(kind), progress, providers)
 
     plan = MixedPrecisionPlan(
         assignments={},
@@ -281,7 +283,7 @@ def _choose(sensitivity: list[list[float]], bits: list[list[float]], budget: flo
         used += extra
 
 
-def _measure(model, groups, formats, feeds, output_name, loss_fn, progress, providers) -> list[list[float]]:
+def _measure(model, groups, formats, fmt, feeds, output_name, loss_fn, progress, providers) -> list[list[float]]:
     """``sensitivity[group][candidate]``: loss with only that group in that format (float: 0)."""
     sources: dict[str, WeightSite] = {}
     for group in groups:
@@ -313,8 +315,9 @@ def _measure(model, groups, formats, feeds, output_name, loss_fn, progress, prov
                     continue
                 replaced = dict(float_weights)
                 for site in group:
-                    q = quantize_weight(site.weight(), candidate.bits, block_size_for(candidate.block_size, site.k),
-                                        candidate.symmetric, scale_dtype=site.dtype.numpy())
+                    settings = candidate.settings_for(site, fmt)
+                    q = quantize_weight(site.weight(), settings.bits, settings.block_size, settings.symmetric,
+                                        scale_dtype=site.dtype.numpy())
                     replaced[site.source.name] = _stored(site, q.dequantize())
                 losses = [loss_fn(ref, probe.run({**feed, **replaced})[output_name]) for feed, ref in zip(feeds, references)]
                 row.append(float(np.mean(losses)))

@@ -1,0 +1,243 @@
+"""The calibration driver: statistics through ONNX Runtime, solves by the algorithm registry, rewrite by the pass.
+
+Sequential mode (the default, as in the GPTQ paper arXiv 2210.17323 sec. 4 and
+AWQ arXiv 2306.00978): the weight sites are grouped into transformer blocks
+(:func:`onnxq.calibration.find_blocks`) and handled one block at a time:
+
+1. run the block alone in an onnxruntime session (:class:`ActivationProbe` cut at
+   the block's inputs), fed with the cached outputs of the blocks before it, which
+   are already quantized, and accumulate the statistics the algorithm declares for
+   each input tensor of the block (:mod:`onnxq.algorithms.registry`: the Hessian, mean
+   ``|x|``, a row sample), so memory holds one block's statistics at a time;
+2. solve every sibling group of the block (the weights reading one input tensor) with
+   the algorithm; an input scale it returns (AWQ, TEQ) is folded into the producing
+   norm / Mul / MatMul of the block, or a Mul is inserted (:mod:`onnxq.graph.scale_folding`);
+3. rewrite the block's sites into the configured format with exactly the solver's codes
+   (:class:`~onnxq.passes.quantize_weights.QuantizeWeightsPass`);
+4. run the quantized block to produce what later blocks read, and cache it.
+
+Within a block all input tensors come from the float block (q/k/v and o, or
+up/gate and down, are calibrated together, not one after the other).
+One-pass mode runs the float model once and collects every input tensor's
+statistics in that single pass: faster, but each layer is calibrated on float
+inputs that the quantized model will never produce.
+
+Weight sites inside subgraphs (If/Loop bodies) cannot be probed and get RTN, as do
+embeddings (``quantize_embeddings``). A weight shared by several nodes gets one
+quantized copy per node, since the best quantization depends on each node's input.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.algorithms import SiblingGroup, get_algorithm
+from onnxq.calibration.accumulators import AbsMeanAccumulator, Accumulator, HessianAccumulator, RowSampler
+from onnxq.calibration.blocks import Block, find_blocks
+from onnxq.calibration.probe import ActivationProbe
+from onnxq.calibration.readers import materialize
+from onnxq.config import QuantConfig
+from onnxq.core import QuantizedWeight
+from onnxq.formats import WeightSettings, get_format
+from onnxq.graph.scale_folding import fold_input_scale
+from onnxq.graph.sites import WeightSite, finite_weight
+from onnxq.passes.quantize_weights import Progress, QuantizeResult, QuantizeWeightsPass, plan_sites, solver_for
+
+__all__ = ["BlockReport", "CalibrationResult", "calibrate_and_quantize"]
+
+logger = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """What calibration did for one block (for logs and the summary)."""
+
+    index: int
+    sites: tuple[str, ...]
+    seconds: float
+    notes: tuple[str, ...]  # e.g. AWQ's chosen alpha and where the scale was folded
+
+
+@dataclass
+class CalibrationResult(QuantizeResult):
+    """:class:`QuantizeResult` of every rewrite, plus one report per calibrated block."""
+
+    blocks: list[BlockReport] = field(default_factory=list)
+
+
+def calibrate_and_quantize(
+    model: ir.Model,
+    config: QuantConfig,
+    calibration_data,
+    *,
+    progress: Progress | None = None,
+    providers: list[str] | None = None,
+) -> CalibrationResult:
+    """Quantize ``model`` in place with ``config.algorithm``, calibrated on ``calibration_data``.
+
+    Args:
+        model: the float model (rewritten in place).
+        config: a calibrated ``algorithm`` (gptq, awq, teq, autoround, ...), the format and settings.
+        calibration_data: a ``CalibrationDataReader`` (ORT's protocol), a list of feeds or any
+            iterable of feeds (dicts of graph input name -> array).
+        progress: ``tqdm.tqdm``-like wrapper (called with ``desc`` and ``unit``).
+        providers: onnxruntime execution providers for the calibration sessions.
+
+    Raises:
+        OnnxqError: calibration data missing or not matching the model's inputs, settings the
+            format cannot run.
+    """
+    return _Driver(config, progress, providers).run(model, calibration_data)
+
+
+class _Driver:
+    def __init__(self, config: QuantConfig, progress: Progress | None, providers: list[str] | None) -> None:
+        self.config = config
+        self.algorithm = get_algorithm(config.algorithm)
+        self.options = getattr(config, self.algorithm.options_field) if self.algorithm.options_field else None
+        self.progress = progress
+        self.providers = providers
+        self.result: CalibrationResult | None = None
+        self.settings: dict[int, WeightSettings] = {}
+        self._warned_rows = False
+
+    def run(self, model: ir.Model, calibration_data) -> CalibrationResult:
+        config = self.config
+        prepared = get_format(config.format).prepare(model)
+        feeds = materialize(calibration_data, config.calibration.samples, model_inputs=model)
+        planned, skipped = plan_sites(model, config, embeddings=False)
+        self.result = result = CalibrationResult(model, prepared, skipped=skipped)
+        self.settings = {id(plan.site.node): plan.settings for plan in planned}
+        main = [plan.site for plan in planned if plan.site.node.graph is model.graph]
+        nested = {id(plan.site.node) for plan in planned if plan.site.node.graph is not model.graph}
+        if main:
+            blocks = find_blocks(model, main)
+            logger.info("%s: %d calibration samples, %d sites in %d blocks (%s)", config.algorithm, len(feeds),
+                        len(main), len(blocks), "sequential" if config.calibration.sequential else "one pass")
+            if config.calibration.sequential:
+                self._sequential(model, blocks, feeds)
+            else:
+                self._one_pass(model, blocks, feeds)
+        if nested:
+            logger.warning("%d weight sites inside subgraphs cannot be calibrated; they get RTN", len(nested))
+        if nested or config.quantize_embeddings:
+            self._rewrite(model, QuantizeWeightsPass(
+                config, solver_for(get_algorithm("rtn"), None), embeddings=config.quantize_embeddings,
+                site_filter=lambda site: site.kind == "Gather" or id(site.node) in nested))
+        return result
+
+    def _iterate(self, blocks: list[Block]):
+        desc = f"{self.config.algorithm} calibration"
+        return self.progress(blocks, desc=desc, unit="block") if self.progress else blocks
+
+    def _sequential(self, model: ir.Model, blocks: list[Block], feeds: list[Feed]) -> None:
+        last_use: dict[str, int] = {}
+        for block in blocks:
+            for name in block.inputs:
+                last_use[name] = block.index
+        cached: list[Feed] = [{} for _ in feeds]
+        for block in self._iterate(blocks):
+            start = time.perf_counter()
+            stats = self._collect(model, list(block.input_groups), block.inputs, feeds, cached)
+            solved, notes = self._solve(block.input_groups, stats, editable=block.nodes)
+            del stats
+            self._rewrite_solved(model, solved)
+            needed = [name for name in block.outputs if last_use.get(name, -1) > block.index]
+            if needed:
+                probe = ActivationProbe(model, needed, feed_names=block.inputs, providers=self.providers)
+                for i, feed in enumerate(feeds):
+                    cached[i].update(probe.run({**feed, **cached[i]}))
+            for values in cached:
+                for name in [n for n in values if last_use.get(n, -1) <= block.index]:
+                    del values[name]
+            seconds = time.perf_counter() - start
+            self.result.blocks.append(BlockReport(block.index, tuple(s.name for s in block.sites), seconds, tuple(notes)))
+            logger.info("block %d (%s): %d sites in %.1f s%s", block.index, block.start, len(block.sites), seconds,
+                        "; " + "; ".join(notes) if notes else "")
+
+    def _one_pass(self, model: ir.Model, blocks: list[Block], feeds: list[Feed]) -> None:
+        start = time.perf_counter()
+        groups = {name: sites for block in blocks for name, sites in block.input_groups.items()}
+        stats = self._collect(model, list(groups), [], feeds, [{} for _ in feeds])
+        solved, notes = self._solve(groups, stats, editable=None)
+        self._rewrite_solved(model, solved)
+        for block in blocks:
+            self.result.blocks.append(BlockReport(block.index, tuple(s.name for s in block.sites), 0.0, ()))
+        logger.info("one-pass calibration and solve: %.1f s; %s", time.perf_counter() - start, "; ".join(notes))
+
+    # -- statistics ---------------------------------------------------------------
+    def _accumulators(self, k: int, seed: int) -> dict[str, Accumulator]:
+        """The statistics the algorithm declares, for one input tensor of ``k`` channels."""
+        make = {
+            "hessian": lambda: HessianAccumulator(k),
+            "abs_mean": lambda: AbsMeanAccumulator(k),
+            "rows": lambda: RowSampler(self.algorithm.sample_rows(self.options), seed=seed, k=k),
+        }
+        return {name: make[name]() for name in self.algorithm.statistics}
+
+    def _collect(self, model, names: list[str], feed_names: list[str], feeds: list[Feed],
+                 cached: list[Feed]) -> dict[str, dict[str, Accumulator]]:
+        probe = ActivationProbe(model, names, feed_names=feed_names, providers=self.providers)
+        stats: dict[str, dict[str, Accumulator]] = {}
+        for i, feed in enumerate(feeds):
+            activations = probe.run({**feed, **cached[i]})
+            mask = feed.get("attention_mask")
+            for name in names:
+                x = activations[name]
+                if name not in stats:
+                    stats[name] = self._accumulators(x.shape[-1], seed=i)
+                rows_mask = mask if mask is not None and mask.size * x.shape[-1] == x.size else None
+                for accumulator in stats[name].values():
+                    accumulator.update(x, rows_mask)
+        return stats
+
+    def _values(self, name: str, accumulators: dict[str, Accumulator], k: int) -> dict[str, Any]:
+        """The accumulated statistics as the algorithm reads them (``count``: rows seen)."""
+        values: dict[str, Any] = {"count": next(iter(accumulators.values())).count}
+        for stat, accumulator in accumulators.items():
+            values[stat] = {"hessian": lambda a: a.hessian, "abs_mean": lambda a: a.value(),
+                            "rows": lambda a: a.rows()}[stat](accumulator)
+        if "hessian" in accumulators and values["count"] < 2 * k and not self._warned_rows:
+            self._warned_rows = True
+            logger.warning("%s: only %d calibration rows for %r (K=%d): the solution may overfit; give more "
+                           "samples or raise the damping (said once per run)", self.algorithm.name, values["count"],
+                           name, k)
+        return values
+
+    # -- solve and rewrite -------------------------------------------------------------
+    def _solve(self, groups: dict[str, list[WeightSite]], stats: dict, editable) -> tuple[dict, list[str]]:
+        """``{id(site.node): (qweight, error)}`` for every site of ``groups``, and one note per group."""
+        solved: dict[int, tuple[QuantizedWeight, float]] = {}
+        notes: list[str] = []
+        for name, sites in groups.items():
+            group = SiblingGroup(name, tuple(s.name for s in sites), [finite_weight(s) for s in sites],
+                                 [self.settings[id(s.node)] for s in sites], sites[0].dtype.numpy())
+            solution = self.algorithm.solve(group, self._values(name, stats[name], sites[0].k), self.options)
+            for site, qweight, error in zip(sites, solution.qweights, solution.errors):
+                solved[id(site.node)] = (qweight, error)
+            if solution.input_scale is not None:
+                where = fold_input_scale(sites[0].node.graph, sites[0].activation, [s.node for s in sites],
+                                         solution.input_scale, editable=editable)
+                notes.append(f"{solution.note}, {where}")
+            elif solution.note:
+                notes.append(f"{solution.note}, no input scale")
+        return solved, notes
+
+    def _rewrite_solved(self, model: ir.Model, solved: dict[int, tuple[QuantizedWeight, float]]) -> None:
+        self._rewrite(model, QuantizeWeightsPass(
+            self.config, lambda site, weight, settings: solved[id(site.node)], embeddings=False,
+            site_filter=lambda site: id(site.node) in solved, share_weights=False))
+
+    def _rewrite(self, model: ir.Model, rewrite: QuantizeWeightsPass) -> None:
+        step = rewrite(model)
+        self.result.records += step.records
+        self.result.skipped += step.skipped
+        self.result.packed.update(step.packed)
+        self.result.modified = self.result.modified or step.modified

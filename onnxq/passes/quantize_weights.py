@@ -1,0 +1,281 @@
+"""The one weight-quantization pass: every weight site rewritten into the configured format.
+
+:func:`plan_sites` is the single place where a model's weight sites meet the settings:
+node selection and overrides (:class:`~onnxq.config.QuantConfig`), then the site's format
+(:mod:`onnxq.formats`) skips weights of a dtype its kernel does not run and resolves and
+checks the settings for the concrete weight (block size -1 becomes the block it writes).
+``quantize``, ``inspect``, the mixed-precision search and the calibration driver all plan
+through it, so they agree on what is quantized and how.
+
+:class:`QuantizeWeightsPass` then, for each planned site, asks a :data:`WeightSolver`
+(an algorithm; the format itself for formats with their own codebook) for the quantized
+weight, asks the format to pack it (once per weight shared by several sites with the same
+settings, e.g. a tied embedding and its lm_head) and rewrites the site:
+
+* formats that replace the node (MatMulNBits, MatMulBnb4, MatMulFpQ4, GatherBlockQuantized):
+  the site's node becomes the op, keeping the output name; a Gemm bias goes into the op's
+  bias input or an ``Add`` after it;
+* formats that replace the weight (QDQ): the site keeps its node and reads the format's
+  ``DequantizeLinear`` instead of the float constant.
+
+Float weights left without users are removed. The pass returns a :class:`QuantizeResult`
+with the per-node records, the skipped nodes with their reasons and the packed weights.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.algorithms import Algorithm, SiblingGroup, get_algorithm
+from onnxq.config import QuantConfig
+from onnxq.core import QuantizedWeight
+from onnxq.errors import OnnxqError
+from onnxq.formats import MS_DOMAIN, Format, PackedWeight, WeightLayout, WeightSettings, get_format
+from onnxq.graph.constants import add_initializer, constant_tensor
+from onnxq.graph.edit import insert_at_source, owner_graph, redirect_weight, register_values, release, remove_unused, \
+    replace_site
+from onnxq.graph.names import initializer_names, node_names, unique_name
+from onnxq.graph.sites import SkippedNode, WeightSite, find_gather_sites, find_weight_sites, finite_weight
+
+__all__ = ["PlannedSite", "QuantizedNodeRecord", "QuantizeResult", "QuantizeWeightsPass", "WeightSolver", "Progress",
+           "plan_sites", "solver_for"]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[..., Iterable]
+"""Wraps an iterable to show progress; called with keywords ``desc`` and ``unit`` (``tqdm.tqdm`` fits)."""
+
+WeightSolver = Callable[[WeightSite, np.ndarray, WeightSettings], tuple[QuantizedWeight, float]]
+"""``(site, weight [K, N] float32, resolved settings) -> (qweight, relative error)``.
+
+The relative error ``||W - W_eff||_F / ||W||_F`` is the algorithm's own account of how far
+the node's effective weight moved (an algorithm that folds scales elsewhere knows it)."""
+
+
+@dataclass(frozen=True)
+class PlannedSite:
+    """A site that will be quantized: its format and its settings, resolved for its weight."""
+
+    site: WeightSite
+    format: Format
+    settings: WeightSettings
+
+
+@dataclass(frozen=True)
+class QuantizedNodeRecord:
+    """One row of the summary: what happened to one node."""
+
+    name: str
+    kind: str
+    k: int
+    n: int
+    bits: int
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+    bytes_before: int
+    bytes_after: int
+    relative_error: float
+    shared_with: str | None  # name of the first node that quantized this weight, when shared
+
+
+@dataclass
+class QuantizeResult(ir.passes.PassResult):
+    """The pass's result: the model, whether it changed, and what happened to each node.
+
+    Attributes:
+        records: one per quantized node, in graph order of the sites.
+        skipped: nodes left in float, with the reason.
+        packed: site name -> the packed weight it reads (shared weights appear once per site).
+    """
+
+    records: list[QuantizedNodeRecord] = field(default_factory=list)
+    skipped: list[SkippedNode] = field(default_factory=list)
+    packed: dict[str, PackedWeight] = field(default_factory=dict)
+
+
+def plan_sites(
+    model: ir.Model,
+    config: QuantConfig,
+    *,
+    embeddings: bool | None = None,
+    site_filter: Callable[[WeightSite], bool] | None = None,
+) -> tuple[list[PlannedSite], list[SkippedNode]]:
+    """The weight sites ``config`` quantizes, each with its format and resolved settings, and the skipped ones.
+
+    Args:
+        model: the model (not modified).
+        config: node selection, settings and ``format``.
+        embeddings: also plan Gather embeddings (default ``config.quantize_embeddings``); they get
+            the format's ``embedding_format``.
+        site_filter: only sites it accepts are planned (others are neither planned nor reported).
+
+    Raises:
+        OnnxqError: ``node '<name>' (KxN): <reason>`` when the format's kernel cannot run a
+            node's settings (checked for every planned site before any work is done).
+    """
+    fmt = get_format(config.format)
+    sites, skipped = find_weight_sites(model)
+    if config.quantize_embeddings if embeddings is None else embeddings:
+        if fmt.embedding_format is None:
+            logger.warning("format %r has no quantized Gather; embeddings are left in float", config.format)
+        else:
+            gathers, skipped_gathers = find_gather_sites(model)
+            sites += gathers
+            skipped += skipped_gathers
+    if site_filter is not None:
+        sites = [site for site in sites if site_filter(site)]
+        skipped = []
+    planned = []
+    for site in sites:
+        site_format = get_format(fmt.embedding_format) if site.kind == "Gather" else fmt
+        settings = config.settings_for(site.name)
+        reason = config.skip_reason(site.name) if settings is None else site_format.dtype_reason(site.dtype)
+        if reason is not None:
+            skipped.append(SkippedNode(site.name, site.node.op_type, reason))
+            continue
+        resolved = site_format.resolve(settings, site.k, site.n, f"node {site.name!r} ({site.k}x{site.n})")
+        planned.append(PlannedSite(site, site_format, resolved))
+    return planned, skipped
+
+
+def solver_for(algorithm: Algorithm, options: Any) -> WeightSolver:
+    """A calibration-free algorithm (RTN, HQQ) as a :data:`WeightSolver`, one weight at a time."""
+    if algorithm.calibrated:
+        raise OnnxqError(f"algorithm {algorithm.name!r} needs calibration data (calibration_data_reader, or "
+                         "--calib-data)")
+
+    def solve(site: WeightSite, weight: np.ndarray, settings: WeightSettings) -> tuple[QuantizedWeight, float]:
+        group = SiblingGroup(site.name, (site.name,), [weight], [settings], site.dtype.numpy())
+        solution = algorithm.solve(group, {}, options)
+        return solution.qweights[0], solution.errors[0]
+
+    return solve
+
+
+def _config_solver(config: QuantConfig) -> WeightSolver:
+    algorithm = get_algorithm(config.algorithm)
+    return solver_for(algorithm, getattr(config, algorithm.options_field) if algorithm.options_field else None)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A weight packed once and shared by every site that uses it with the same settings."""
+
+    packed: PackedWeight
+    first_site: str
+    relative_error: float
+    weight_output: ir.Value | None  # the format's output that sites read (formats replacing the weight)
+
+
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    """Replace MatMul / Gemm / Transpose->MatMul (and Gather embeddings) weights by ``config.format``.
+
+    Args:
+        config: what to quantize and how (``format``, settings, node selection, ``quantize_embeddings``).
+        solver: computes each site's quantized weight (default: ``config.algorithm``, which must
+            be calibration-free; the calibration driver passes its solved weights).
+        progress: wraps the list of sites (``tqdm.tqdm``-like, called with ``desc`` and ``unit``).
+        embeddings: also quantize Gather embeddings (default ``config.quantize_embeddings``).
+        site_filter: only sites it accepts are considered (others are left alone, unreported).
+        share_weights: quantize a weight used by several sites once; calibrated solvers, whose
+            result depends on each site's input, pass ``False``.
+    """
+
+    def __init__(
+        self,
+        config: QuantConfig,
+        solver: WeightSolver | None = None,
+        progress: Progress | None = None,
+        *,
+        embeddings: bool | None = None,
+        site_filter: Callable[[WeightSite], bool] | None = None,
+        share_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.format = get_format(config.format)
+        self.solver = solver
+        self.progress = progress
+        self.embeddings = embeddings
+        self.site_filter = site_filter
+        self.share_weights = share_weights
+
+    def call(self, model: ir.Model) -> QuantizeResult:
+        prepared = self.format.prepare(model)
+        planned, skipped = plan_sites(model, self.config, embeddings=self.embeddings, site_filter=self.site_filter)
+        result = QuantizeResult(model, prepared, skipped=skipped)
+        if not planned:
+            return result
+        solver = self.solver or _config_solver(self.config)
+        taken, names = initializer_names(model), node_names(model)
+        cache: dict[tuple, _Source] = {}
+        for plan in self.progress(planned, desc="quantizing", unit="node") if self.progress else planned:
+            site, fmt = plan.site, plan.format
+            key = (site.weight_key if self.share_weights else id(site.node), plan.settings, fmt.layout or fmt.name)
+            if key not in cache:
+                cache[key] = self._quantize(plan, solver, taken, names)
+            entry = cache[key]
+            self._rewrite(plan, entry, taken)
+            result.packed[site.name] = entry.packed
+            result.records.append(QuantizedNodeRecord(
+                site.name, site.kind, site.k, site.n, plan.settings.bits, plan.settings.block_size,
+                plan.settings.symmetric, plan.settings.accuracy_level if fmt.uses_accuracy_level else 0,
+                site.k * site.n * site.dtype.itemsize, entry.packed.nbytes, entry.relative_error,
+                None if entry.first_site == site.name else entry.first_site,
+            ))
+        remove_unused(model)
+        if any(plan.format.domain == MS_DOMAIN for plan in planned):
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        result.modified = True
+        unique = [r for r in result.records if r.shared_with is None]
+        logger.info("%s: quantized %d nodes (%d unique weights), skipped %d; weights %.1f MB -> %.1f MB",
+                    self.format.op_type, len(result.records), len(cache), len(skipped),
+                    sum(r.bytes_before for r in unique) / 1e6, sum(r.bytes_after for r in unique) / 1e6)
+        return result
+
+    def _quantize(self, plan: PlannedSite, solver: WeightSolver, taken: set[str], names: set[str]) -> _Source:
+        site, fmt, settings = plan.site, plan.format, plan.settings
+        weight = finite_weight(site)
+        if fmt.int_codes:
+            payload, error = solver(site, weight, settings)
+        else:
+            payload = fmt.quantize(weight, settings, site.dtype)
+            error = float(np.linalg.norm(payload.dequantize() - weight) / max(np.linalg.norm(weight), 1e-30))
+        del weight
+        release(site.tensor)
+        base = site.source.name or site.name
+        layout = WeightLayout(site.transpose, len(site.tensor.shape) - 2)
+        packed = fmt.pack(payload, settings, site.dtype, base, layout)
+        register_values(owner_graph(site), packed.values(), taken)
+        output = None
+        if fmt.replaces == "weight":
+            nodes, output = fmt.make_nodes(None, packed, settings, name=unique_name(names, fmt.node_name(base, settings)),
+                                           bias=None, constant=self._constant(site.node.graph, taken))
+            for node in nodes:
+                insert_at_source(site.node.graph, site.source, node)
+        return _Source(packed, site.name, error, output)
+
+    def _rewrite(self, plan: PlannedSite, entry: _Source, taken: set[str]) -> None:
+        site, fmt, settings = plan.site, plan.format, plan.settings
+        if fmt.replaces == "weight":
+            redirect_weight(site, entry.weight_output)
+            return
+        graph = site.node.graph
+        bias = None
+        if fmt.takes_bias and site.bias is not None:
+            array = np.asarray(constant_tensor(site.bias).numpy(), dtype=np.float32).reshape(-1) * np.float32(site.beta)
+            bias = add_initializer(graph, array.astype(site.dtype.numpy()), f"{site.name}_bias", taken, site.dtype)
+        # the site's current input: an earlier rewrite may have replaced the node that produced site.activation
+        nodes, output = fmt.make_nodes(site.node.inputs[1 if site.kind == "Gather" else 0], entry.packed, settings,
+                                       name=fmt.node_name(site.name, settings), bias=bias,
+                                       constant=self._constant(graph, taken))
+        replace_site(site, nodes, output, taken, add_bias=not fmt.takes_bias)
+
+    @staticmethod
+    def _constant(graph: ir.Graph, taken: set[str]) -> Callable[[np.ndarray, str], ir.Value]:
+        return lambda array, name: add_initializer(graph, array, name, taken)
