@@ -12,7 +12,11 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from onnxq.algorithms.registry import algorithm_names, get_algorithm
+from onnxq.algorithms.autoround import TuningConfig
+from onnxq.algorithms.awq import AWQConfig
+from onnxq.algorithms.gptq import GPTQConfig
+from onnxq.algorithms.hqq import HQQConfig
+from onnxq.algorithms.registry import algorithm_names, get_algorithm, registered_algorithms
 from onnxq.errors import OnnxqError
 from onnxq.formats.registry import get_format, weight_format_names
 
@@ -59,101 +63,6 @@ def _matches(pattern: str, name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
-    """GPTQ options (arXiv 2210.17323); see :func:`onnxq.algorithms.gptq.gptq_solve`.
-
-    Attributes:
-        percdamp: diagonal damping as a fraction of ``mean(diag H)`` (raised 10x on Cholesky failure).
-        lazy_batch: rows per lazy batch (the paper's ``B``; config files may still say ``blocksize``).
-        act_order: process input channels by descending ``diag(H)``; groups stay contiguous
-            (static groups), so no ``g_idx`` is emitted.
-        static_groups: block scales from the original weights up front (True) or when a
-            block is first reached (False).
-    """
-
-    percdamp: float = 0.01
-    lazy_batch: int = 128
-    act_order: bool = False
-    static_groups: bool = True
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.percdamp, (int, float)) and 0 < self.percdamp < 1):
-            raise OnnxqError(f"gptq.percdamp must be in (0, 1), got {self.percdamp!r}")
-        if not (isinstance(self.lazy_batch, int) and self.lazy_batch >= 1):
-            raise OnnxqError(f"gptq.lazy_batch must be a positive integer, got {self.lazy_batch!r}")
-
-
-@dataclass(frozen=True)
-class AWQConfig:
-    """AWQ options (arXiv 2306.00978); see :func:`onnxq.algorithms.awq.awq_quantize_weights`.
-
-    Attributes:
-        grid: number of alphas in ``[0, 1]`` tried by the scale search.
-        scale_search: search the per-input-channel scales (off: scales of 1, clip search only).
-        clip: run the per-(channel, block) clip search after scaling.
-        sample_rows: activation rows kept (reservoir sample) per input tensor for the losses.
-    """
-
-    grid: int = 20
-    scale_search: bool = True
-    clip: bool = True
-    sample_rows: int = 4096
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.grid, int) and self.grid >= 2):
-            raise OnnxqError(f"awq.grid must be an integer >= 2, got {self.grid!r}")
-        if not (isinstance(self.sample_rows, int) and self.sample_rows >= 16):
-            raise OnnxqError(f"awq.sample_rows must be an integer >= 16, got {self.sample_rows!r}")
-
-
-@dataclass(frozen=True)
-class HQQConfig:
-    """HQQ options (half-quadratic zero-point optimisation, calibration-free).
-
-    Attributes:
-        iters: half-quadratic iterations at most.
-        zero_point: ``"int"`` (uint8 zero points) or ``"float"`` (float zero points in the
-            scales' dtype, which MatMulNBits also accepts; asymmetric only).
-    """
-
-    iters: int = 20
-    zero_point: str = "int"
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.iters, int) and self.iters >= 0):
-            raise OnnxqError(f"hqq.iters must be a non-negative integer, got {self.iters!r}")
-        if self.zero_point not in ("int", "float"):
-            raise OnnxqError(f"hqq.zero_point must be 'int' or 'float', got {self.zero_point!r}")
-
-
-@dataclass(frozen=True)
-class TuningConfig:
-    """Options of the gradient-based per-layer algorithms (TEQ, AutoRound).
-
-    Attributes:
-        steps: optimisation steps per layer (TEQ: per input group).
-        lr: learning rate; ``None`` takes the algorithm's default.
-        sample_rows: activation rows kept (reservoir sample) per input tensor.
-        max_elements: weights with more elements (K*N; e.g. a 50k-vocabulary lm_head) get RTN
-            instead: per-layer tuning costs O(steps * T * K * N), minutes for such a weight.
-            ``None`` tunes every weight.
-    """
-
-    steps: int = 200
-    lr: float | None = None
-    sample_rows: int = 512
-    max_elements: int | None = 8 * 1024 * 1024
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.steps, int) and self.steps >= 1):
-            raise OnnxqError(f"steps must be a positive integer, got {self.steps!r}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise OnnxqError(f"lr must be > 0, got {self.lr!r}")
-        if not (isinstance(self.sample_rows, int) and self.sample_rows >= 16):
-            raise OnnxqError(f"sample_rows must be an integer >= 16, got {self.sample_rows!r}")
-
-
-@dataclass(frozen=True)
 class CalibrationConfig:
     """How calibration data is used by GPTQ/AWQ.
 
@@ -172,7 +81,7 @@ class CalibrationConfig:
             raise OnnxqError(f"calibration.samples must be a positive integer, got {self.samples!r}")
 
 
-_NESTED = {"gptq": GPTQConfig, "awq": AWQConfig, "hqq": HQQConfig, "teq": TuningConfig, "autoround": TuningConfig,
+_NESTED = {**{a.options_field: a.options_type for a in registered_algorithms() if a.options_field},
            "calibration": CalibrationConfig}
 _TOP_LEVEL_KEYS = ("algorithm", "format", "quantize_embeddings", "quant_type", "gptq", "awq", "hqq", "teq",
                    "autoround", "calibration")

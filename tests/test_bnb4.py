@@ -8,7 +8,7 @@ from onnxruntime.capi._pybind_state import quantize_matmul_bnb4
 
 from onnxq import OnnxqError, QuantConfig
 from onnxq.io import load_model
-from onnxq.passes.bnb4 import MatMulToBnb4Pass
+from onnxq.passes.quantize_weights import QuantizeWeightsPass
 from tests.graphs import make_model, matmul_model, run, weight
 
 # Value tables typed from ORT's blockwise_quant_block_bnb4.h (independent of onnxq.core.nf4).
@@ -33,12 +33,16 @@ def reader(node) -> np.ndarray:
     return (table[codes] * absmax).astype(np.float64).reshape(n, k).T
 
 
-def quantize(model, **kw):
+def bnb4_config(**kw):
+    return QuantConfig(format="bnb4", **kw)
+
+
+def quantize(model, config=None, **kw):
     m = load_model(model)
-    p = MatMulToBnb4Pass(**kw)
-    assert p(m).modified
+    result = QuantizeWeightsPass(config or bnb4_config(**kw))(m)
+    assert result.modified
     onnx.checker.check_model(ir.to_proto(m), full_check=True)
-    return m, p
+    return m, result
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -46,7 +50,7 @@ def quantize(model, **kw):
 def test_matmul_bnb4_vs_ort_packer_and_numpy(quant_type, k, block_size):
     n = 40
     w = weight((k, n), seed=k + block_size)
-    model, p = quantize(matmul_model(w), quant_type=quant_type, block_size=block_size)
+    model, result = quantize(matmul_model(w), quant_type=quant_type, block_size=block_size)
     (node,) = bnb4_nodes(model)
     qt = 1 if quant_type == "nf4" else 0
     packed = np.zeros((k * n + 1) // 2, np.uint8)
@@ -60,7 +64,7 @@ def test_matmul_bnb4_vs_ort_packer_and_numpy(quant_type, k, block_size):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     deq = reader(node)
     assert np.linalg.norm(deq - w) / np.linalg.norm(w) < (0.12 if qt else 0.2)
-    assert p.records[0].relative_error == pytest.approx(np.linalg.norm(deq - w) / np.linalg.norm(w), rel=1e-4)
+    assert result.records[0].relative_error == pytest.approx(np.linalg.norm(deq - w) / np.linalg.norm(w), rel=1e-4)
 
 
 def test_gemm_transpose_shared_and_bias():
@@ -75,12 +79,12 @@ def test_gemm_transpose_shared_and_bias():
         [helper.make_tensor_value_info(v, TensorProto.FLOAT, [3, n]) for v in ("y1", "y2", "y3")],
         {"W": w, "C": c},
     )
-    q, p = quantize(model)
+    q, result = quantize(model)
     nodes = {nd.name: nd for nd in bnb4_nodes(q)}
     assert set(nodes) == {"gemm_Bnb4", "mm_t_Bnb4", "mm_t2_Bnb4"}
     assert nodes["mm_t_Bnb4"].inputs[1] is nodes["mm_t2_Bnb4"].inputs[1]  # one copy per unique weight
     assert nodes["gemm_Bnb4"].inputs[1] is not nodes["mm_t_Bnb4"].inputs[1]  # alpha differs
-    assert [r.shared_with for r in p.records] == [None, None, "mm_t"]
+    assert [r.shared_with for r in result.records] == [None, None, "mm_t"]
     assert "Transpose" not in [nd.op_type for nd in q.graph]
     x = np.random.default_rng(3).standard_normal((3, k)).astype(np.float32)
     y1, y2, y3 = run(q, {"x": x})
@@ -111,13 +115,13 @@ def test_rank3_weight_and_fp16_structure():
 
 
 def test_bad_settings():
-    with pytest.raises(OnnxqError, match="power of two"):
-        MatMulToBnb4Pass(block_size=48)
+    with pytest.raises(OnnxqError, match="block_size must be one of 16, 32, 64, 128, 256, got 48"):
+        bnb4_config(block_size=48)
     with pytest.raises(OnnxqError, match="4-bit"):
-        quantize(matmul_model(weight((64, 8), 7)), config=QuantConfig(bits=8))
+        quantize(matmul_model(weight((64, 8), 7)), config=bnb4_config(bits=8))
     m = load_model(matmul_model(weight((64, 8), 7)))
-    p = MatMulToBnb4Pass(QuantConfig(exclude=("mm",)))
-    assert not p(m).modified and p.skipped[0].reason == "matched by exclude"
+    result = QuantizeWeightsPass(bnb4_config(exclude=("mm",)))(m)
+    assert not result.modified and result.skipped[0].reason == "matched by exclude"
 
 
 def test_chained_matmuls_read_the_rewritten_producer():

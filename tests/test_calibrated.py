@@ -9,12 +9,13 @@ import onnx
 import pytest
 
 import onnxq
+import onnxq.algorithms.awq
+import onnxq.algorithms.gptq
 from onnxq import OnnxqError, QuantConfig
 from onnxq.api import records_of
 from onnxq.calibration import save_npz
 from onnxq.cli import main
 from onnxq.config import AWQConfig, CalibrationConfig
-from onnxq.passes import calibrated
 from tests.graphs import run
 from tests.nbits_reference import dequantized_weight, nbits_nodes
 from tests.tiny_transformer import make_tiny_transformer
@@ -70,14 +71,14 @@ def test_calibrated_beats_rtn(model, held_out, rtn_error, algorithm, sequential)
 def test_gptq_nodes_hold_exactly_the_solver_output(model, monkeypatch):
     """What MatMulNBits computes with is bit for bit the solver's dequantized weight (never re-quantized)."""
     solved = {}
-    real_gptq = calibrated.CalibratedNBitsPass._gptq
+    real_solve = onnxq.algorithms.gptq.GPTQ.solve
 
-    def spy(self, site, hessian):
-        result = real_gptq(self, site, hessian)
-        solved[site.name] = result.qweight
-        return result
+    def spy(self, group, stats, options):
+        solution = real_solve(self, group, stats, options)
+        solved.update(zip(group.names, solution.qweights))
+        return solution
 
-    monkeypatch.setattr(calibrated.CalibratedNBitsPass, "_gptq", spy)
+    monkeypatch.setattr(onnxq.algorithms.gptq.GPTQ, "solve", spy)
     quantized = onnxq.quantize(model, config("gptq", symmetric=False), token_feeds(8, 32, seed=2))
     nodes = {n.name.rsplit("_Q", 1)[0]: n for n in nbits_nodes(quantized)}
     assert set(nodes) == set(solved)
@@ -87,14 +88,14 @@ def test_gptq_nodes_hold_exactly_the_solver_output(model, monkeypatch):
 
 def test_awq_nodes_hold_the_scaled_solver_output(model, monkeypatch):
     solved = []
-    real_clip = calibrated.awq_clip_search
+    real_clip = onnxq.algorithms.awq.awq_clip_search
 
     def spy(weight, x, *args, **kwargs):
         result = real_clip(weight, x, *args, **kwargs)
         solved.append(result)
         return result
 
-    monkeypatch.setattr(calibrated, "awq_clip_search", spy)
+    monkeypatch.setattr(onnxq.algorithms.awq, "awq_clip_search", spy)
     quantized = onnxq.quantize(model, config("awq"), token_feeds(8, 32, seed=2))
     exported = sorted(dequantized_weight(n).astype(np.float32).tobytes() for n in nbits_nodes(quantized))
     assert exported == sorted(q.dequantize().tobytes() for q in solved)

@@ -12,7 +12,7 @@ from onnxq import OnnxqError, QuantConfig
 from onnxq.core import quantize_weight
 from onnxq.formats.matmul_fpq4 import pack_fpq4, unpack_fpq4
 from onnxq.io import load_model
-from onnxq.passes.fpq4 import MatMulToFpQ4Pass
+from onnxq.passes.quantize_weights import QuantizeWeightsPass
 from tests.graphs import make_model, matmul_model, weight
 
 
@@ -67,8 +67,7 @@ def test_matmul_fpq4_pass(symmetric):
         {"W": w, "C": c, "V": weight((k, n), seed=3)},
     )
     m = load_model(model)
-    p = MatMulToFpQ4Pass(QuantConfig(symmetric=symmetric))
-    assert p(m).modified
+    assert QuantizeWeightsPass(QuantConfig(format="fpq4", symmetric=symmetric))(m).modified
     onnx.checker.check_model(ir.to_proto(m), full_check=True)
     assert [nd.op_type for nd in m.graph] == ["MatMulFpQ4", "Add", "MatMulFpQ4"]
     fp = [nd for nd in m.graph if nd.op_type == "MatMulFpQ4"]
@@ -89,7 +88,7 @@ def test_matmul_fpq4_pass(symmetric):
 
 def test_fpq4_rejects_other_layouts():
     with pytest.raises(OnnxqError, match="blocks of 32"):
-        MatMulToFpQ4Pass(QuantConfig(block_size=64))(load_model(matmul_model(weight((64, 8), 5))))
+        QuantizeWeightsPass(QuantConfig(format="fpq4", block_size=64))(load_model(matmul_model(weight((64, 8), 5))))
     m = load_model(matmul_model(weight((64, 8), 5, dtype=np.float16)))
-    p = MatMulToFpQ4Pass()
-    assert not p(m).modified and "float32" in p.skipped[0].reason
+    result = QuantizeWeightsPass(QuantConfig(format="fpq4"))(m)
+    assert not result.modified and "float32" in result.skipped[0].reason

@@ -8,8 +8,7 @@ from onnx import TensorProto, helper
 from onnxq import QuantConfig
 from onnxq.core import quantize_weight
 from onnxq.io import load_model
-from onnxq.passes import MatMulToNBitsPass
-from onnxq.passes.gather_quantized import GatherToBlockQuantizedPass, quantize_embeddings
+from onnxq.passes.quantize_weights import QuantizeWeightsPass
 from tests.graphs import make_model, run, weight
 from tests.nbits_reference import dequantized_weight
 
@@ -42,6 +41,12 @@ def table_reader(node) -> np.ndarray:
         zps = np.full((v, kb), 1 << (bits - 1))
     zps = np.repeat(zps.astype(np.int64), bs, axis=1)[:, :d]
     return (codes.astype(np.int64) - zps) * np.repeat(scales, bs, axis=1)[:, :d]
+
+
+def quantize_embeddings(model, config):
+    """Quantize only the Gather embeddings of ``model`` in place; returns the per-node records."""
+    result = QuantizeWeightsPass(config, embeddings=True, site_filter=lambda site: site.kind == "Gather")(model)
+    return result.records
 
 
 def embedding_model(vocab, hidden, dtype=np.float32, tied=False):
@@ -94,9 +99,7 @@ def test_tied_embedding_shares_one_packed_weight(hidden):
     model, e = embedding_model(vocab, hidden, tied=True)
     m = load_model(model)
     config = QuantConfig(block_size=32, symmetric=False)
-    nbits = MatMulToNBitsPass(config)
-    nbits(m)
-    records = quantize_embeddings(m, config, shared=nbits.quantized_weights)
+    records = {r.name: r for r in QuantizeWeightsPass(config, embeddings=True)(m).records}
     onnx.checker.check_model(ir.to_proto(m), full_check=True)
     (gbq,) = gbq_nodes(m)
     (mm,) = [n for n in m.graph if n.op_type == "MatMulNBits"]
@@ -105,7 +108,7 @@ def test_tied_embedding_shares_one_packed_weight(hidden):
     assert gbq.inputs[2] is mm.inputs[2] and gbq.inputs[3] is mm.inputs[3]  # same scales / zero points
     packed = [v for v in m.graph.initializers.values() if v.dtype == ir.DataType.UINT8]
     assert len(packed) == 2  # B and zero points, each once
-    assert records[0].shared_with == f"MatMulNBits {mm.inputs[1].name}"
+    assert records["embed"].shared_with == "lm_head"
     ids = np.array([[1, 5, 95, 0]], dtype=np.int64)
     h, logits = run(m, {"ids": ids})
     w = dequantized_weight(mm)  # [hidden, vocab], the MatMulNBits reference reader
@@ -119,13 +122,10 @@ def test_tied_with_different_settings_is_not_shared_and_skips():
     model, _ = embedding_model(64, 64, tied=True)
     m = load_model(model)
     config = QuantConfig(overrides={"lm_head": {"bits": 8}})
-    nbits = MatMulToNBitsPass(config)
-    nbits(m)
-    p = GatherToBlockQuantizedPass(config, shared=nbits.quantized_weights)
-    p(m)
+    records = {r.name: r for r in QuantizeWeightsPass(config, embeddings=True)(m).records}
     (gbq,) = gbq_nodes(m)
     assert gbq.inputs[0].producer() is None and gbq.attributes["bits"].as_int() == 4
-    assert p.records[0].shared_with is None
+    assert records["embed"].shared_with is None
     # Gathers that are not embeddings are left alone; a Gather along axis 1 is skipped with a reason
     model = make_model(
         [helper.make_node("Gather", ["E", "ids"], ["y"], name="cols", axis=1),
@@ -136,6 +136,6 @@ def test_tied_with_different_settings_is_not_shared_and_skips():
         {"E": weight((8, 64), 1), "zero": np.array(0, dtype=np.int64)},
     )
     m = load_model(model)
-    p = GatherToBlockQuantizedPass()
-    assert not p(m).modified
-    assert [(s.name, s.reason) for s in p.skipped] == [("cols", "gathers along axis 1; need 0")]
+    result = QuantizeWeightsPass(QuantConfig(), embeddings=True)(m)
+    assert not result.modified
+    assert [(s.name, s.reason) for s in result.skipped] == [("cols", "gathers along axis 1; need 0")]

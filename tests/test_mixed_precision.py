@@ -10,6 +10,7 @@ from onnxq import OnnxqError, QuantConfig
 from onnxq.api import records_of
 from onnxq.calibration import save_npz
 from onnxq.cli import main
+from onnxq.formats import get_format
 from onnxq.io import load_model
 from onnxq.recipes.mixed_precision import parse_candidates, search_mixed_precision
 from tests.graphs import run
@@ -39,10 +40,11 @@ def kl(reference, output):
 def test_bits_per_weight_are_exact():
     base = QuantConfig()
     int4, int8_asym, flt = parse_candidates("int4_b128,int8_b32_asym,float", base)
-    site = type("Site", (), {"k": 256, "n": 8, "dtype": onnxq.api.ir.DataType.FLOAT})()
-    assert int4.bits_per_weight(site) == 4 + 32 / 128
-    assert int8_asym.bits_per_weight(site) == 8 + 32 / 32 + 8 / 32
-    assert flt.bits_per_weight(site) == 32
+    site = type("Site", (), {"name": "mm", "k": 256, "n": 8, "dtype": onnxq.api.ir.DataType.FLOAT})()
+    fmt = get_format("nbits")
+    assert int4.bits_per_weight(site, fmt) == 4 + 32 / 128
+    assert int8_asym.bits_per_weight(site, fmt) == 8 + 32 / 32 + 8 / 32
+    assert flt.bits_per_weight(site, fmt) == 32
     with pytest.raises(OnnxqError, match="unknown format candidate"):
         parse_candidates("int3_b32,float", base)
 

@@ -10,7 +10,8 @@ from onnx.reference import ReferenceEvaluator
 from onnxq import OnnxqError, QuantConfig
 from onnxq.core import quantize_weight
 from onnxq.io import load_model
-from onnxq.passes.qdq import MatMulToQDQPass, upgrade_opset
+from onnxq.graph.opset import upgrade_opset
+from onnxq.passes.quantize_weights import QuantizeWeightsPass
 from tests.graphs import make_model, matmul_model, weight
 
 
@@ -26,13 +27,17 @@ def ort_run(model, feeds, fused: bool = False):
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-def qdq(model, config=QuantConfig(), **kw):
+def qdq_config(**kw):
+    return QuantConfig(format="qdq", **kw)
+
+
+def qdq(model, config=None, **kw):
     m = load_model(model)
-    p = MatMulToQDQPass(config, **kw)
-    assert p(m).modified
+    result = QuantizeWeightsPass(config or qdq_config(), **kw)(m)
+    assert result.modified
     proto = ir.to_proto(m)
     onnx.checker.check_model(proto, full_check=True)
-    return m, p, proto
+    return m, result, proto
 
 
 def dq_nodes(model):
@@ -57,8 +62,8 @@ def dq_value(model, node) -> np.ndarray:
 def test_matmul_qdq(bits, symmetric, k):
     n = 48
     w = weight((k, n), seed=bits * k)
-    config = QuantConfig(bits=bits, block_size=32, symmetric=symmetric)
-    model, p, proto = qdq(matmul_model(w), config)
+    config = qdq_config(bits=bits, block_size=32, symmetric=symmetric)
+    model, result, proto = qdq(matmul_model(w), config)
     assert model.opset_imports[""] == 21 and model.ir_version >= 10
     (dq,) = dq_nodes(model)
     q = dq.inputs[0].const_value
@@ -81,7 +86,7 @@ def test_matmul_qdq(bits, symmetric, k):
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     if bits == 2:
         assert dq.metadata_props["onnxq.bits"] == "2"
-    assert p.records[0].relative_error < {2: 0.7, 4: 0.15, 8: 0.01}[bits]
+    assert result.records[0].relative_error < {2: 0.7, 4: 0.15, 8: 0.01}[bits]
 
 
 def test_gemm_transpose_shared_embeddings_fp16():
@@ -100,7 +105,7 @@ def test_gemm_transpose_shared_embeddings_fp16():
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [5, vocab])],
         {"E": e, "W": w, "C": c},
     )
-    q, p, proto = qdq(model, QuantConfig(symmetric=False), quantize_embeddings=True)
+    q, result, proto = qdq(model, qdq_config(symmetric=False), embeddings=True)
     dqs = dq_nodes(q)
     assert len(dqs) == 3  # E (axis 1, Gather + lm_head), W^T*0.5 (Gemm, axis 1), W (MatMuls, axis 0)
     axes = sorted(d.attributes["axis"].as_int() for d in dqs)
@@ -108,7 +113,7 @@ def test_gemm_transpose_shared_embeddings_fp16():
     assert not any(v.name in ("E", "W") for v in q.graph.initializers.values())
     gemm = next(n for n in q.graph if n.op_type == "Gemm")
     assert gemm.attributes["alpha"].as_float() == 1.0
-    assert {r.name: r.shared_with for r in p.records} == {"gemm": None, "mm_a": None, "mm_b": "mm_a", "lm_head": None,
+    assert {r.name: r.shared_with for r in result.records} == {"gemm": None, "mm_a": None, "mm_b": "mm_a", "lm_head": None,
                                                           "embed": "lm_head"}
     ids = np.array([0, 3, 95, 3, 50])
     deq = {d.outputs[0].name: dq_value(q, d) for d in dqs}
@@ -181,9 +186,9 @@ def test_override_gives_second_chain_and_exclude_keeps_float():
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, 32]) for n in ("y1", "y2", "y3")], {"W": w},
     )
-    q, p, proto = qdq(model, QuantConfig(overrides={"b": {"bits": 8}}, exclude=("skip",)))
+    q, result, proto = qdq(model, qdq_config(overrides={"b": {"bits": 8}}, exclude=("skip",)))
     assert sorted(d.inputs[0].const_value.dtype.name for d in dq_nodes(q)) == ["INT4", "INT8"]
-    assert "W" in q.graph.initializers and [s.name for s in p.skipped] == ["skip_me"]
+    assert "W" in q.graph.initializers and [s.name for s in result.skipped] == ["skip_me"]
     x = np.random.default_rng(10).standard_normal((3, 64)).astype(np.float32)
     y1, y2, y3 = ort_run(proto, {"x": x})
     np.testing.assert_array_equal(y3, ort_run(model, {"x": x})[2])

@@ -11,12 +11,8 @@ from onnxq import OnnxqError, QuantConfig
 from onnxq.core import quantize_weight
 from onnxq.core.nf4 import quantize_weight_bnb4
 from onnxq.io import load_model
-from onnxq.passes import MatMulToNBitsPass
-from onnxq.passes.bnb4 import MatMulToBnb4Pass
 from onnxq.passes.convert import convert_model
-from onnxq.passes.fpq4 import MatMulToFpQ4Pass
-from onnxq.passes.gather_quantized import quantize_embeddings
-from onnxq.passes.qdq import MatMulToQDQPass
+from onnxq.passes.quantize_weights import QuantizeWeightsPass
 from onnxq.passes.unpack import unpack_model
 from tests.graphs import make_model, matmul_model, weight
 
@@ -52,9 +48,7 @@ def lm_model(vocab=96, hidden=64, seed=0, dtype=np.float32):
 
 def quantize_lm(model, config):
     m = load_model(model)
-    nbits = MatMulToNBitsPass(config)
-    nbits(m)
-    quantize_embeddings(m, config, nbits.quantized_weights)
+    QuantizeWeightsPass(config, embeddings=True)(m)
     check(m)
     return m
 
@@ -85,7 +79,7 @@ def test_unpack_bnb4_fpq4_and_qdq():
     w = weight((100, 24), seed=5)
     x = np.random.default_rng(6).standard_normal((2, 7, 100)).astype(np.float32)
     m = load_model(matmul_model(w))
-    MatMulToBnb4Pass(quant_type="nf4", block_size=64)(m)
+    QuantizeWeightsPass(QuantConfig(format="bnb4", quant_type="nf4", block_size=64))(m)
     (y_q,) = ort_run(m, {"x": x})
     unpack_model(m)
     (value,) = m.graph.initializers.values()
@@ -93,14 +87,14 @@ def test_unpack_bnb4_fpq4_and_qdq():
     np.testing.assert_allclose(ort_run(m, {"x": x})[0], y_q, rtol=1e-5, atol=1e-5)
 
     m = load_model(matmul_model(w))
-    MatMulToFpQ4Pass(QuantConfig(symmetric=False))(m)  # no kernel on most hosts: check the weight
+    QuantizeWeightsPass(QuantConfig(format="fpq4", symmetric=False))(m)  # no kernel on most hosts: check the weight
     unpack_model(m)
     (value,) = m.graph.initializers.values()
     np.testing.assert_array_equal(value.const_value.numpy(), quantize_weight(w, 4, 32, False).dequantize())
 
     for bits in (2, 8):
         m = load_model(matmul_model(w))
-        MatMulToQDQPass(QuantConfig(bits=bits, symmetric=False))(m)
+        QuantizeWeightsPass(QuantConfig(format="qdq", bits=bits, symmetric=False))(m)
         (y_q,) = ort_run(m, {"x": x})
         unpack_model(m)
         assert [n.op_type for n in m.graph] == ["MatMul"]
@@ -149,7 +143,7 @@ def test_qdq_pass_output_converts_to_nbits():
     """Gemm (transB=1, bias), Transpose->MatMul and MatMul chains from the QDQ pass become MatMulNBits; 3-bit stays."""
     model = lm_model()
     m = load_model(model)
-    MatMulToQDQPass(QuantConfig(symmetric=False, overrides={"fc1": {"bits": 8}}), quantize_embeddings=True)(m)
+    QuantizeWeightsPass(QuantConfig(format="qdq", symmetric=False, overrides={"fc1": {"bits": 8}}), embeddings=True)(m)
     (y_qdq,) = ort_run(m, IDS)
     convert_model(m, "nbits")
     check(m)
@@ -160,11 +154,11 @@ def test_qdq_pass_output_converts_to_nbits():
 
     w = weight((64, 16), seed=7)
     m = load_model(matmul_model(w))
-    def three_bits(site, weight_kn, settings, scale_dtype):
+    def three_bits(site, weight_kn, settings):
         return quantize_weight(weight_kn, 3, 32, True), 0.0
 
-    MatMulToQDQPass(QuantConfig(), weight_quantizer=three_bits)(m)
-    with pytest.raises(OnnxqError, match="3-bit codes"):
+    QuantizeWeightsPass(QuantConfig(format="qdq"), solver=three_bits)(m)
+    with pytest.raises(OnnxqError, match="bits must be 2, 4 or 8 for MatMulNBits, got 3"):
         convert_model(m, "nbits")
     with pytest.raises(OnnxqError, match="convert target"):
         convert_model(m, "int4")
@@ -216,7 +210,7 @@ def test_rank3_weight_qdq_to_nbits_keeps_output_rank():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16])], {"W": w},
     )
     m = load_model(model)
-    MatMulToQDQPass()(m)
+    QuantizeWeightsPass(QuantConfig(format="qdq"))(m)
     (dq,) = [n for n in m.graph if n.op_type == "DequantizeLinear"]
     assert dq.inputs[0].const_value.shape == (1, 64, 16) and dq.attributes["axis"].as_int() == 1
     x = np.random.default_rng(12).standard_normal((3, 64)).astype(np.float32)

@@ -6,11 +6,12 @@ registry (:mod:`onnxq.algorithms.registry`) for the algorithm by name. Importing
 package registers rtn, hqq, gptq, awq, teq and autoround.
 """
 from onnxq.algorithms import rtn  # noqa: F401  (registration order: the CLI lists them so)
-from onnxq.algorithms.hqq import HQQ, HQQResult, hqq_quantize_weight
-from onnxq.algorithms.gptq import GPTQ, GPTQResult, gptq_quantize_weight, gptq_solve
+from onnxq.algorithms.hqq import HQQ, HQQConfig, HQQResult, hqq_quantize_weight
+from onnxq.algorithms.gptq import GPTQ, GPTQConfig, GPTQResult, gptq_quantize_weight, gptq_solve
 from onnxq.algorithms.awq import (
     AWQ,
     AWQ_CLIP_RATIOS,
+    AWQConfig,
     AWQResult,
     AWQScaleResult,
     awq_clip_search,
@@ -19,7 +20,7 @@ from onnxq.algorithms.awq import (
     awq_search_scale,
 )
 from onnxq.algorithms.teq import TEQ, TEQResult, teq_quantize_weights
-from onnxq.algorithms.autoround import AutoRound, AutoRoundResult, autoround_quantize_weight
+from onnxq.algorithms.autoround import AutoRound, AutoRoundResult, TuningConfig, autoround_quantize_weight
 from onnxq.algorithms.registry import (
     Algorithm,
     SiblingGroup,
@@ -32,19 +33,23 @@ from onnxq.algorithms.registry import (
 __all__ = [
     "AWQ",
     "AWQ_CLIP_RATIOS",
+    "AWQConfig",
     "AWQResult",
     "AWQScaleResult",
     "Algorithm",
     "AutoRound",
     "AutoRoundResult",
     "GPTQ",
+    "GPTQConfig",
     "GPTQResult",
     "HQQ",
+    "HQQConfig",
     "HQQResult",
     "SiblingGroup",
     "Solution",
     "TEQ",
     "TEQResult",
+    "TuningConfig",
     "algorithm_names",
     "autoround_quantize_weight",
     "awq_clip_search",

@@ -56,7 +56,7 @@ from onnxq.core import QuantizedWeight, check_quant_params, relative_error
 from onnxq.core.quantize import quantize_weight_with_error
 from onnxq.errors import OnnxqError
 
-__all__ = ["AutoRound", "AutoRoundResult", "rtn_when_too_large", "OutputErrorOperator", "SteBlockQuantizer", "SteState", "autoround_quantize_weight"]
+__all__ = ["TuningConfig", "AutoRound", "AutoRoundResult", "rtn_when_too_large", "OutputErrorOperator", "SteBlockQuantizer", "SteState", "autoround_quantize_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +262,33 @@ def _scatter_add(out: np.ndarray, index: np.ndarray, values: np.ndarray) -> None
 
 
 @dataclass(frozen=True)
+class TuningConfig:
+    """Options of the gradient-based per-layer algorithms (TEQ, AutoRound).
+
+    Attributes:
+        steps: optimisation steps per layer (TEQ: per input group).
+        lr: learning rate; ``None`` takes the algorithm's default.
+        sample_rows: activation rows kept (reservoir sample) per input tensor.
+        max_elements: weights with more elements (K*N; e.g. a 50k-vocabulary lm_head) get RTN
+            instead: per-layer tuning costs O(steps * T * K * N), minutes for such a weight.
+            ``None`` tunes every weight.
+    """
+
+    steps: int = 200
+    lr: float | None = None
+    sample_rows: int = 512
+    max_elements: int | None = 8 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise OnnxqError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise OnnxqError(f"lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.sample_rows, int) and self.sample_rows >= 16):
+            raise OnnxqError(f"sample_rows must be an integer >= 16, got {self.sample_rows!r}")
+
+
+@dataclass(frozen=True)
 class AutoRoundResult:
     """Outcome of :func:`autoround_quantize_weight`.
 
@@ -460,6 +487,7 @@ class AutoRound(Algorithm):
     name = "autoround"
     statistics = ("rows",)
     options_field = "autoround"
+    options_type = TuningConfig
 
     def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: Any) -> Solution:
         qweights, errors = [], []

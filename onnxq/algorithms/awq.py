@@ -42,7 +42,7 @@ from onnxq.core import (
 )
 from onnxq.errors import OnnxqError
 
-__all__ = [
+__all__ = ["AWQConfig", 
     "AWQ",
     "AWQ_CLIP_RATIOS",
     "AWQResult",
@@ -56,6 +56,29 @@ __all__ = [
 AWQ_CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.00, 0.95, ..., 0.50
 _MIN_SCALE = 1e-4  # the reference clamps a**alpha from below before normalising
 _COLUMN_CHUNK = 512  # output columns handled at once
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """AWQ options (arXiv 2306.00978); see :func:`onnxq.algorithms.awq.awq_quantize_weights`.
+
+    Attributes:
+        grid: number of alphas in ``[0, 1]`` tried by the scale search.
+        scale_search: search the per-input-channel scales (off: scales of 1, clip search only).
+        clip: run the per-(channel, block) clip search after scaling.
+        sample_rows: activation rows kept (reservoir sample) per input tensor for the losses.
+    """
+
+    grid: int = 20
+    scale_search: bool = True
+    clip: bool = True
+    sample_rows: int = 4096
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.grid, int) and self.grid >= 2):
+            raise OnnxqError(f"awq.grid must be an integer >= 2, got {self.grid!r}")
+        if not (isinstance(self.sample_rows, int) and self.sample_rows >= 16):
+            raise OnnxqError(f"awq.sample_rows must be an integer >= 16, got {self.sample_rows!r}")
 
 
 @dataclass(frozen=True)
@@ -329,6 +352,7 @@ class AWQ(Algorithm):
     name = "awq"
     statistics = ("abs_mean", "rows")
     options_field = "awq"
+    options_type = AWQConfig
 
     def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: Any) -> Solution:
         x, first = stats["rows"], group.settings[0]

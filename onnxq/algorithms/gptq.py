@@ -52,12 +52,37 @@ from onnxq.algorithms.registry import Algorithm, SiblingGroup, Solution, registe
 from onnxq.core import QuantizedWeight, check_quant_params, quantize_weight, quantize_with_params, relative_error
 from onnxq.errors import OnnxqError
 
-__all__ = ["GPTQ", "GPTQResult", "gptq_solve", "gptq_quantize_weight"]
+__all__ = ["GPTQConfig", "GPTQ", "GPTQResult", "gptq_solve", "gptq_quantize_weight"]
 
 logger = logging.getLogger(__name__)
 
 _CHOLESKY_RETRIES = 4  # damping tried: d, 10 d, 100 d, 1000 d
 _TRIANGULAR_BASE = 128  # below this size a triangular inverse is done by LAPACK directly
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ options (arXiv 2210.17323); see :func:`gptq_solve`.
+
+    Attributes:
+        percdamp: diagonal damping as a fraction of ``mean(diag H)`` (raised 10x on Cholesky failure).
+        lazy_batch: rows per lazy batch (the paper's ``B``; config files may still say ``blocksize``).
+        act_order: process input channels by descending ``diag(H)``; groups stay contiguous
+            (static groups), so no ``g_idx`` is emitted.
+        static_groups: block scales from the original weights up front (True) or when a
+            block is first reached (False).
+    """
+
+    percdamp: float = 0.01
+    lazy_batch: int = 128
+    act_order: bool = False
+    static_groups: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.percdamp, (int, float)) and 0 < self.percdamp < 1):
+            raise OnnxqError(f"gptq.percdamp must be in (0, 1), got {self.percdamp!r}")
+        if not (isinstance(self.lazy_batch, int) and self.lazy_batch >= 1):
+            raise OnnxqError(f"gptq.lazy_batch must be a positive integer, got {self.lazy_batch!r}")
 
 
 @dataclass(frozen=True)
@@ -292,6 +317,7 @@ class GPTQ(Algorithm):
     name = "gptq"
     statistics = ("hessian",)
     options_field = "gptq"
+    options_type = GPTQConfig
 
     def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: Any) -> Solution:
         qweights = [

@@ -57,11 +57,31 @@ from onnxq.algorithms.registry import Algorithm, SiblingGroup, Solution, registe
 from onnxq.core import QuantizedWeight, check_quant_params, quantize_blocks, quantize_with_params, weight_to_blocks
 from onnxq.errors import OnnxqError
 
-__all__ = ["HQQ", "HQQResult", "hqq_quantize_weight"]
+__all__ = ["HQQConfig", "HQQ", "HQQResult", "hqq_quantize_weight"]
 
 logger = logging.getLogger(__name__)
 
 _CHUNK_ELEMENTS = 3_000_000  # K * columns handled at once: ~8 float32 temporaries stay near 100 MB
+
+
+@dataclass(frozen=True)
+class HQQConfig:
+    """HQQ options (half-quadratic zero-point optimisation, calibration-free).
+
+    Attributes:
+        iters: half-quadratic iterations at most.
+        zero_point: ``"int"`` (uint8 zero points) or ``"float"`` (float zero points in the
+            scales' dtype, which MatMulNBits also accepts; asymmetric only).
+    """
+
+    iters: int = 20
+    zero_point: str = "int"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.iters, int) and self.iters >= 0):
+            raise OnnxqError(f"hqq.iters must be a non-negative integer, got {self.iters!r}")
+        if self.zero_point not in ("int", "float"):
+            raise OnnxqError(f"hqq.zero_point must be 'int' or 'float', got {self.zero_point!r}")
 
 
 @dataclass(frozen=True)
@@ -310,6 +330,7 @@ class HQQ(Algorithm):
 
     name = "hqq"
     options_field = "hqq"
+    options_type = HQQConfig
 
     def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: Any) -> Solution:
         results = [hqq_quantize_weight(w, s.bits, s.block_size, s.symmetric, iters=options.iters,

@@ -27,7 +27,7 @@ from onnxq.core import QuantizedWeight
 from onnxq.errors import OnnxqError
 
 __all__ = ["STATISTICS", "SiblingGroup", "Solution", "Algorithm", "register_algorithm", "get_algorithm",
-           "algorithm_names", "effective_error"]
+           "algorithm_names", "registered_algorithms", "effective_error"]
 
 STATISTICS = ("hessian", "abs_mean", "rows")
 
@@ -76,11 +76,13 @@ class Algorithm(ABC):
         name: the ``algorithm`` / ``--algo`` value.
         statistics: statistics of each input tensor it needs (empty: calibration-free).
         options_field: the :class:`~onnxq.config.QuantConfig` field holding its options, or "".
+        options_type: the frozen dataclass of those options (validated on construction).
     """
 
     name: ClassVar[str]
     statistics: ClassVar[tuple[str, ...]] = ()
     options_field: ClassVar[str] = ""
+    options_type: ClassVar[type | None] = None
 
     @property
     def calibrated(self) -> bool:
@@ -107,6 +109,11 @@ def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
         raise ValueError(f"algorithm {cls.name!r} needs unknown statistics {sorted(unknown)}")
     _BY_NAME[cls.name] = cls()
     return cls
+
+
+def registered_algorithms() -> list[Algorithm]:
+    """Every registered algorithm, in registration order."""
+    return list(_BY_NAME.values())
 
 
 def algorithm_names() -> tuple[str, ...]:

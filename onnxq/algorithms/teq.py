@@ -35,6 +35,7 @@ import numpy as np
 from onnxq.algorithms.autoround import (
     OutputErrorOperator,
     SteBlockQuantizer,
+    TuningConfig,
     check_input,
     check_settings,
     check_weight,
@@ -207,6 +208,7 @@ class TEQ(Algorithm):
     name = "teq"
     statistics = ("rows",)
     options_field = "teq"
+    options_type = TuningConfig
 
     def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: Any) -> Solution:
         fallback = rtn_when_too_large(self.name, group, options)

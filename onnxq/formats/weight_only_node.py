@@ -25,18 +25,16 @@ import onnx_ir as ir
 
 from onnxq.core import QuantizedWeight
 from onnxq.errors import OnnxqError
-from onnxq.formats.matmul_nbits import MS_DOMAIN, make_matmul_nbits_initializers
+from onnxq.formats.base import MS_DOMAIN, WeightSettings
+from onnxq.formats.matmul_nbits import MatMulNBitsFormat, make_matmul_nbits_initializers
 
 __all__ = ["make_matmul_weight_only_node"]
 
 
 def _check(num_bits: int, group_size: int, k_blocks: int, weight_shape) -> tuple[int, int]:
-    if num_bits not in (2, 4, 8):
-        raise OnnxqError(f"MatMulNBits needs num_bits 2, 4 or 8, got {num_bits!r}")
-    if not (isinstance(group_size, (int, np.integer)) and group_size >= 16 and group_size & (group_size - 1) == 0):
-        raise OnnxqError(f"MatMulNBits needs group_size a power of two >= 16, got {group_size!r}")
-    if num_bits == 2 and group_size > 256:
-        raise OnnxqError(f"2-bit MatMulNBits needs group_size <= 256, got {group_size}")
+    reason = MatMulNBitsFormat().validate(WeightSettings(num_bits, group_size, True), None, None)
+    if reason is not None:
+        raise OnnxqError(f"num_bits={num_bits}, group_size={group_size}: {reason}")
     if len(weight_shape) != 2:
         raise OnnxqError(f"weight_shape must be (K, N), got {tuple(weight_shape)}")
     k, n = (int(d) for d in weight_shape)

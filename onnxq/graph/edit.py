@@ -8,13 +8,22 @@ from onnxq.graph.constants import add_initializer, constant_tensor
 from onnxq.graph.names import unique_name
 from onnxq.graph.sites import WeightSite
 
-__all__ = ["owner_graph", "register_values", "replace_site", "redirect_weight", "insert_at_source", "release",
+__all__ = ["home_graph", "owner_graph", "register_values", "replace_site", "redirect_weight", "insert_at_source", "release",
            "remove_unused"]
 
 
+def home_graph(value: ir.Value, node: ir.Node) -> ir.Graph:
+    """Where values derived from ``value`` (read by ``node``) go: the initializer's own graph, else the node's.
+
+    Outer scopes are visible to subgraphs, so a weight of the main graph read inside an If
+    body keeps its replacement in the main graph.
+    """
+    return value.graph if value.is_initializer() and value.graph is not None else node.graph
+
+
 def owner_graph(site: WeightSite) -> ir.Graph:
-    """The graph whose initializers hold the site's weight (outer scopes are visible to subgraphs)."""
-    return site.source.graph if site.source.is_initializer() else site.node.graph
+    """The graph whose initializers hold the site's weight."""
+    return home_graph(site.source, site.node)
 
 
 def register_values(graph: ir.Graph, values: list[ir.Value], taken: set[str]) -> None:

@@ -36,7 +36,7 @@ from onnxq.formats.matmul_nbits import (
 )
 from onnxq.formats.qdq import QDQWeight, make_dequantize_node, make_qdq_initializers, read_qdq_weight
 from onnxq.graph.constants import add_initializer, constant_tensor
-from onnxq.graph.edit import register_values, remove_unused
+from onnxq.graph.edit import home_graph, register_values, remove_unused
 from onnxq.graph.names import initializer_names, node_names, unique_name
 from onnxq.graph.opset import upgrade_opset
 from onnxq.graph.sites import SkippedNode
@@ -53,10 +53,6 @@ _GATHER = get_format("gather")
 def _stem(name: str | None, fallback: str) -> str:
     """``W_Q4`` / ``W_q4`` -> ``W``: the weight's name without a bit-width suffix."""
     return re.sub(r"_[qQ]\d$", "", name) if name else fallback
-
-
-def _home(value: ir.Value, node: ir.Node) -> ir.Graph:
-    return value.graph if value.is_initializer() and value.graph is not None else node.graph
 
 
 class NBitsToQDQPass(ir.passes.InPlacePass):
@@ -92,7 +88,7 @@ class NBitsToQDQPass(ir.passes.InPlacePass):
                 scales = source.inputs[2]
                 inits = make_qdq_initializers(qweight, scales.const_value.dtype, _stem(packed.name, source.name),
                                               transposed=transposed)
-                graph = _home(packed, source)
+                graph = home_graph(packed, source)
                 register_values(graph, inits.values(), taken)
                 dq = make_dequantize_node(inits, name=unique_name(names, f"{_stem(packed.name, source.name)}_dq"))
                 graph.insert_before(graph.node(0), dq)
@@ -182,7 +178,7 @@ class QDQToNBitsPass(ir.passes.InPlacePass):
                 if inits is None:
                     inits = make_matmul_nbits_initializers(read.qweight, read.scale_dtype,
                                                            _stem(dq.inputs[0].name, dq.name))
-                    register_values(_home(dq.inputs[0], dq), inits.values(), taken)
+                    register_values(home_graph(dq.inputs[0], dq), inits.values(), taken)
                 self._replace(consumer, user, target, inits, taken, names)
                 self.converted.append(consumer.name)
             for transpose, _ in list(dq.outputs[0].uses()):
@@ -218,11 +214,8 @@ class QDQToNBitsPass(ir.passes.InPlacePass):
                 else:
                     user = {**user, "bias": np.asarray(constant_tensor(other).numpy(), dtype=np.float32).reshape(-1)}
             if bias is None and user.get("bias") is not None:
-                name = unique_name(taken, f"{consumer.name}_bias")
-                bias_array = user["bias"].astype(inits.scales.dtype.numpy())
-                bias = ir.Value(name=name, shape=ir.Shape(bias_array.shape), type=ir.TensorType(inits.scales.dtype),
-                                const_value=ir.tensor(bias_array, dtype=inits.scales.dtype, name=name))
-                graph.register_initializer(bias)
+                bias = add_initializer(graph, user["bias"].astype(inits.scales.dtype.numpy()),
+                                       f"{consumer.name}_bias", taken, inits.scales.dtype)
             node = make_matmul_nbits_node(consumer.inputs[0], inits, accuracy_level=self.accuracy_level, bias=bias,
                                           name=unique_name(names, f"{consumer.name}_Q{inits.bits}"))
             nodes, out = [node], node.outputs[0]

@@ -24,7 +24,7 @@ from onnxq.formats import MS_DOMAIN, format_of_node
 from onnxq.formats.base import int_attributes
 from onnxq.formats.qdq import dequantize_linear_constant, is_constant_dequantize
 from onnxq.graph.constants import constant_value
-from onnxq.graph.edit import remove_unused
+from onnxq.graph.edit import home_graph, remove_unused
 from onnxq.graph.names import initializer_names, unique_name
 
 __all__ = ["unpack_model", "UnpackPass", "QUANTIZED_OPS", "packed_source", "packed_weight_key"]
@@ -40,11 +40,6 @@ def _input(node: ir.Node, i: int) -> ir.Value | None:
 
 def _float_value(array: np.ndarray, dtype: ir.DataType, name: str, taken: set[str]) -> ir.Value:
     return constant_value(array.astype(dtype.numpy()), unique_name(taken, name), dtype)
-
-
-def _home(value: ir.Value, node: ir.Node) -> ir.Graph:
-    """The graph a float replacement of ``value`` should live in (outer scopes are visible to subgraphs)."""
-    return value.graph if value.is_initializer() and value.graph is not None else node.graph
 
 
 def packed_source(value: ir.Value) -> ir.Value:
@@ -112,7 +107,7 @@ class UnpackPass(ir.passes.InPlacePass):
         dtype = scale.const_value.dtype if scale.const_value is not None else scale.dtype
         out = node.outputs[0]
         value = _float_value(dequantize_linear_constant(node), dtype, out.name or f"{node.name}_float", taken)
-        _home(node.inputs[0], node).register_initializer(value)
+        home_graph(node.inputs[0], node).register_initializer(value)
         ir.convenience.replace_all_uses_with(out, value)
         if out.is_graph_output():
             graph = node.graph
@@ -130,7 +125,7 @@ class UnpackPass(ir.passes.InPlacePass):
         source = packed_source(node.inputs[1])
         base_name = (source.name or node.name) + "_float"
         value = _float_value(w.T if tied else w, dtype, base_name, taken)
-        _home(source, node).register_initializer(value)
+        home_graph(source, node).register_initializer(value)
         cache[key] = value
         return value, tied
 
@@ -163,7 +158,7 @@ class UnpackPass(ir.passes.InPlacePass):
                 source = packed_source(node.inputs[0])
                 value = _float_value(table, node.inputs[2].const_value.dtype, (source.name or node.name) + "_float",
                                      taken)
-                _home(source, node).register_initializer(value)
+                home_graph(source, node).register_initializer(value)
                 self._tables[key] = value
         gather = ir.node("Gather", [self._tables[key], node.inputs[1]], attributes={"axis": 0},
                          name=unique_name(names, f"{node.name}_float"))

@@ -49,6 +49,7 @@ from onnxq.algorithms.smoothquant import (
 from onnxq.calibration import AbsMaxAccumulator, ActivationProbe, ListReader, RowSampler, materialize
 from onnxq.errors import OnnxqError
 from onnxq.io import EXTERNAL_DATA_THRESHOLD, load_model, save_model
+from onnxq.graph.constants import add_initializer
 from onnxq.graph.scale_folding import fold_input_scale
 from onnxq.graph.sites import WeightSite, find_weight_sites
 
@@ -137,13 +138,6 @@ def _collect(model: ir.Model, names: list[str], feeds: list[Feed], rows: int | N
     return stats
 
 
-def _unique_initializer_name(graph: ir.Graph, base: str) -> str:
-    name, i = base, 1
-    while name in graph.initializers:
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
 def _scale_weight_rows(graph: ir.Graph, site: WeightSite, s: np.ndarray) -> None:
     """Replace the site's weight ``W: [K, N]`` by ``s[:, None] * W`` (a new initializer, the site's dtype)."""
     stored = np.asarray(site.tensor.numpy(), dtype=np.float32)
@@ -153,11 +147,8 @@ def _scale_weight_rows(graph: ir.Graph, site: WeightSite, s: np.ndarray) -> None
         scaled = stored * s[None, :]
     else:  # MatMul [.., K, N] or Gemm [K, N]
         scaled = stored * s[:, None]
-    name = _unique_initializer_name(graph, f"{site.source.name}_smooth")
-    dtype = site.dtype
-    value = ir.Value(name=name, shape=ir.Shape(scaled.shape), type=ir.TensorType(dtype),
-                     const_value=ir.tensor(scaled.astype(dtype.numpy()), dtype=dtype, name=name))
-    graph.register_initializer(value)
+    value = add_initializer(graph, scaled.astype(site.dtype.numpy()), f"{site.source.name}_smooth",
+                            set(graph.initializers), site.dtype)
     site.node.replace_input_with(1, value)
     transpose = site.transpose_node
     if transpose is not None and not transpose.outputs[0].uses() and not transpose.outputs[0].is_graph_output():
