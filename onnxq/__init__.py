@@ -7,7 +7,7 @@
 from onnxq.api import inspect_model, quantize, save
 from onnxq.config import QuantConfig
 from onnxq.errors import OnnxqError
-from onnxq.summary import print_quant_summary, quant_summary
+from onnxq.report import print_quant_summary, quant_summary
 
 __all__ = ["OnnxqError", "QuantConfig", "inspect_model", "print_quant_summary", "quant_summary", "quantize", "quantize_w8a8", "save", "smooth_model"]
 __version__ = "0.1.0"

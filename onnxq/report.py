@@ -1,11 +1,43 @@
-"""The per-node summary printed after quantization and by ``inspect``."""
+"""Plain-text reports on quantized models: one table builder for all of them.
+
+Two sources, one format (:func:`format_table`):
+
+* the records a quantization run leaves (``onnxq.api.records_of``): one row per
+  quantized node (:func:`format_records`), one per node left in float
+  (:func:`format_skipped`) and the totals (:func:`summary_line`), printed after
+  ``quantize`` and by ``inspect``;
+* the graph of any quantized model, whether onnxq produced it in this process or it
+  was loaded from disk (ModelOpt's ``print_quant_summary`` idea): every node of a
+  registered format (MatMulNBits, MatMulBnb4, MatMulFpQ4, GatherBlockQuantized, constant
+  blocked DequantizeLinear), described by that format (:func:`quant_summary`,
+  :func:`print_quant_summary`).
+"""
 from __future__ import annotations
 
-from typing import Sequence
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence, TextIO
 
-from onnxq.passes import QuantizedNodeRecord, SkippedNode
+import onnx
+import onnx_ir as ir
 
-__all__ = ["format_table", "format_records", "format_skipped", "summary_line"]
+from onnxq.formats import format_of_node
+from onnxq.formats.base import int_attributes
+from onnxq.io import load_model
+
+if TYPE_CHECKING:  # only read by attribute here: no run-time import of the passes
+    from onnxq.passes import QuantizedNodeRecord, SkippedNode
+
+__all__ = [
+    "QuantizedNodeInfo",
+    "format_records",
+    "format_skipped",
+    "format_table",
+    "print_quant_summary",
+    "quant_summary",
+    "summary_line",
+]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -31,6 +63,8 @@ def _cell(value: object) -> str:
         return f"{value:.4f}"
     return str(value)
 
+
+# -- records of a quantization run ----------------------------------------------------
 
 def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
@@ -68,3 +102,51 @@ def summary_line(records: Sequence[QuantizedNodeRecord], skipped: Sequence[Skipp
         f"weights {_mb(before)} -> {_mb(after)} ({after / before:.1%}); "
         f"worst relative weight error {worst:.4f}; accuracy_level {','.join(map(str, levels))}"
     )
+
+
+# -- the quantized nodes of a model graph ---------------------------------------------
+
+@dataclass(frozen=True)
+class QuantizedNodeInfo:
+    """One quantized node of a model."""
+
+    name: str
+    op_type: str
+    shape: str  # "K x N" for matmuls, "rows x cols" for embeddings / DQ weights
+    data_format: str  # e.g. "int4 block 32 asym", "nf4 block 64"
+    accuracy_level: int | None
+    stored_bytes: int
+
+
+def _const_bytes(node: ir.Node) -> int:
+    return sum(v.const_value.nbytes for v in node.inputs if v is not None and v.const_value is not None)
+
+
+def _info(node: ir.Node) -> QuantizedNodeInfo | None:
+    """The node as its format describes it, or None when no registered format writes it."""
+    fmt = format_of_node(node)
+    described = None if fmt is None else fmt.describe_node(node)
+    if described is None:
+        return None
+    accuracy_level = int_attributes(node).get("accuracy_level", 0) if fmt.uses_accuracy_level else None
+    return QuantizedNodeInfo(node.name, node.op_type, *described, accuracy_level, _const_bytes(node))
+
+
+def quant_summary(model: ir.Model | onnx.ModelProto | str | os.PathLike) -> list[QuantizedNodeInfo]:
+    """Every quantized node of ``model`` (subgraphs included), in graph order."""
+    ir_model = load_model(model)
+    return [info for node in ir_model.graph.all_nodes() if (info := _info(node)) is not None]
+
+
+def print_quant_summary(model: ir.Model | onnx.ModelProto | str | os.PathLike, file: TextIO | None = None) -> None:
+    """Write a table of the quantized nodes of ``model`` and totals to ``file`` (default stdout)."""
+    out = file or sys.stdout
+    infos = quant_summary(model)
+    rows = [(i.name, i.op_type, i.shape, i.data_format, "-" if i.accuracy_level is None else i.accuracy_level,
+             i.stored_bytes) for i in infos]
+    out.write(format_table(("node", "op", "shape", "format", "acc_lvl", "stored bytes"), rows) + "\n")
+    per_op: dict[str, int] = {}
+    for info in infos:
+        per_op[info.op_type] = per_op.get(info.op_type, 0) + 1
+    counts = ", ".join(f"{count} {op}" for op, count in per_op.items()) or "no quantized nodes"
+    out.write(f"{counts}\n")

@@ -149,8 +149,20 @@ def test_failed_write_leaves_nothing(float_model, tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(onnx_ir, "save", broken_save)
     out = tmp_path / "q.onnx"
-    with pytest.raises(OSError, match="disk full"):
-        main(["quantize", str(float_model), str(out), "--quiet"])
+    _expect_error(capsys, ["quantize", str(float_model), str(out), "--quiet"], "disk full", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.onnx"]
+
+
+def test_interrupt_exits_130_and_leaves_nothing(float_model, tmp_path, monkeypatch, capsys):
+    import onnx_ir
+
+    def interrupted_save(model, path, external_data=None, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_ir, "save", interrupted_save)
+    assert main(["quantize", str(float_model), str(tmp_path / "q.onnx"), "--quiet"]) == 130
+    assert capsys.readouterr().err.strip() == "onnxq: interrupted; nothing was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["float.onnx"]
 
 

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxq
-from onnxq.cli.eval import add_eval_parser, run_eval
+from onnxq.cli import eval as eval_command, main
 from onnxq.eval.metrics import (
     compare_embeddings,
     compare_lm,
@@ -185,7 +185,7 @@ def test_embedding_cosines_match_numpy():
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="onnxq")
-    add_eval_parser(parser.add_subparsers(dest="command"))
+    eval_command.add_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 
@@ -193,8 +193,8 @@ def test_cli_lm_table_and_json(models, tmp_path, capsys):
     ids_path, out = tmp_path / "ids.npy", tmp_path / "out.json"
     ids = _ids(200, seed=7)
     np.save(ids_path, ids)
-    code = run_eval(_parse(["eval", str(models["float"]), str(models["q4"]), "--data", str(ids_path),
-                            "--context", "64", "--max-windows", "2", "--json", str(out), "--quiet"]))
+    code = eval_command.run(_parse(["eval", str(models["float"]), str(models["q4"]), "--data", str(ids_path),
+                                    "--context", "64", "--max-windows", "2", "--json", str(out), "--quiet"]))
     assert code == 0
     printed = capsys.readouterr().out
     assert "perplexity, quantized" in printed and "top-1 agreement" in printed
@@ -226,9 +226,18 @@ def test_cli_bad_input_exits_2(models, tmp_path, capsys, case, message):
         data = tmp_path / "text.txt"
         data.write_text("some text\n")
     argv = ["eval", str(float_model), str(quant_model), "--data", str(data), "--kind", "lm", "--quiet"]
-    assert run_eval(_parse(argv)) == 2
+    assert main(argv) == 2  # bad input raises; the CLI's one error handler makes it one line and exit 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("onnxq: error: ") and message in err and "\n" not in err
+
+
+def test_cli_failed_json_write_names_the_file(models, tmp_path, capsys):
+    ids_path, out = tmp_path / "ids.npy", tmp_path / "absent" / "out.json"
+    np.save(ids_path, _ids(200))
+    argv = ["eval", str(models["float"]), str(models["q4"]), "--data", str(ids_path), "--context", "64",
+            "--max-windows", "1", "--json", str(out), "--quiet"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"onnxq: error: cannot read/write {out}: No such file or directory"
 
 
 def test_cli_embedding_from_token_ids(tmp_path, capsys):
@@ -240,7 +249,7 @@ def test_cli_embedding_from_token_ids(tmp_path, capsys):
     np.save(ids_path, ids)
     argv = ["eval", str(float_path), str(quant_path), "--data", str(ids_path), "--kind", "embedding",
             "--output", "logits", "--context", "16", "--json", str(tmp_path / "e.json"), "--quiet"]
-    assert run_eval(_parse(argv)) == 0
+    assert eval_command.run(_parse(argv)) == 0
     assert "cosine (logits), mean" in capsys.readouterr().out
     values = json.loads((tmp_path / "e.json").read_text())
     feeds = [{"input_ids": ids[s:s + 16][None, :], "attention_mask": np.ones((1, 16), np.int64)}

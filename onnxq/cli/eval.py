@@ -20,24 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from onnxq.calibration import InputSpec, ListReader, TextReader, tokenize
 from onnxq.calibration.text import read_text
+from onnxq.cli.common import progress_bar
 from onnxq.errors import OnnxqError
-from onnxq.eval.metrics import compare_embeddings, compare_lm, make_session
 
-__all__ = ["add_eval_parser", "run_eval"]
-
-_EXIT_USAGE = 2
+__all__ = ["add_parser", "run"]
 
 
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``eval`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``); returns its parser."""
     e = subparsers.add_parser("eval", help="compare a quantized model with its float original (perplexity, KL, cosine)",
                               description=__doc__.splitlines()[0])
@@ -127,15 +123,14 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
+    from onnxq.eval.metrics import compare_embeddings, compare_lm, make_session  # onnxruntime: only when run
+
     _check_file(args.float_model, "float model")
     _check_file(args.quant_model, "quantized model")
     _check_file(args.data, "evaluation data")
     if args.tokenizer is not None:
         _check_file(args.tokenizer, "tokenizer model")
-
-    def progress(items, desc: str, unit: str, total: int | None = None):
-        return tqdm(items, desc=desc, unit=unit, total=total, disable=args.quiet, file=sys.stderr)
-
+    progress = progress_bar(args.quiet)
     float_session = make_session(args.float_model)
     kind = _kind(args, float_session)
     start = time.perf_counter()
@@ -168,18 +163,13 @@ def _format(values: dict) -> str:
     return _table(rows)
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """Run the ``eval`` command parsed by :func:`add_eval_parser`; returns the exit code
-    (0, or 2 after printing ``onnxq: error: ...`` for bad input)."""
-    try:
-        values = _evaluate(args)
-        if args.json is not None:
-            args.json.write_text(json.dumps(values, indent=2) + "\n")
-    except OnnxqError as exc:
-        print(f"onnxq: error: {exc}", file=sys.stderr)
-        return _EXIT_USAGE
-    except OSError as exc:
-        print(f"onnxq: error: {exc}", file=sys.stderr)
-        return _EXIT_USAGE
+def run(args: argparse.Namespace) -> int:
+    """Run the ``eval`` command parsed by :func:`add_parser`: print the table (and write ``--json``); returns 0.
+
+    Bad input raises :class:`OnnxqError` (or ``OSError``), which :func:`onnxq.cli.main` reports.
+    """
+    values = _evaluate(args)
+    if args.json is not None:
+        args.json.write_text(json.dumps(values, indent=2) + "\n")
     print(_format(values))
     return 0

@@ -1,0 +1,144 @@
+"""What the subcommands share: the parser class, quantization settings, calibration readers, progress bars.
+
+Like every module of :mod:`onnxq.cli`, this one is imported to build the parser, so
+at module level it imports only what ``import onnxq`` loads anyway; tqdm is
+imported when a progress bar is made.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import onnx_ir as ir
+
+from onnxq.calibration import NpzReader, TextReader
+from onnxq.config import BNB4_TYPES, FORMATS, QuantConfig
+from onnxq.errors import OnnxqError
+
+__all__ = [
+    "EXIT_USAGE",
+    "Parser",
+    "add_settings",
+    "calibration_reader",
+    "check_output",
+    "config_from",
+    "progress_bar",
+    "same_file",
+]
+
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but with our one-line error format (argparse already exits 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"onnxq: error: {message}\n")
+
+
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    """Quantization settings shared by ``quantize`` and ``inspect`` (None = not given)."""
+    group = parser.add_argument_group("quantization settings (override --config)")
+    group.add_argument("--config", type=Path, help="JSON file with QuantConfig fields (bits, block_size, overrides, ...)")
+    group.add_argument("--bits", type=int, help="2, 4 or 8 (default 4)")
+    group.add_argument("--block-size", type=int, help="power of two >= 16, or -1 for per-channel (default 32)")
+    scheme = group.add_mutually_exclusive_group()
+    scheme.add_argument("--asym", dest="symmetric", action="store_false", default=None, help="asymmetric (zero points)")
+    scheme.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric, full range (default)")
+    group.add_argument("--accuracy-level", type=int, help="MatMulNBits accuracy_level 0-4 (default 0; 4 = int8 activations)")
+    group.add_argument("--mse-clip", action="store_true", default=None, help="per-block clip-ratio search on weight MSE (can hurt LLM perplexity: see README)")
+    group.add_argument("--format", choices=FORMATS,
+                       help="nbits (MatMulNBits, default), qdq (opset-21 DequantizeLinear), bnb4 (MatMulBnb4), "
+                            "fpq4 (legacy MatMulFpQ4, AVX-512 hosts only)")
+    group.add_argument("--quant-type", choices=BNB4_TYPES, help="bnb4 data type (default nf4)")
+    group.add_argument("--quantize-embeddings", action="store_true", default=None,
+                       help="also quantize Gather embeddings (a tied lm_head shares the packed weight)")
+    group.add_argument("--include", action="append", metavar="REGEX", help="quantize only nodes matching (repeatable)")
+    group.add_argument("--exclude", action="append", metavar="REGEX", help="leave matching nodes in float (repeatable)")
+
+
+def config_from(args: argparse.Namespace) -> QuantConfig:
+    """The QuantConfig of ``--config`` with the flags given on the command line on top.
+
+    Reads the flags of :func:`add_settings` and, where the command has them, those of
+    ``quantize``'s calibrated algorithms (``--algo``, ``--samples``, ``--percdamp``, ...).
+    """
+    base: dict = {}
+    if args.config is not None:
+        try:
+            base = json.loads(args.config.read_text())
+        except FileNotFoundError:
+            raise OnnxqError(f"config file not found: {args.config}") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise OnnxqError(f"cannot read config file {args.config}: {exc}") from None
+        if not isinstance(base, dict):
+            raise OnnxqError(f"config file {args.config} must hold a JSON object, found {type(base).__name__}")
+    given = {
+        "bits": args.bits, "block_size": args.block_size, "symmetric": args.symmetric,
+        "accuracy_level": args.accuracy_level, "mse_clip": args.mse_clip,
+        "include": args.include, "exclude": args.exclude,
+        "format": args.format, "quant_type": args.quant_type, "quantize_embeddings": args.quantize_embeddings,
+    }
+    base.update({k: v for k, v in given.items() if v is not None})
+    nested = {
+        "gptq": {"act_order": getattr(args, "act_order", None), "percdamp": getattr(args, "percdamp", None)},
+        "awq": {"grid": getattr(args, "awq_grid", None),
+                "clip": False if getattr(args, "no_awq_clip", None) else None},
+        "hqq": {"zero_point": getattr(args, "hqq_zero_point", None)},
+        "teq": {"steps": getattr(args, "steps", None)} if getattr(args, "algo", None) == "teq" else {},
+        "autoround": {"steps": getattr(args, "steps", None)} if getattr(args, "algo", None) == "autoround" else {},
+        "calibration": {"samples": getattr(args, "samples", None),
+                        "sequential": False if getattr(args, "one_pass", None) else None},
+    }
+    for key, values in nested.items():
+        values = {k: v for k, v in values.items() if v is not None}
+        if values:
+            base[key] = {**base.get(key, {}), **values}
+    if getattr(args, "algo", None) not in (None, "smoothquant"):
+        base["algorithm"] = args.algo
+    return QuantConfig.from_dict(base, where=str(args.config or "settings"))
+
+
+def calibration_reader(args: argparse.Namespace, config: QuantConfig, model: ir.Model) -> NpzReader | TextReader | None:
+    """The reader for ``--calib-data`` (None when not given): .npz inputs, .npy token ids, or text + ``--tokenizer``."""
+    path = args.calib_data
+    if path is None:
+        return None
+    if not path.is_file():
+        raise OnnxqError(f"calibration file not found: {path}")
+    if path.suffix == ".npz":
+        return NpzReader(path)
+    samples = config.calibration.samples
+    if path.suffix == ".npy":
+        return TextReader(None, model, token_ids=path, seq_len=args.seq_len, samples=samples)
+    if args.tokenizer is None:
+        raise OnnxqError(f"{path} is read as text: give --tokenizer TOKENIZER.onnx (or pass token ids as .npy)")
+    return TextReader(path, model, tokenizer=args.tokenizer, seq_len=args.seq_len, samples=samples)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name the same file (False when that cannot be told)."""
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def check_output(input_path: Path, output_path: Path) -> None:
+    """Refuse to write over the input model."""
+    if same_file(input_path, output_path):
+        raise OnnxqError(f"output path is the input model ({output_path}); choose another output file")
+
+
+def progress_bar(quiet: bool) -> Callable[..., Iterable[Any]]:
+    """A ``progress(items, desc, unit, total)`` for the library's ``progress=`` hooks: tqdm on stderr, off when quiet."""
+    from tqdm import tqdm
+
+    def progress(items: Iterable[Any], desc: str = "quantizing", unit: str = "node",
+                 total: int | None = None) -> Iterable[Any]:
+        return tqdm(items, desc=desc, unit=unit, total=total, disable=quiet, file=sys.stderr)
+
+    return progress

@@ -1,0 +1,32 @@
+"""``python -m onnxq inspect MODEL.onnx [settings]``: what would be quantized, and why other nodes would not."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from onnxq.api import inspect_model
+from onnxq.cli.common import add_settings, config_from
+from onnxq.report import format_skipped, format_table
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``inspect`` command to ``subparsers``; returns its parser."""
+    i = subparsers.add_parser("inspect", help="show what would be quantized and why nodes would be skipped")
+    i.add_argument("model", type=Path)
+    add_settings(i)
+    return i
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the nodes the settings would quantize, those left in float with the reason, and the totals."""
+    config = config_from(args)
+    planned, skipped = inspect_model(args.model, config)
+    print(format_table(("node", "op", "K", "N", "would become"), planned) if planned else "nothing would be quantized")
+    if skipped:
+        print()
+        print(format_skipped(skipped))
+    print()
+    print(f"{len(planned)} nodes would be quantized, {len(skipped)} left in float (accuracy_level {config.accuracy_level})")
+    return 0

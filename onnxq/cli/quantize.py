@@ -1,0 +1,156 @@
+"""``python -m onnxq quantize FLOAT.onnx OUT.onnx``: weight-only quantization, SmoothQuant W8A8, mixed precision."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxq.api import quantize_with_report, save
+from onnxq.cli.common import add_settings, calibration_reader, check_output, config_from, progress_bar
+from onnxq.config import ALGORITHMS, QuantConfig
+from onnxq.errors import OnnxqError
+from onnxq.io import load_model
+from onnxq.recipes.mixed_precision import DEFAULT_CANDIDATES, search_mixed_precision
+from onnxq.report import format_records, format_skipped, format_table, summary_line
+
+__all__ = ["add_parser", "run"]
+
+_EXTERNAL_DATA = {"auto": None, "always": True, "never": False}  # --external-data -> save(external_data=...)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``quantize`` command to ``subparsers``; returns its parser."""
+    q = subparsers.add_parser("quantize", help="quantize MatMul/Gemm weights to MatMulNBits")
+    q.add_argument("input", type=Path, help="float model (.onnx; external data is read memory-mapped)")
+    q.add_argument("output", type=Path, help="where to write the quantized model")
+    add_settings(q)
+    q.add_argument(
+        "--external-data", choices=tuple(_EXTERNAL_DATA), default="auto",
+        help="write weights to OUTPUT.data (auto: when the weights exceed 1.5 GB)",
+    )
+    q.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
+    calib = q.add_argument_group("calibrated algorithms (--algo gptq|awq)")
+    calib.add_argument("--algo", choices=(*ALGORITHMS, "smoothquant"),
+                       help="rtn (default), hqq (no data needed), gptq, awq, teq or autoround (need --calib-data); "
+                            "smoothquant: W8A8 (int8 weights and activations, QDQ) with SmoothQuant")
+    calib.add_argument("--sq-alpha", default="auto",
+                       help="SmoothQuant migration strength in [0, 1], or 'auto' (default: searched per input group)")
+    calib.add_argument("--weight-range", choices=("auto", "7bit", "8bit"), default="auto",
+                       help="W8A8 weights: 7-bit avoids int16 saturation in ORT's u8xs8 kernels on x86 CPUs "
+                            "without VNNI (auto: 8-bit only when /proc/cpuinfo lists a VNNI flag)")
+    calib.add_argument("--no-smooth", action="store_true", help="with --algo smoothquant: plain static W8A8")
+    calib.add_argument("--calib-data", type=Path, metavar="FILE",
+                       help=".npz of model inputs (NpzReader layouts), .npy of token ids, or a text file (+ --tokenizer)")
+    calib.add_argument("--tokenizer", type=Path, help="ONNX tokenizer model (onnxruntime-extensions) for a text --calib-data")
+    calib.add_argument("--samples", type=int, help="calibration samples (default 128)")
+    calib.add_argument("--seq-len", type=int, default=512, help="tokens per sample for text/token-id data (default 512)")
+    calib.add_argument("--one-pass", action="store_true", default=None,
+                       help="calibrate every layer on the float model in one pass (faster) instead of block by block")
+    calib.add_argument("--act-order", action="store_true", default=None, help="GPTQ: descending diag(H) order")
+    calib.add_argument("--percdamp", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
+    calib.add_argument("--awq-grid", type=int, help="AWQ: alphas tried in [0, 1] (default 20)")
+    calib.add_argument("--no-awq-clip", action="store_true", default=None, help="AWQ: skip the clip search")
+    calib.add_argument("--steps", type=int, help="TEQ / AutoRound: optimisation steps per layer (default 200)")
+    calib.add_argument("--hqq-zero-point", choices=("int", "float"),
+                       help="HQQ: uint8 zero points (default) or float zero points (asym only)")
+    mixed = q.add_argument_group("mixed precision (needs --calib-data)")
+    mixed.add_argument("--effective-bits", type=float,
+                       help="search a format per node for this average of stored bits per weight (e.g. 4.8)")
+    mixed.add_argument("--candidates", default=DEFAULT_CANDIDATES,
+                       help=f"formats to choose from (default {DEFAULT_CANDIDATES}; 'float' keeps a node in float)")
+    mixed.add_argument("--mp-samples", type=int, default=4, help="calibration samples for the sensitivity search")
+    mixed.add_argument("--plan-out", type=Path, help="where to save the plan (default OUTPUT.plan.json)")
+    return q
+
+
+def run(args: argparse.Namespace) -> int:
+    """Quantize ``args.input`` into ``args.output``; prints the per-node table unless ``--quiet``."""
+    config = config_from(args)
+    check_output(args.input, args.output)
+    if not args.quiet:
+        print(f"onnxq: {_describe(config)}", file=sys.stderr)
+    start = time.perf_counter()
+    model = load_model(args.input)
+    reader = calibration_reader(args, config, model)
+    if args.algo == "smoothquant":
+        return _smoothquant(args, config, model, reader)
+    progress = progress_bar(args.quiet)
+    if args.effective_bits is not None:
+        config = _mixed_precision_plan(args, config, model, reader, progress)
+        if hasattr(reader, "rewind"):
+            reader.rewind()
+    result = quantize_with_report(model, config, reader, progress=progress)
+    save(result.model, args.output, external_data=_EXTERNAL_DATA[args.external_data])
+    records, skipped = result.records, result.skipped
+    if not args.quiet:
+        print(format_records(records))
+        if skipped:
+            print()
+            print(format_skipped(skipped))
+        print()
+        print(summary_line(records, skipped))
+        print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _describe(config: QuantConfig) -> str:
+    block = "per-channel" if config.block_size == -1 else f"block {config.block_size}"
+    scheme = "sym" if config.symmetric else "asym"
+    extras = f", {len(config.overrides)} overrides" if config.overrides else ""
+    if config.needs_calibration:
+        mode = "sequential" if config.calibration.sequential else "one pass"
+        extras += f", {config.calibration.samples} calibration samples ({mode})"
+    return (f"{config.algorithm} int{config.bits} {block} {scheme}, accuracy_level {config.accuracy_level}"
+            f"{', mse clip' if config.mse_clip else ''}{extras}")
+
+
+def _smoothquant(args: argparse.Namespace, config: QuantConfig, model: ir.Model, reader) -> int:
+    from onnxq.recipes.smoothquant import quantize_w8a8  # imports onnxruntime.quantization: only when asked for
+
+    if reader is None:
+        raise OnnxqError("--algo smoothquant needs calibration data (--calib-data)")
+    alpha = args.sq_alpha if args.sq_alpha == "auto" else _float(args.sq_alpha, "--sq-alpha")
+    start = time.perf_counter()
+    reduce_range = args.weight_range == "7bit" or (args.weight_range == "auto" and not _has_vnni())
+    quantize_w8a8(model, reader, args.output, smooth=not args.no_smooth, alpha=alpha,
+                  samples=config.calibration.samples, reduce_range=reduce_range,
+                  external_data=_EXTERNAL_DATA[args.external_data])
+    if not args.quiet:
+        print(f"wrote {args.output} (W8A8 QDQ, {'7' if reduce_range else '8'}-bit weights"
+              f"{'' if args.no_smooth else ', SmoothQuant alpha ' + str(alpha)}) "
+              f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _has_vnni() -> bool:
+    """Whether the CPU has VNNI (ORT's int8 kernels then accumulate without int16 saturation)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "vnni" in flags
+
+
+def _float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise OnnxqError(f"{flag} expects a number or 'auto', got {text!r}") from None
+
+
+def _mixed_precision_plan(args: argparse.Namespace, config: QuantConfig, model: ir.Model, reader,
+                          progress) -> QuantConfig:
+    if reader is None:
+        raise OnnxqError("--effective-bits needs calibration data (--calib-data) to measure sensitivities")
+    plan = search_mixed_precision(model, config, reader, args.effective_bits, args.candidates,
+                                  samples=args.mp_samples, progress=progress)
+    plan_path = args.plan_out or args.output.with_name(args.output.name + ".plan.json")
+    plan.save(plan_path, config)
+    if not args.quiet:
+        print(format_table(("nodes (one format per group)", "format", f"{plan.loss} when alone"), plan.summary_rows()))
+        print(f"plan: {plan.effective_bits:.3f} bits per weight (budget {plan.target_bits}); saved to {plan_path}")
+        print()
+    return plan.to_config(config)
