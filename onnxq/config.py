@@ -165,8 +165,9 @@ class QuantConfig:
 
     @property
     def float_zero_points(self) -> bool:
-        """HQQ with ``zero_point="float"``: zero points stored as floats."""
-        return self.algorithm == "hqq" and self.hqq.zero_point == "float"
+        """The algorithm stores float zero points (HQQ with ``zero_point="float"``)."""
+        algorithm = get_algorithm(self.algorithm)
+        return algorithm.float_zero_points(algorithm.options_of(self))
 
     def __post_init__(self) -> None:
         _validate(self.bits, self.block_size, self.accuracy_level, "")
@@ -177,7 +178,7 @@ class QuantConfig:
         if self.quant_type not in BNB4_TYPES:
             raise OnnxqError(f"quant_type must be one of {BNB4_TYPES}, got {self.quant_type!r}")
         if self.float_zero_points and self.symmetric:
-            raise OnnxqError("hqq.zero_point 'float' needs asymmetric quantization (--asym)")
+            raise OnnxqError(f"{self.algorithm}.zero_point 'float' needs asymmetric quantization (--asym)")
         if not fmt.int_codes and self.algorithm != "rtn":
             raise OnnxqError(f"format {self.format!r} supports only algorithm 'rtn', got {self.algorithm!r}")
         self._precheck(fmt, self._node_settings({}), "")

@@ -332,6 +332,9 @@ class HQQ(Algorithm):
     options_field = "hqq"
     options_type = HQQConfig
 
+    def float_zero_points(self, options: HQQConfig) -> bool:
+        return options.zero_point == "float"
+
     def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: Any) -> Solution:
         results = [hqq_quantize_weight(w, s.bits, s.block_size, s.symmetric, iters=options.iters,
                                        scale_dtype=group.scale_dtype,

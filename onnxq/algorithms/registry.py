@@ -88,6 +88,14 @@ class Algorithm(ABC):
     def calibrated(self) -> bool:
         return bool(self.statistics)
 
+    def float_zero_points(self, options: Any) -> bool:
+        """Whether its solutions carry float zero points (only formats that store them can take them)."""
+        return False
+
+    def options_of(self, config: Any) -> Any:
+        """Its options from a :class:`~onnxq.config.QuantConfig` (None when it has none)."""
+        return getattr(config, self.options_field) if self.options_field else None
+
     def sample_rows(self, options: Any) -> int:
         """Rows the ``"rows"`` statistic keeps per input tensor."""
         return getattr(options, "sample_rows", 0)

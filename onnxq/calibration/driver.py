@@ -101,7 +101,7 @@ class _Driver:
     def __init__(self, config: QuantConfig, progress: Progress | None, providers: list[str] | None) -> None:
         self.config = config
         self.algorithm = get_algorithm(config.algorithm)
-        self.options = getattr(config, self.algorithm.options_field) if self.algorithm.options_field else None
+        self.options = self.algorithm.options_of(config)
         self.progress = progress
         self.providers = providers
         self.result: CalibrationResult | None = None

@@ -159,7 +159,7 @@ def solver_for(algorithm: Algorithm, options: Any) -> WeightSolver:
 
 def _config_solver(config: QuantConfig) -> WeightSolver:
     algorithm = get_algorithm(config.algorithm)
-    return solver_for(algorithm, getattr(config, algorithm.options_field) if algorithm.options_field else None)
+    return solver_for(algorithm, algorithm.options_of(config))
 
 
 @dataclass(frozen=True)
