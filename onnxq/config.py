@@ -51,7 +51,8 @@ def _validate(bits: Any, block_size: Any, accuracy_level: Any, where: str) -> No
     if not (isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 8):
         raise OnnxqError(f"{where}bits must be an integer in 2..8, got {bits!r}")
     if not (isinstance(block_size, int) and not isinstance(block_size, bool) and (block_size == -1 or block_size >= 1)):
-        raise OnnxqError(f"{where}block_size must be a positive integer, or -1 for one block over K, got {block_size!r}")
+        raise OnnxqError(f"{where}block_size must be a positive integer, or -1 for one block over K, "
+                         f"got {block_size!r}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise OnnxqError(f"{where}accuracy_level must be in 0..4, got {accuracy_level!r}")
 

@@ -158,7 +158,8 @@ class _Driver:
                 for name in [n for n in values if last_use.get(n, -1) <= block.index]:
                     del values[name]
             seconds = time.perf_counter() - start
-            self.result.blocks.append(BlockReport(block.index, tuple(s.name for s in block.sites), seconds, tuple(notes)))
+            names = tuple(s.name for s in block.sites)
+            self.result.blocks.append(BlockReport(block.index, names, seconds, tuple(notes)))
             logger.info("block %d (%s): %d sites in %.1f s%s", block.index, block.start, len(block.sites), seconds,
                         "; " + "; ".join(notes) if notes else "")
 

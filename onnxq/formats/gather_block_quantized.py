@@ -30,6 +30,7 @@ from onnxq.formats.matmul_nbits import (
     MatMulNBitsInitializers,
     make_matmul_nbits_initializers,
     nbits_stored_bytes,
+    power_of_two_block_reason,
     qweight_from_nbits_layout,
 )
 from onnxq.graph.constants import constant_value
@@ -167,9 +168,7 @@ class GatherBlockQuantizedFormat(Format):
     layout = "nbits"
 
     def block_size_reason(self, bits: int, block_size: int) -> str | None:
-        if not (isinstance(block_size, (int, np.integer)) and block_size >= 16 and block_size & (block_size - 1) == 0):
-            return f"GatherBlockQuantized needs a power-of-two block_size >= 16, got {block_size!r}"
-        return None
+        return power_of_two_block_reason(self.op_type, block_size)
 
     def stored_bytes(self, k: int, n: int, settings: WeightSettings, dtype: ir.DataType) -> int:
         return nbits_stored_bytes(k, n, settings, dtype)

@@ -38,6 +38,7 @@ __all__ = [
     "make_matmul_nbits_initializers",
     "make_matmul_nbits_node",
     "nbits_block_size_reason",
+    "power_of_two_block_reason",
     "qweight_from_nbits_layout",
     "read_matmul_nbits",
 ]
@@ -73,10 +74,18 @@ class MatMulNBitsInitializers:
                                          self.bits, self.block_size, self.k, self.n)
 
 
-def nbits_block_size_reason(bits: int, block_size: int) -> str | None:
-    """MatMulNBits' (and GatherBlockQuantized's uint8) block rule: a power of two >= 16; 2-bit <= 256."""
+def power_of_two_block_reason(op_type: str, block_size: int) -> str | None:
+    """The rule ORT's MatMulNBits and GatherBlockQuantized kernels share: a power of two >= 16."""
     if not (isinstance(block_size, (int, np.integer)) and block_size >= 16 and block_size & (block_size - 1) == 0):
-        return f"block_size must be a power of two >= 16, got {block_size!r}"
+        return f"{op_type} block_size must be a power of two >= 16, got {block_size!r}"
+    return None
+
+
+def nbits_block_size_reason(bits: int, block_size: int) -> str | None:
+    """MatMulNBits' block rule: a power of two >= 16; 2-bit needs <= 256."""
+    reason = power_of_two_block_reason("MatMulNBits", block_size)
+    if reason is not None:
+        return reason
     if bits == 2 and block_size > 256:
         return f"2-bit MatMulNBits needs block_size <= 256, got {block_size}"
     return None
@@ -241,4 +250,5 @@ class MatMulNBitsFormat(Format):
     def describe_node(self, node: ir.Node) -> tuple[str, str] | None:
         attrs = int_attributes(node)
         scheme = "asym" if _input(node, 3) is not None else "sym"
-        return f"{attrs.get('K')}x{attrs.get('N')}", f"int{attrs.get('bits', 4)} block {attrs.get('block_size')} {scheme}"
+        data_format = f"int{attrs.get('bits', 4)} block {attrs.get('block_size')} {scheme}"
+        return f"{attrs.get('K')}x{attrs.get('N')}", data_format

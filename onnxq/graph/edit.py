@@ -8,8 +8,8 @@ from onnxq.graph.constants import add_initializer, constant_tensor
 from onnxq.graph.names import unique_name
 from onnxq.graph.sites import WeightSite
 
-__all__ = ["home_graph", "owner_graph", "register_values", "replace_site", "redirect_weight", "insert_at_source", "release",
-           "remove_unused"]
+__all__ = ["home_graph", "owner_graph", "register_values", "replace_site", "redirect_weight", "insert_at_source",
+           "release", "remove_unused"]
 
 
 def home_graph(value: ir.Value, node: ir.Node) -> ir.Graph:
@@ -87,7 +87,7 @@ def _unused(node: ir.Node) -> bool:
 
 
 def remove_unused(model: ir.Model) -> None:
-    """Drop nodes that only fed rewritten weights (Transpose, Constant, Reshape) once unused, then unused initializers."""
+    """Drop the nodes that fed rewritten weights (Transpose, Constant, Reshape) once unused, then unused initializers."""
     for graph in (model.graph, *model.graph.subgraphs()):
         changed = True
         while changed:

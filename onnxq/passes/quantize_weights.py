@@ -36,8 +36,15 @@ from onnxq.core import QuantizedWeight
 from onnxq.errors import OnnxqError
 from onnxq.formats import MS_DOMAIN, Format, PackedWeight, WeightLayout, WeightSettings, get_format
 from onnxq.graph.constants import add_initializer, constant_tensor
-from onnxq.graph.edit import insert_at_source, owner_graph, redirect_weight, register_values, release, remove_unused, \
-    replace_site
+from onnxq.graph.edit import (
+    insert_at_source,
+    owner_graph,
+    redirect_weight,
+    register_values,
+    release,
+    remove_unused,
+    replace_site,
+)
 from onnxq.graph.names import initializer_names, node_names, unique_name
 from onnxq.graph.sites import SkippedNode, WeightSite, find_gather_sites, find_weight_sites, finite_weight
 
@@ -254,8 +261,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         register_values(owner_graph(site), packed.values(), taken)
         output = None
         if fmt.replaces == "weight":
-            nodes, output = fmt.make_nodes(None, packed, settings, name=unique_name(names, fmt.node_name(base, settings)),
-                                           bias=None, constant=self._constant(site.node.graph, taken))
+            name = unique_name(names, fmt.node_name(base, settings))
+            nodes, output = fmt.make_nodes(None, packed, settings, name=name, bias=None,
+                                           constant=self._constant(site.node.graph, taken))
             for node in nodes:
                 insert_at_source(site.node.graph, site.source, node)
         return _Source(packed, site.name, error, output)
