@@ -2,6 +2,9 @@
 
 * :mod:`~onnxq.calibration.readers`: the ``CalibrationDataReader`` protocol (ONNX
   Runtime's shape), ``.npz`` and list readers, feed validation, ``materialize``.
+* :mod:`~onnxq.calibration.inputs`: ``InputFiller``, the one place that decides how a language
+  model's inputs are filled from token ids (masks, positions, an empty KV cache).
+* :mod:`~onnxq.calibration.tokenizer`: ``tokenize`` with a ``tokenizer.json`` or an ONNX tokenizer.
 * :mod:`~onnxq.calibration.text`: ``TextReader``, windows of a tokenized text.
 * :mod:`~onnxq.calibration.probe`: ``ActivationProbe``, intermediate tensors of a model.
 * :mod:`~onnxq.calibration.accumulators`: streaming Hessian, mean/max ``|x|``, row sample.
@@ -20,19 +23,18 @@ from onnxq.calibration.accumulators import (
 )
 from onnxq.calibration.blocks import NORM_OPS, Block, find_blocks
 from onnxq.calibration.probe import ActivationProbe, collect_statistics
+from onnxq.calibration.inputs import InputFiller, InputSpec, input_specs, specs_of_session, validate_feed
 from onnxq.calibration.readers import (
     CalibrationDataReader,
-    InputSpec,
     ListReader,
     NpzReader,
     as_reader,
-    input_specs,
     iter_feeds,
     materialize,
     save_npz,
-    validate_feed,
 )
-from onnxq.calibration.text import TextReader, tokenize
+from onnxq.calibration.text import TextReader
+from onnxq.calibration.tokenizer import find_tokenizer, tokenize
 
 __all__ = [
     "AbsMaxAccumulator",
@@ -42,6 +44,7 @@ __all__ = [
     "Block",
     "CalibrationDataReader",
     "HessianAccumulator",
+    "InputFiller",
     "InputSpec",
     "ListReader",
     "NORM_OPS",
@@ -51,11 +54,13 @@ __all__ = [
     "as_reader",
     "collect_statistics",
     "find_blocks",
+    "find_tokenizer",
     "input_specs",
     "iter_feeds",
     "materialize",
     "rows_of",
     "save_npz",
+    "specs_of_session",
     "tokenize",
     "validate_feed",
 ]

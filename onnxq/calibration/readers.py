@@ -1,4 +1,4 @@
-"""Calibration data: the reader protocol, ready-made readers and feed validation.
+"""Calibration data: the reader protocol and ready-made readers (feeds are checked by :mod:`onnxq.calibration.inputs`).
 
 A *feed* is one sample: ``{model input name: np.ndarray}``, exactly what
 ``onnxruntime.InferenceSession.run`` takes. A *reader* hands out feeds one at a
@@ -26,13 +26,11 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import onnx
-import onnx_ir as ir
 
+from onnxq.calibration.inputs import Feed, InputFiller, InputSpec, input_specs, validate_feed
 from onnxq.errors import OnnxqError
 
 __all__ = [
@@ -50,7 +48,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Feed = dict[str, np.ndarray]
 
 _PER_SAMPLE_KEY = re.compile(r"^(\d+)/(.+)$")
 
@@ -66,106 +63,6 @@ class CalibrationDataReader(Protocol):
     def get_next(self) -> Feed | None: ...
 
     def rewind(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """A model input as calibration sees it: ``shape`` entries are ints (static) or
-    ``None``/strings (dynamic); ``dtype`` is ``None`` when the model does not say."""
-
-    name: str
-    dtype: np.dtype | None
-    shape: tuple[int | str | None, ...] | None
-
-    def describe(self) -> str:
-        if self.shape is None:
-            return "any shape"
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"[{dims}]"
-
-
-def _spec_of(value: ir.Value) -> InputSpec:
-    dtype = None
-    if value.dtype is not None:
-        try:
-            dtype = np.dtype(value.dtype.numpy())
-        except (TypeError, ValueError):  # string or exotic types
-            dtype = None
-    shape = None
-    if value.shape is not None:
-        shape = tuple(d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None)
-                      for d in value.shape)
-    return InputSpec(value.name, dtype, shape)
-
-
-def input_specs(model_inputs) -> list[InputSpec]:
-    """The inputs a feed must provide.
-
-    ``model_inputs``: an ``ir.Model``, an ``onnx.ModelProto``, a model path (read
-    without loading external data), a sequence of ``ir.Value`` (``graph.inputs``) or
-    of :class:`InputSpec`. Graph inputs that are also initializers (optional inputs
-    of old exporters) are left out.
-    """
-    if isinstance(model_inputs, (str, os.PathLike)):
-        from onnxq.io import load_model
-
-        model_inputs = load_model(model_inputs)
-    if isinstance(model_inputs, onnx.ModelProto):
-        model_inputs = ir.serde.deserialize_model(model_inputs)
-    if isinstance(model_inputs, ir.Model):
-        graph = model_inputs.graph
-        return [_spec_of(v) for v in graph.inputs if v.name not in graph.initializers]
-    specs = []
-    for item in model_inputs:
-        if isinstance(item, InputSpec):
-            specs.append(item)
-        elif isinstance(item, ir.Value):
-            specs.append(_spec_of(item))
-        else:
-            raise OnnxqError(f"model inputs must be ir.Value or InputSpec items, found {type(item).__name__}")
-    return specs
-
-
-def validate_feed(feed: Mapping[str, np.ndarray], model_inputs) -> None:
-    """Check one calibration sample against the model's graph inputs.
-
-    Checks names (unknown and missing inputs), dtypes, ranks and static dimensions.
-    ``model_inputs``: anything :func:`input_specs` accepts.
-
-    Raises:
-        OnnxqError: one line saying what was expected and what was found.
-    """
-    specs = input_specs(model_inputs)
-    by_name = {s.name: s for s in specs}
-    names = ", ".join(by_name) or "none"
-    if not isinstance(feed, Mapping):
-        raise OnnxqError(f"a calibration sample must be a dict of input name -> array, found {type(feed).__name__}")
-    for name, array in feed.items():
-        if name not in by_name:
-            raise OnnxqError(f"calibration input {name!r} is not an input of the model (inputs: {names})")
-        if not isinstance(array, np.ndarray):
-            raise OnnxqError(f"calibration input {name!r} must be a numpy array, found {type(array).__name__}")
-    missing = [n for n in by_name if n not in feed]
-    if missing:
-        raise OnnxqError(
-            f"calibration sample lacks model input {missing[0]!r} (sample has: {', '.join(feed) or 'nothing'})"
-        )
-    for name, array in feed.items():
-        spec = by_name[name]
-        if spec.dtype is not None and array.dtype != spec.dtype:
-            raise OnnxqError(f"calibration input {name!r} has dtype {array.dtype}; the model expects {spec.dtype}")
-        if spec.shape is None:
-            continue
-        if array.ndim != len(spec.shape):
-            raise OnnxqError(
-                f"calibration input {name!r} has shape {array.shape} (rank {array.ndim}); "
-                f"the model expects rank {len(spec.shape)} {spec.describe()}"
-            )
-        for got, want in zip(array.shape, spec.shape):
-            if isinstance(want, int) and got != want:
-                raise OnnxqError(
-                    f"calibration input {name!r} has shape {array.shape}; the model expects {spec.describe()}"
-                )
 
 
 class ListReader:
@@ -308,6 +205,8 @@ def iter_feeds(source, max_samples: int | None = None, model_inputs=None) -> Ite
         if feed is None:
             return
         if specs is not None:
+            if "input_ids" in feed and any(spec.name not in feed for spec in specs):
+                feed = InputFiller(specs).complete(feed)  # e.g. an empty KV cache, masks, positions
             validate_feed(feed, specs)
         count += 1
         yield dict(feed)

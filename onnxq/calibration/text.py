@@ -1,21 +1,16 @@
 """Calibration feeds for language models from plain text.
 
-:class:`TextReader` turns a text (tokenized by an ONNX tokenizer model run with
-onnxruntime-extensions custom ops) or a ready token-id stream into feeds of
-``seq_len`` consecutive tokens, as the GPTQ/AWQ papers calibrate (random
-fixed-length segments of a corpus).
+:class:`TextReader` turns a text (tokenized by a ``tokenizer.json``, a model folder holding
+one, or an ONNX tokenizer: :mod:`onnxq.calibration.tokenizer`) or a ready token-id stream
+into feeds of ``seq_len`` consecutive tokens, as the GPTQ/AWQ papers calibrate (random
+fixed-length segments of a corpus). The model's other inputs (attention mask, positions,
+an empty KV cache) are filled by :class:`~onnxq.calibration.inputs.InputFiller`.
 
 Windows: the token stream is cut into ``len(stream) // seq_len`` non-overlapping,
 aligned windows (the tail shorter than ``seq_len`` is dropped); ``samples`` of them
 are drawn without replacement with ``numpy.random.default_rng(seed)`` and fed in
 stream order. If there are fewer windows than ``samples``, all are used (logged).
 Same text, tokenizer, ``seq_len``, ``samples`` and ``seed`` give the same feeds.
-
-Tokenizing: the text is split into chunks of at most ``chunk_chars`` characters at
-line ends (a longer line at its last space), each chunk is tokenized by one
-session run with a batch of one string, and the ids (where the tokenizer's
-``attention_mask`` output, if any, is nonzero) are concatenated. Special tokens
-the tokenizer adds per call (e.g. BERT's ``[CLS] ... [SEP]``) stay in the stream.
 """
 from __future__ import annotations
 
@@ -25,15 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxq.calibration.readers import Feed, InputSpec, input_specs, validate_feed
+from onnxq.calibration.inputs import Feed, InputFiller, InputSpec, input_specs, validate_feed
+from onnxq.calibration.tokenizer import tokenize
 from onnxq.errors import OnnxqError
 
-__all__ = ["TextReader", "tokenize", "read_text", "FILLED_INPUTS"]
+__all__ = ["TextReader", "read_text"]
 
 logger = logging.getLogger(__name__)
-
-FILLED_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
-"""The model inputs :class:`TextReader` knows how to fill (``input_ids`` is required)."""
 
 
 def read_text(text_or_path: str | os.PathLike) -> str:
@@ -57,69 +50,6 @@ def read_text(text_or_path: str | os.PathLike) -> str:
     return text_or_path
 
 
-def _chunks(text: str, chunk_chars: int) -> list[str]:
-    """Pieces of ``text`` of at most ``chunk_chars`` characters, cut after newlines (else spaces)."""
-    pieces, start = [], 0
-    while start < len(text):
-        end = min(start + chunk_chars, len(text))
-        if end < len(text):
-            cut = text.rfind("\n", start, end)
-            if cut < 0:
-                cut = text.rfind(" ", start, end)
-            if cut >= start:
-                end = cut + 1
-        pieces.append(text[start:end])
-        start = end
-    return [p for p in pieces if p.strip()]
-
-
-def tokenize(text: str, tokenizer: str | os.PathLike, chunk_chars: int = 4096) -> np.ndarray:
-    """Token ids ``[num_tokens]`` int64 of ``text`` by the ONNX tokenizer model at ``tokenizer``.
-
-    The tokenizer takes a 1-D string tensor (its first input) and outputs ``input_ids``
-    (or else its first integer output) of any rank, optionally with an
-    ``attention_mask`` of the same shape (padding is dropped). Its custom ops come from
-    ``onnxruntime_extensions.get_library_path()``.
-    """
-    import onnxruntime as ort
-
-    try:
-        from onnxruntime_extensions import get_library_path
-    except ImportError:
-        raise OnnxqError(
-            "an ONNX tokenizer needs onnxruntime-extensions (pip install onnxruntime-extensions)"
-        ) from None
-    path = Path(tokenizer)
-    if not path.is_file():
-        raise OnnxqError(f"tokenizer model not found: {path}")
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(get_library_path())
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises several exception types for a bad model
-        raise OnnxqError(f"cannot load tokenizer model {path}: {str(exc).splitlines()[0]}") from None
-    first_input = session.get_inputs()[0]
-    if first_input.type != "tensor(string)":
-        raise OnnxqError(f"tokenizer {path} must take a string tensor, its input {first_input.name!r} is {first_input.type}")
-    outputs = {o.name: o.type for o in session.get_outputs()}
-    ids_name = "input_ids" if "input_ids" in outputs else next(
-        (n for n, t in outputs.items() if t in ("tensor(int64)", "tensor(int32)")), None)
-    if ids_name is None:
-        raise OnnxqError(f"tokenizer {path} has no integer output (outputs: {', '.join(outputs)})")
-    names = [ids_name] + (["attention_mask"] if "attention_mask" in outputs else [])
-    parts = []
-    for chunk in _chunks(text, chunk_chars):
-        result = session.run(names, {first_input.name: np.array([chunk])})
-        ids = np.asarray(result[0]).astype(np.int64)
-        if len(result) > 1 and np.shape(result[1]) == ids.shape:
-            ids = ids[np.asarray(result[1]) != 0]
-        parts.append(ids.reshape(-1))
-    if not parts:
-        raise OnnxqError("the calibration text is empty")
-    return np.concatenate(parts)
-
-
 def _load_token_ids(token_ids) -> np.ndarray:
     if isinstance(token_ids, (str, os.PathLike)):
         path = Path(token_ids)
@@ -141,10 +71,9 @@ class TextReader:
     Args:
         text: the text, or a file holding it (see :func:`read_text`); ``None`` with ``token_ids``.
         model_inputs: the model (or its inputs, anything ``input_specs`` takes); the feeds
-            fill ``input_ids`` ``[1, seq_len]``, and ``attention_mask`` (ones),
-            ``position_ids`` (``0..seq_len-1``) and ``token_type_ids`` (zeros) when the
-            model has them, in the dtypes the model declares.
-        tokenizer: path of an ONNX tokenizer model (onnxruntime-extensions ops).
+            hold ``input_ids`` ``[1, seq_len]`` and whatever else the model takes
+            (:class:`~onnxq.calibration.inputs.InputFiller`: mask, positions, empty past).
+        tokenizer: a ``tokenizer.json``, a folder holding one, or an ONNX tokenizer model.
         token_ids: instead of text and tokenizer: a 1-D integer array or ``.npy`` path.
         seq_len, samples, seed: window length, number of windows, RNG seed.
         chunk_chars: characters per tokenizer call.
@@ -173,12 +102,7 @@ class TextReader:
         if token_ids is None and tokenizer is None:
             raise OnnxqError("TextReader needs a tokenizer model to tokenize text (or pass token_ids)")
         self.specs: list[InputSpec] = input_specs(model_inputs)
-        unknown = [s.name for s in self.specs if s.name not in FILLED_INPUTS]
-        if unknown or "input_ids" not in {s.name for s in self.specs}:
-            what = f"model input {unknown[0]!r}" if unknown else "a model without input_ids"
-            raise OnnxqError(
-                f"TextReader cannot feed {what} (it fills {', '.join(FILLED_INPUTS)}); use another reader"
-            )
+        self.filler = InputFiller(self.specs)
         if token_ids is not None:
             self.tokens = _load_token_ids(token_ids)
         else:
@@ -202,17 +126,7 @@ class TextReader:
 
     def _feed(self, index: int) -> Feed:
         start = int(self.starts[index])
-        fill = {
-            "input_ids": lambda: self.tokens[start:start + self.seq_len],
-            "attention_mask": lambda: np.ones(self.seq_len, np.int64),
-            "position_ids": lambda: np.arange(self.seq_len, dtype=np.int64),
-            "token_type_ids": lambda: np.zeros(self.seq_len, np.int64),
-        }
-        feed = {}
-        for spec in self.specs:
-            dtype = spec.dtype if spec.dtype is not None else np.dtype(np.int64)
-            feed[spec.name] = fill[spec.name]().astype(dtype)[None, :]
-        return feed
+        return self.filler.feed(self.tokens[None, start:start + self.seq_len])
 
     def __len__(self) -> int:
         return len(self.starts)

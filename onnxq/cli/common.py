@@ -114,9 +114,19 @@ def calibration_reader(args: argparse.Namespace, config: QuantConfig, model: ir.
     samples = config.calibration.samples
     if path.suffix == ".npy":
         return TextReader(None, model, token_ids=path, seq_len=args.seq_len, samples=samples)
-    if args.tokenizer is None:
-        raise OnnxqError(f"{path} is read as text: give --tokenizer TOKENIZER.onnx (or pass token ids as .npy)")
-    return TextReader(path, model, tokenizer=args.tokenizer, seq_len=args.seq_len, samples=samples)
+    tokenizer = tokenizer_for(args.tokenizer, args.input, path)
+    return TextReader(path, model, tokenizer=tokenizer, seq_len=args.seq_len, samples=samples)
+
+
+def tokenizer_for(given: Path | None, model_path: Path, data: Path) -> Path:
+    """``--tokenizer`` when given, else the ``tokenizer.json`` beside the model (or in the model folder)."""
+    if given is not None:
+        return given
+    folder = model_path if model_path.is_dir() else model_path.parent
+    if (folder / "tokenizer.json").is_file():
+        return folder / "tokenizer.json"
+    raise OnnxqError(f"{data} is read as text and {folder} has no tokenizer.json: give --tokenizer "
+                     "(a tokenizer.json, a folder holding one, or an ONNX tokenizer), or token ids as .npy")
 
 
 def same_file(a: Path, b: Path) -> bool:

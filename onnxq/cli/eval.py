@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxq.calibration import InputSpec, ListReader, TextReader, tokenize
+from onnxq.calibration import InputFiller, ListReader, TextReader, specs_of_session, tokenize
 from onnxq.calibration.text import read_text
-from onnxq.cli.common import progress_bar
+from onnxq.cli.common import progress_bar, tokenizer_for
 from onnxq.errors import OnnxqError
 
 __all__ = ["add_parser", "run"]
@@ -41,7 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     e.add_argument("quant_model", type=Path, metavar="QUANT.onnx", help="the quantized model")
     e.add_argument("--data", type=Path, required=True, metavar="FILE",
                    help=".npy of token ids, or a text file (with --tokenizer)")
-    e.add_argument("--tokenizer", type=Path, help="ONNX tokenizer model (onnxruntime-extensions) for a text --data")
+    e.add_argument("--tokenizer", type=Path, help="tokenizer.json, a folder holding one, or an ONNX tokenizer, for a "
+                                                  "text --data (default: the tokenizer.json beside the float model)")
     e.add_argument("--kind", choices=("auto", "lm", "embedding"), default="auto",
                    help="lm: perplexity/KL/top-1; embedding: cosine (auto: from the model's outputs)")
     e.add_argument("--context", type=int, default=256, help="tokens per window (default 256)")
@@ -78,9 +79,7 @@ def _token_ids(args: argparse.Namespace) -> np.ndarray:
         except (ValueError, OSError) as exc:
             raise OnnxqError(f"cannot read token ids from {args.data} as .npy ({exc})") from None
         return ids
-    if args.tokenizer is None:
-        raise OnnxqError(f"{args.data} is read as text: give --tokenizer TOKENIZER.onnx (or pass token ids as .npy)")
-    return tokenize(read_text(args.data), args.tokenizer)
+    return tokenize(read_text(args.data), tokenizer_for(args.tokenizer, args.float_model, args.data))
 
 
 def _embedding_feeds(args: argparse.Namespace, session):
@@ -88,33 +87,16 @@ def _embedding_feeds(args: argparse.Namespace, session):
         ids = _token_ids(args)
         windows = len(ids) // args.context if np.ndim(ids) == 1 else 0
         samples = min(windows, args.max_windows) if args.max_windows else max(windows, 1)
-        return TextReader(None, _specs_of(session), token_ids=ids, seq_len=args.context, samples=samples)
-    if args.tokenizer is None:
-        raise OnnxqError(f"{args.data} is read as text: give --tokenizer TOKENIZER.onnx (or pass token ids as .npy)")
+        return TextReader(None, specs_of_session(session), token_ids=ids, seq_len=args.context, samples=samples)
+    tokenizer = tokenizer_for(args.tokenizer, args.float_model, args.data)
     lines = [line for line in read_text(args.data).splitlines() if line.strip()]
     if args.max_windows:
         lines = [lines[i] for i in np.unique(np.linspace(0, len(lines) - 1, args.max_windows).round().astype(int))]
-    inputs = {i.name: i.type for i in session.get_inputs()}
-    if "input_ids" not in inputs:
-        raise OnnxqError(f"the float model has no input named input_ids (inputs: {', '.join(inputs)})")
-    feeds = []
-    for line in lines:
-        ids = tokenize(line, args.tokenizer)[:args.max_tokens][None, :]
-        fill = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
-                "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None, :]}
-        unknown = [name for name in inputs if name not in fill]
-        if unknown:
-            raise OnnxqError(f"the float model has input {unknown[0]!r}; evaluation fills only {', '.join(fill)}")
-        feeds.append({name: fill[name].astype(np.int32 if kind == "tensor(int32)" else np.int64)
-                      for name, kind in inputs.items()})
+    filler = InputFiller(specs_of_session(session), "the float model")
+    feeds = [filler.feed(tokenize(line, tokenizer)[:args.max_tokens][None, :]) for line in lines]
     if not feeds:
         raise OnnxqError(f"{args.data} has no non-empty line to evaluate")
     return ListReader(feeds)
-
-
-def _specs_of(session) -> list[InputSpec]:
-    types = {"tensor(int64)": np.dtype(np.int64), "tensor(int32)": np.dtype(np.int32)}
-    return [InputSpec(i.name, types.get(i.type), None) for i in session.get_inputs()]
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -128,8 +110,6 @@ def _evaluate(args: argparse.Namespace) -> dict:
     _check_file(args.float_model, "float model")
     _check_file(args.quant_model, "quantized model")
     _check_file(args.data, "evaluation data")
-    if args.tokenizer is not None:
-        _check_file(args.tokenizer, "tokenizer model")
     progress = progress_bar(args.quiet)
     float_session = make_session(args.float_model)
     kind = _kind(args, float_session)

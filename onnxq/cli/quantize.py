@@ -44,7 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     calib.add_argument("--no-smooth", action="store_true", help="with --algo smoothquant: plain static W8A8")
     calib.add_argument("--calib-data", type=Path, metavar="FILE",
                        help=".npz of model inputs (NpzReader layouts), .npy of token ids, or a text file (+ --tokenizer)")
-    calib.add_argument("--tokenizer", type=Path, help="ONNX tokenizer model (onnxruntime-extensions) for a text --calib-data")
+    calib.add_argument("--tokenizer", type=Path, help="tokenizer.json, a folder holding one, or an ONNX tokenizer, for a "
+                                                      "text --calib-data (default: the tokenizer.json beside the model)")
     calib.add_argument("--samples", type=int, help="calibration samples (default 128)")
     calib.add_argument("--seq-len", type=int, default=512, help="tokens per sample for text/token-id data (default 512)")
     calib.add_argument("--one-pass", action="store_true", default=None,

@@ -18,8 +18,9 @@ token sees at least ``context - stride`` tokens of context. ``max_windows`` keep
 many windows evenly spaced over the stream (always the same ones for the same
 arguments), so a short run still samples the whole text.
 
-Model inputs are found by name: ``input_ids`` is required; ``attention_mask`` (ones),
-``position_ids`` (``0..seq-1``) and ``token_type_ids`` (zeros) are filled when the
+Model inputs are filled by :class:`onnxq.calibration.inputs.InputFiller`: ``input_ids`` is
+required; ``attention_mask`` (ones), ``position_ids`` (``0..seq-1``), ``token_type_ids``
+(zeros) and an empty KV cache (``past_key_values.N.key/value``, KV-cache exports) when the
 model has them, in the dtype it declares. The logits output is the one named
 ``logits``, else the model's first output. Log-softmax is computed in float64 after
 subtracting the row maximum.
@@ -38,7 +39,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.calibration.readers import iter_feeds
-from onnxq.calibration.text import FILLED_INPUTS
+from onnxq.calibration.inputs import InputFiller, specs_of_session
 from onnxq.errors import OnnxqError
 
 __all__ = [
@@ -62,7 +63,6 @@ ModelLike = str | os.PathLike | onnx.ModelProto | ort.InferenceSession
 Progress = Callable[..., Iterable]
 """Wraps an iterable to show progress; called with keywords ``desc``, ``unit`` and ``total`` (``tqdm.tqdm`` fits)."""
 
-_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 @dataclass(frozen=True)
@@ -178,34 +178,19 @@ def lm_windows(
 
 
 class _LM:
-    """A causal-LM session with its input filler and logits output."""
+    """A causal-LM session with its input filler (masks, positions, empty KV cache) and logits output."""
 
     def __init__(self, model: ModelLike, providers: list[str] | None, what: str):
         self.session = make_session(model, providers)
         self.what = what
-        inputs = {i.name: i.type for i in self.session.get_inputs()}
-        if "input_ids" not in inputs:
-            raise OnnxqError(f"the {what} model has no input named input_ids (inputs: {', '.join(inputs)})")
-        unknown = [name for name in inputs if name not in FILLED_INPUTS]
-        if unknown:
-            raise OnnxqError(f"the {what} model has input {unknown[0]!r}; evaluation fills only {', '.join(FILLED_INPUTS)}")
-        bad = [name for name, kind in inputs.items() if kind not in _INT_TYPES]
-        if bad:
-            raise OnnxqError(f"the {what} model's input {bad[0]!r} is {inputs[bad[0]]}; expected int64 or int32")
-        self.inputs = {name: _INT_TYPES[kind] for name, kind in inputs.items()}
+        self.filler = InputFiller(specs_of_session(self.session), f"the {what} model")
         outputs = [o.name for o in self.session.get_outputs()]
         self.output = "logits" if "logits" in outputs else outputs[0]
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """ids: ``[batch, seq]`` int64 -> logits ``[batch, seq, vocab]``."""
         batch, seq = ids.shape
-        fill = {
-            "input_ids": lambda: ids,
-            "attention_mask": lambda: np.ones((batch, seq), np.int64),
-            "position_ids": lambda: np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)),
-            "token_type_ids": lambda: np.zeros((batch, seq), np.int64),
-        }
-        feed = {name: np.ascontiguousarray(fill[name]().astype(dtype)) for name, dtype in self.inputs.items()}
+        feed = self.filler.feed(ids)
         (logits,) = self.session.run([self.output], feed)
         if logits.ndim != 3 or logits.shape[:2] != (batch, seq):
             raise OnnxqError(f"the {self.what} model's output {self.output!r} has shape {logits.shape}; "
