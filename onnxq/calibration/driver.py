@@ -130,7 +130,7 @@ class _Driver:
         if nested or config.quantize_embeddings:
             self._rewrite(model, QuantizeWeightsPass(
                 config, solver_for(get_algorithm("rtn"), None), embeddings=config.quantize_embeddings,
-                site_filter=lambda site: site.kind == "Gather" or id(site.node) in nested))
+                site_filter=lambda site: site.is_embedding or id(site.node) in nested))
         return result
 
     def _iterate(self, blocks: list[Block]):

@@ -109,7 +109,7 @@ def redirect_weight(site: WeightSite, weight: ir.Value) -> None:
     ``weight`` holds the constant in its stored orientation; a Gemm's ``alpha`` must already be
     folded into it (the Gemm gets ``alpha=1``).
     """
-    if site.kind == "Transpose+MatMul":
+    if site.kind in ("Transpose+MatMul", "Transpose+Gather"):
         site.transpose_node.replace_input_with(0, weight)
     elif site.kind == "Gather":
         site.node.replace_input_with(0, weight)

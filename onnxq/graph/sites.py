@@ -7,7 +7,9 @@ A site is ``Y = A @ W (+ bias)`` with ``W: [K, N]`` derived from a constant:
 * ``MatMul(A, Transpose(B, perm=[1, 0]))`` with B constant (e.g. a tied lm_head): ``W = B^T``;
 * ``Gather(E, ids, axis=0)`` with ``E: [V, D]`` a constant float table (an embedding):
   ``W = E^T: [K = D, N = V]``, so a tied embedding and its lm_head have one ``weight_key``
-  (:func:`find_gather_sites`).
+  (:func:`find_gather_sites`); ``Gather(Transpose(B), ids)`` with ``B: [D, V]`` constant (the
+  ONNX Runtime GenAI builder's tied embedding, ``B`` being the lm_head's MatMul weight) is a
+  ``"Transpose+Gather"`` site with ``W = B``.
 
 Subgraphs (If/Loop/Scan bodies) are searched too. Nodes that look like sites but
 cannot be rewritten are returned as :class:`SkippedNode` with the reason.
@@ -37,7 +39,7 @@ class WeightSite:
 
     node: ir.Node
     name: str
-    kind: str  # "MatMul" | "Gemm" | "Transpose+MatMul" | "Gather"
+    kind: str  # "MatMul" | "Gemm" | "Transpose+MatMul" | "Gather" | "Transpose+Gather"
     activation: ir.Value
     source: ir.Value  # the constant value the weight is read from
     tensor: ir.TensorProtocol  # its data (lazy / memory-mapped for external data)
@@ -50,6 +52,11 @@ class WeightSite:
     dtype: ir.DataType
     output_rank_gap: int  # leading 1-dims of B that the output keeps (unsqueeze after)
     transpose_node: ir.Node | None = None
+
+    @property
+    def is_embedding(self) -> bool:
+        """A Gather on a constant table (its ``activation`` is the indices)."""
+        return self.kind in ("Gather", "Transpose+Gather")
 
     @property
     def weight_key(self) -> tuple:
@@ -102,13 +109,10 @@ def _matmul_site(node: ir.Node, name: str) -> WeightSite | str:
     found = constant_source(b)
     transpose = False
     kind = "MatMul"
-    if found is None and b is not None and b.producer() is not None:
-        producer = b.producer()
-        perm = producer.attributes.get("perm")
-        if producer.op_type == "Transpose" and producer.domain == "":
-            inner = constant_source(producer.inputs[0])
-            if inner is not None and len(inner[1].shape) == 2 and (perm is None or list(perm.as_ints()) == [1, 0]):
-                found, transpose, kind, transpose_node = inner, True, "Transpose+MatMul", producer
+    if found is None:
+        transpose_node = _transpose_of_constant(b)
+        if transpose_node is not None:
+            found, transpose, kind = constant_source(transpose_node.inputs[0]), True, "Transpose+MatMul"
     if found is None:
         return "B is not a constant"
     source, tensor = found
@@ -177,7 +181,9 @@ def find_gather_sites(model: ir.Model) -> tuple[list[WeightSite], list[SkippedNo
 
     Each is returned as a :class:`WeightSite` of kind ``"Gather"`` with ``W = E^T``
     (``transpose=True``, ``k = D``, ``n = V``, ``activation`` = the indices), so sites
-    sharing ``E`` with a tied lm_head have the same ``weight_key``.
+    sharing ``E`` with a tied lm_head have the same ``weight_key``. A table that is
+    ``Transpose(B)`` of a constant ``B: [D, V]`` gives a ``"Transpose+Gather"`` site with
+    ``W = B`` (``transpose=False``), sharing ``weight_key`` with the lm_head ``MatMul(h, B)``.
     """
     sites: list[WeightSite] = []
     skipped: list[SkippedNode] = []
@@ -185,9 +191,12 @@ def find_gather_sites(model: ir.Model) -> tuple[list[WeightSite], list[SkippedNo
         if node.op_type != "Gather" or node.domain != "":
             continue
         name = node_display_name(node, index)
-        found = constant_source(node.inputs[0])
+        found, kind, transpose_node = constant_source(node.inputs[0]), "Gather", None
         if found is None:
-            continue  # a Gather on activations (shapes, indices...), not an embedding
+            transpose_node = _transpose_of_constant(node.inputs[0])
+            if transpose_node is None:
+                continue  # a Gather on activations (shapes, indices...), not an embedding
+            found, kind = constant_source(transpose_node.inputs[0]), "Transpose+Gather"
         source, tensor = found
         axis = node.attributes["axis"].as_int() if node.attributes.get("axis") is not None else 0
         if len(tensor.shape) != 2:
@@ -196,8 +205,24 @@ def find_gather_sites(model: ir.Model) -> tuple[list[WeightSite], list[SkippedNo
             skipped.append(SkippedNode(name, "Gather", f"gathers along axis {axis}; need 0"))
         elif tensor.dtype not in FLOAT_TYPES:
             continue  # integer lookup tables are not weights
-        else:
+        elif kind == "Gather":
             v, d = tensor.shape
-            sites.append(WeightSite(node, name, "Gather", node.inputs[1], source, tensor, True, 1.0, None, 1.0,
+            sites.append(WeightSite(node, name, kind, node.inputs[1], source, tensor, True, 1.0, None, 1.0,
                                     d, v, tensor.dtype, 0))
+        else:
+            d, v = tensor.shape
+            sites.append(WeightSite(node, name, kind, node.inputs[1], source, tensor, False, 1.0, None, 1.0,
+                                    d, v, tensor.dtype, 0, transpose_node))
     return sites, skipped
+
+
+def _transpose_of_constant(value: ir.Value | None) -> ir.Node | None:
+    """The ``Transpose(perm=[1, 0])`` node producing ``value`` from a 2-D constant, or None."""
+    producer = None if value is None else value.producer()
+    if producer is None or producer.op_type != "Transpose" or producer.domain != "":
+        return None
+    perm = producer.attributes.get("perm")
+    inner = constant_source(producer.inputs[0])
+    if inner is None or len(inner[1].shape) != 2 or (perm is not None and list(perm.as_ints()) != [1, 0]):
+        return None
+    return producer

@@ -139,7 +139,7 @@ def plan_sites(
         skipped = []
     planned = []
     for site in sites:
-        site_format = get_format(fmt.embedding_format) if site.kind == "Gather" else fmt
+        site_format = get_format(fmt.embedding_format) if site.is_embedding else fmt
         settings = config.settings_for(site.name)
         reason = config.skip_reason(site.name) if settings is None else site_format.dtype_reason(site.dtype)
         if reason is not None:
@@ -279,7 +279,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             array = np.asarray(constant_tensor(site.bias).numpy(), dtype=np.float32).reshape(-1) * np.float32(site.beta)
             bias = add_initializer(graph, array.astype(site.dtype.numpy()), f"{site.name}_bias", taken, site.dtype)
         # the site's current input: an earlier rewrite may have replaced the node that produced site.activation
-        nodes, output = fmt.make_nodes(site.node.inputs[1 if site.kind == "Gather" else 0], entry.packed, settings,
+        nodes, output = fmt.make_nodes(site.node.inputs[1 if site.is_embedding else 0], entry.packed, settings,
                                        name=fmt.node_name(site.name, settings), bias=bias,
                                        constant=self._constant(graph, taken))
         replace_site(site, nodes, output, taken, add_bias=not fmt.takes_bias)
