@@ -51,11 +51,12 @@ def _initializer_bytes(model: ir.Model) -> int:
     return total
 
 
-def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> None:
+def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None,
+               data_name: str | None = None) -> None:
     """Write ``model`` to ``path`` atomically.
 
-    ``external_data``: ``True`` writes weights to ``<name>.data`` beside the model,
-    ``False`` embeds them, ``None`` decides by size (external above 1.5 GB).
+    ``external_data``: ``True`` writes weights to ``data_name`` (default ``<name>.data``) beside
+    the model, ``False`` embeds them, ``None`` decides by size (external above 1.5 GB).
     Everything is written to a temporary folder in the destination's folder and
     renamed into place only once complete, so a failure leaves nothing half-written.
     """
@@ -65,7 +66,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
         raise OnnxqError(f"output folder does not exist: {folder}")
     if external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = f"{path.name}.data"
+    data_name = data_name or f"{path.name}.data"
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     try:
         tmp_model = tmp / path.name

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import onnx_ir as ir
 
@@ -54,17 +54,19 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
                        help="nbits (MatMulNBits, default), qdq (opset-21 DequantizeLinear), bnb4 (MatMulBnb4), "
                             "fpq4 (legacy MatMulFpQ4, AVX-512 hosts only)")
     group.add_argument("--quant-type", choices=BNB4_TYPES, help="bnb4 data type (default nf4)")
-    group.add_argument("--quantize-embeddings", action="store_true", default=None,
-                       help="also quantize Gather embeddings (a tied lm_head shares the packed weight)")
+    group.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                       help="also quantize Gather embeddings (a tied lm_head shares the packed weight; "
+                            "default: off, on for an ONNX Runtime GenAI folder)")
     group.add_argument("--include", action="append", metavar="REGEX", help="quantize only nodes matching (repeatable)")
     group.add_argument("--exclude", action="append", metavar="REGEX", help="leave matching nodes in float (repeatable)")
 
 
-def config_from(args: argparse.Namespace) -> QuantConfig:
-    """The QuantConfig of ``--config`` with the flags given on the command line on top.
+def config_from(args: argparse.Namespace, defaults: Mapping[str, Any] | None = None) -> QuantConfig:
+    """The QuantConfig of ``defaults``, then ``--config``, then the flags given on the command line on top.
 
     Reads the flags of :func:`add_settings` and, where the command has them, those of
     ``quantize``'s calibrated algorithms (``--algo``, ``--samples``, ``--percdamp``, ...).
+    ``defaults``: settings that differ from :class:`QuantConfig`'s for this input (a GenAI folder).
     """
     base: dict = {}
     if args.config is not None:
@@ -76,6 +78,7 @@ def config_from(args: argparse.Namespace) -> QuantConfig:
             raise OnnxqError(f"cannot read config file {args.config}: {exc}") from None
         if not isinstance(base, dict):
             raise OnnxqError(f"config file {args.config} must hold a JSON object, found {type(base).__name__}")
+    base = {**(defaults or {}), **base}
     given = {
         "bits": args.bits, "block_size": args.block_size, "symmetric": args.symmetric,
         "accuracy_level": args.accuracy_level, "mse_clip": args.mse_clip,

@@ -32,6 +32,8 @@ from onnxq.errors import OnnxqError
 
 __all__ = ["add_parser", "run"]
 
+_DECODE_STEPS = 16  # tokens decoded one at a time by the KV-cache check (after a prefill of the rest)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``eval`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``); returns its parser."""
@@ -59,6 +61,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _check_file(path: Path, what: str) -> None:
     if not path.is_file():
         raise OnnxqError(f"{what} not found: {path}")
+
+
+def _model_file(path: Path, what: str) -> Path:
+    """The model file of ``path``: itself, or the model of a model folder (GenAI, Optimum)."""
+    if path.is_dir():
+        from onnxq.model_folder import open_model_folder
+
+        return open_model_folder(path).model_file
+    _check_file(path, what)
+    return path
 
 
 def _kind(args: argparse.Namespace, session) -> str:
@@ -105,21 +117,27 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
-    from onnxq.eval.metrics import compare_embeddings, compare_lm, make_session  # onnxruntime: only when run
+    from onnxq.eval.metrics import compare_embeddings, compare_lm, decode_check, make_session  # onnxruntime: on run
 
-    _check_file(args.float_model, "float model")
-    _check_file(args.quant_model, "quantized model")
+    float_model = _model_file(args.float_model, "float model")
+    quant_model = _model_file(args.quant_model, "quantized model")
     _check_file(args.data, "evaluation data")
     progress = progress_bar(args.quiet)
-    float_session = make_session(args.float_model)
+    float_session = make_session(float_model)
     kind = _kind(args, float_session)
     start = time.perf_counter()
     if kind == "lm":
-        result = compare_lm(float_session, args.quant_model, _token_ids(args), context=args.context,
+        ids = _token_ids(args)
+        result = compare_lm(float_session, quant_model, ids, context=args.context,
                             stride=args.stride, max_windows=args.max_windows, batch=args.batch, progress=progress)
         values = {"kind": kind, **vars(result)}
+        if any(i.name.startswith("past_key_values.") for i in float_session.get_inputs()):
+            window = np.asarray(ids).reshape(-1)[:args.context]  # prefill + decode through the KV cache
+            steps = min(_DECODE_STEPS, len(window) - 1)
+            for name, model in (("float", float_session), ("quant", quant_model)):
+                values[f"decode_{name}"] = vars(decode_check(model, window, steps=steps))
     else:
-        result = compare_embeddings(float_session, args.quant_model, _embedding_feeds(args, float_session),
+        result = compare_embeddings(float_session, quant_model, _embedding_feeds(args, float_session),
                                     output=args.output, progress=progress)
         values = {"kind": kind, "output": args.output, **vars(result)}
     values |= {"float_model": str(args.float_model), "quant_model": str(args.quant_model), "data": str(args.data),
@@ -135,6 +153,12 @@ def _format(values: dict) -> str:
                 ("KL(float || quant), nats/token", f"{values['kl_mean']:.5f}"),
                 ("top-1 agreement", f"{100 * values['top1_agreement']:.2f}%"),
                 ("scored tokens", f"{values['tokens']} in {values['windows']} windows of {values['context']}")]
+        for name in ("float", "quant"):
+            check = values.get(f"decode_{name}")
+            if check is not None:
+                rows.append((f"KV-cache decode vs full forward, {name}",
+                             f"max |dlogit| {check['max_abs_diff']:.2e} (rel {check['relative_diff']:.1e}), top-1 "
+                             f"{100 * check['top1_agreement']:.1f}%, {check['steps']} steps after {check['prefill']}"))
     else:
         rows = [(f"cosine ({values['output']}), mean", f"{values['cosine_mean']:.6f}"),
                 (f"cosine ({values['output']}), min", f"{values['cosine_min']:.6f}"),

@@ -43,12 +43,14 @@ from onnxq.calibration.inputs import InputFiller, specs_of_session
 from onnxq.errors import OnnxqError
 
 __all__ = [
+    "DecodeCheck",
     "EmbeddingComparison",
     "LMComparison",
     "PerplexityResult",
     "compare_embeddings",
     "compare_lm",
     "compare_lms",
+    "decode_check",
     "lm_windows",
     "log_softmax",
     "make_session",
@@ -359,6 +361,70 @@ def compare_lm(
     """
     return compare_lms(float_model, {"quant": quant_model}, token_ids, context=context, stride=stride,
                        max_windows=max_windows, batch=batch, providers=providers, progress=progress)["quant"]
+
+
+@dataclass(frozen=True)
+class DecodeCheck:
+    """Cached decoding against the full-sequence forward of the same tokens (:func:`decode_check`).
+
+    Attributes:
+        prefill: tokens run first with an empty past.
+        steps: tokens then decoded one at a time through the ``present.*`` outputs.
+        max_abs_diff: max ``|logits_decode - logits_full|`` over the prefill's last position and
+            every decoded one.
+        relative_diff: ``max_abs_diff / max |logits_full|`` on those positions.
+        top1_agreement: fraction of those positions whose argmax agrees.
+    """
+
+    prefill: int
+    steps: int
+    max_abs_diff: float
+    relative_diff: float
+    top1_agreement: float
+
+
+def decode_check(model: ModelLike, token_ids: np.ndarray, *, prefill: int | None = None, steps: int = 16,
+                 providers: list[str] | None = None) -> DecodeCheck:
+    """Run ``token_ids`` as prefill + token-by-token decode through the KV cache; compare with one full forward.
+
+    A model whose KV path is broken (a quantized attention projection that only the cached
+    path uses, wrong ``present`` outputs) gives logits that differ from its own full-sequence
+    logits; a sound one agrees to float rounding.
+
+    Args:
+        model: a KV-cache LM (inputs ``past_key_values.N.key/value``, outputs ``present.N.key/value``).
+        token_ids: ``[seq]`` or ``[1, seq]`` ids; ``prefill + steps <= seq``.
+        prefill: tokens of the first step (default: ``seq - steps``).
+        steps: tokens decoded one at a time after it.
+
+    Raises:
+        OnnxqError: the model has no KV cache, or too few tokens.
+    """
+    lm = _LM(model, providers, "checked")
+    if not lm.filler.has_past:
+        raise OnnxqError("the decode check needs a KV-cache model (inputs past_key_values.N.key/value)")
+    outputs = {o.name for o in lm.session.get_outputs()}
+    missing = [p.present for p in lm.filler.past if p.present not in outputs]
+    if missing:
+        raise OnnxqError(f"the model has past inputs but no output {missing[0]!r} to continue decoding from")
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
+    prefill = ids.shape[1] - steps if prefill is None else prefill
+    if prefill < 1 or steps < 1 or prefill + steps > ids.shape[1]:
+        raise OnnxqError(f"the decode check needs prefill >= 1 and steps >= 1 within {ids.shape[1]} tokens, "
+                         f"got prefill={prefill}, steps={steps}")
+    full = lm.logits(ids[:, :prefill + steps]).astype(np.float64)[0]  # [seq, vocab]
+    names = [lm.output] + [p.present for p in lm.filler.past]
+    result = lm.session.run(names, lm.filler.feed(ids[:, :prefill]))
+    cached = [result[0][0, -1]]
+    for t in range(prefill, prefill + steps):
+        past = {p.name: value for p, value in zip(lm.filler.past, result[1:])}
+        result = lm.session.run(names, lm.filler.feed(ids[:, t:t + 1], past))
+        cached.append(result[0][0, -1])
+    cached_logits = np.stack(cached).astype(np.float64)
+    reference = full[prefill - 1:]
+    diff = float(np.abs(cached_logits - reference).max())
+    return DecodeCheck(prefill, steps, diff, diff / max(float(np.abs(reference).max()), 1e-30),
+                       float(np.mean(cached_logits.argmax(-1) == reference.argmax(-1))))
 
 
 def _rows(output: np.ndarray, feed: Mapping[str, np.ndarray]) -> np.ndarray:
