@@ -46,12 +46,9 @@ class ModelFolder:
 def _external_files(model_file: Path) -> tuple[str, ...]:
     """File names the model's initializers keep their data in (read from the protobuf, no data loaded)."""
     proto = onnx.load(str(model_file), load_external_data=False)
-    names = set()
-    for graph in [proto.graph]:
-        for tensor in graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                names.update(entry.value for entry in tensor.external_data if entry.key == "location")
-    return tuple(sorted(names))
+    return tuple(sorted({entry.value for tensor in proto.graph.initializer
+                         if tensor.data_location == onnx.TensorProto.EXTERNAL
+                         for entry in tensor.external_data if entry.key == "location"}))
 
 
 def open_model_folder(path: str | os.PathLike) -> ModelFolder:

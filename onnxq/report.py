@@ -75,7 +75,7 @@ def format_records(records: Sequence[QuantizedNodeRecord]) -> str:
     rows = [
         (
             r.name, r.kind, f"{r.k}x{r.n}", r.bits, r.block_size, "sym" if r.symmetric else "asym",
-            r.accuracy_level, _mb(r.bytes_before),
+            "-" if r.accuracy_level is None else r.accuracy_level, _mb(r.bytes_before),
             f"shared with {r.shared_with}" if r.shared_with else _mb(r.bytes_after),
             r.relative_error,
         )
@@ -96,11 +96,11 @@ def summary_line(records: Sequence[QuantizedNodeRecord], skipped: Sequence[Skipp
     before = sum(r.bytes_before for r in unique)
     after = sum(r.bytes_after for r in unique)
     worst = max((r.relative_error for r in records), default=0.0)
-    levels = sorted({r.accuracy_level for r in records})
+    levels = sorted({r.accuracy_level for r in records if r.accuracy_level is not None})
     return (
         f"quantized {len(records)} nodes ({len(unique)} unique weights), left {len(skipped)} in float; "
         f"weights {_mb(before)} -> {_mb(after)} ({after / before:.1%}); "
-        f"worst relative weight error {worst:.4f}; accuracy_level {','.join(map(str, levels))}"
+        f"worst relative weight error {worst:.4f}; accuracy_level {','.join(map(str, levels)) or '-'}"
     )
 
 

@@ -23,7 +23,8 @@ statistics in that single pass: faster, but each layer is calibrated on float
 inputs that the quantized model will never produce.
 
 Weight sites inside subgraphs (If/Loop bodies) cannot be probed and get RTN, as do
-embeddings (``quantize_embeddings``). A weight shared by several nodes gets one
+embeddings (``quantize_embeddings``), except a tied embedding, which reads its calibrated
+lm_head's packed weight. A weight shared by several nodes gets one
 quantized copy per node, since the best quantization depends on each node's input.
 """
 from __future__ import annotations
@@ -128,9 +129,9 @@ class _Driver:
         if nested:
             logger.warning("%d weight sites inside subgraphs cannot be calibrated; they get RTN", len(nested))
         if nested or config.quantize_embeddings:
-            self._rewrite(model, QuantizeWeightsPass(
+            self._rewrite(model, QuantizeWeightsPass(  # a tied embedding shares its calibrated lm_head's weight
                 config, solver_for(get_algorithm("rtn"), None), embeddings=config.quantize_embeddings,
-                site_filter=lambda site: site.is_embedding or id(site.node) in nested))
+                site_filter=lambda site: site.is_embedding or id(site.node) in nested, reuse=result.by_weight))
         return result
 
     def _iterate(self, blocks: list[Block]):
@@ -241,4 +242,6 @@ class _Driver:
         self.result.records += step.records
         self.result.skipped += step.skipped
         self.result.packed.update(step.packed)
+        for key, source in step.by_weight.items():
+            self.result.by_weight.setdefault(key, source)
         self.result.modified = self.result.modified or step.modified

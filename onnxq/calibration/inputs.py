@@ -93,7 +93,9 @@ def input_specs(model_inputs) -> list[InputSpec]:
         model_inputs = ir.serde.deserialize_model(model_inputs)
     if isinstance(model_inputs, ir.Model):
         graph = model_inputs.graph
-        return [_spec_of(v) for v in graph.inputs if v.name not in graph.initializers]
+        past_dims = _past_dims(graph)
+        return [_with_past_dims(_spec_of(v), past_dims.get(v.name)) for v in graph.inputs
+                if v.name not in graph.initializers]
     specs = []
     for item in model_inputs:
         if isinstance(item, InputSpec):
@@ -103,6 +105,57 @@ def input_specs(model_inputs) -> list[InputSpec]:
         else:
             raise OnnxqError(f"model inputs must be ir.Value or InputSpec items, found {type(item).__name__}")
     return specs
+
+
+def _with_past_dims(spec: InputSpec, dims: tuple[int, int] | None) -> InputSpec:
+    """``spec`` with a KV input's symbolic ``kv_heads`` / ``head_size`` dims replaced by ``dims`` (when known)."""
+    if dims is None or spec.shape is None or len(spec.shape) != 4:
+        return spec
+    shape = list(spec.shape)
+    for axis, value in zip((1, 3), dims):
+        if not isinstance(shape[axis], int):
+            shape[axis] = value
+    return InputSpec(spec.name, spec.dtype, tuple(shape))
+
+
+def _output_width(value: ir.Value | None) -> int | None:
+    """The last dim of a MatMul / MatMulNBits output (from its constant weight), through a bias ``Add``."""
+    node = None if value is None else value.producer()
+    if node is not None and node.op_type == "Add":
+        node = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
+    if node is None:
+        return None
+    if node.op_type == "MatMulNBits":
+        attr = node.attributes.get("N")
+        return None if attr is None else attr.as_int()
+    if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].shape is not None:
+        last = node.inputs[1].shape[-1]
+        return last if isinstance(last, int) else None
+    return None
+
+
+def _past_dims(graph: ir.Graph) -> dict[str, tuple[int, int]]:
+    """``{past input name: (kv_heads, head_size)}`` read off the GroupQueryAttention nodes that consume them.
+
+    The ONNX Runtime GenAI builder leaves ``head_size`` symbolic (``kv_cache_dim``) in the past
+    inputs; GroupQueryAttention says ``kv_num_heads`` and ``num_heads``, and its packed QKV input
+    (a MatMul of width ``(num_heads + 2 * kv_num_heads) * head_size``) gives the head size.
+    """
+    dims: dict[str, tuple[int, int]] = {}
+    for node in graph:
+        if node.op_type != "GroupQueryAttention" or len(node.inputs) < 5:
+            continue
+        attrs = {name: attr.as_int() for name, attr in node.attributes.items() if attr.type == ir.AttributeType.INT}
+        heads, kv_heads = attrs.get("num_heads"), attrs.get("kv_num_heads")
+        packed = len(node.inputs) < 2 or node.inputs[1] is None
+        width = _output_width(node.inputs[0])
+        if not (heads and kv_heads and width):
+            continue
+        head_size = width // (heads + 2 * kv_heads) if packed else width // heads
+        for past in node.inputs[3:5]:
+            if past is not None and past.is_graph_input():
+                dims[past.name] = (kv_heads, head_size)
+    return dims
 
 
 def validate_feed(feed: Mapping[str, np.ndarray], model_inputs) -> None:

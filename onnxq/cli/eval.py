@@ -29,6 +29,7 @@ from onnxq.calibration import InputFiller, ListReader, TextReader, specs_of_sess
 from onnxq.calibration.text import read_text
 from onnxq.cli.common import progress_bar, tokenizer_for
 from onnxq.errors import OnnxqError
+from onnxq.io import load_model
 
 __all__ = ["add_parser", "run"]
 
@@ -73,10 +74,9 @@ def _model_file(path: Path, what: str) -> Path:
     return path
 
 
-def _kind(args: argparse.Namespace, session) -> str:
+def _kind(args: argparse.Namespace, outputs: list[str]) -> str:
     if args.kind != "auto":
         return args.kind
-    outputs = [o.name for o in session.get_outputs()]
     if "logits" in outputs:
         return "lm"
     if args.output in outputs:
@@ -123,20 +123,21 @@ def _evaluate(args: argparse.Namespace) -> dict:
     quant_model = _model_file(args.quant_model, "quantized model")
     _check_file(args.data, "evaluation data")
     progress = progress_bar(args.quiet)
-    float_session = make_session(float_model)
-    kind = _kind(args, float_session)
+    graph = load_model(float_model).graph  # external data stays on disk: names only
+    kind = _kind(args, [v.name for v in graph.outputs])
     start = time.perf_counter()
     if kind == "lm":
         ids = _token_ids(args)
-        result = compare_lm(float_session, quant_model, ids, context=args.context,
+        result = compare_lm(float_model, quant_model, ids, context=args.context,
                             stride=args.stride, max_windows=args.max_windows, batch=args.batch, progress=progress)
         values = {"kind": kind, **vars(result)}
-        if any(i.name.startswith("past_key_values.") for i in float_session.get_inputs()):
+        if any(v.name.startswith("past_key_values.") for v in graph.inputs):
             window = np.asarray(ids).reshape(-1)[:args.context]  # prefill + decode through the KV cache
             steps = min(_DECODE_STEPS, len(window) - 1)
-            for name, model in (("float", float_session), ("quant", quant_model)):
+            for name, model in (("float", float_model), ("quant", quant_model)):
                 values[f"decode_{name}"] = vars(decode_check(model, window, steps=steps))
     else:
+        float_session = make_session(float_model)
         result = compare_embeddings(float_session, quant_model, _embedding_feeds(args, float_session),
                                     output=args.output, progress=progress)
         values = {"kind": kind, "output": args.output, **vars(result)}

@@ -39,7 +39,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.calibration.readers import iter_feeds
-from onnxq.calibration.inputs import InputFiller, specs_of_session
+from onnxq.calibration.inputs import InputFiller, input_specs, specs_of_session
 from onnxq.errors import OnnxqError
 
 __all__ = [
@@ -185,7 +185,9 @@ class _LM:
     def __init__(self, model: ModelLike, providers: list[str] | None, what: str):
         self.session = make_session(model, providers)
         self.what = what
-        self.filler = InputFiller(specs_of_session(self.session), f"the {what} model")
+        # from the graph when there is one: it tells the KV cache's head size where the inputs leave it symbolic
+        specs = specs_of_session(self.session) if isinstance(model, ort.InferenceSession) else input_specs(model)
+        self.filler = InputFiller(specs, f"the {what} model")
         outputs = [o.name for o in self.session.get_outputs()]
         self.output = "logits" if "logits" in outputs else outputs[0]
 

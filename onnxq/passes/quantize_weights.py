@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -48,7 +48,7 @@ from onnxq.graph.edit import (
 from onnxq.graph.names import initializer_names, node_names, unique_name
 from onnxq.graph.sites import SkippedNode, WeightSite, find_gather_sites, find_weight_sites, finite_weight
 
-__all__ = ["PlannedSite", "QuantizedNodeRecord", "QuantizeResult", "QuantizeWeightsPass", "WeightSolver", "Progress",
+__all__ = ["PackedSource", "PlannedSite", "QuantizedNodeRecord", "QuantizeResult", "QuantizeWeightsPass", "WeightSolver", "Progress",
            "plan_sites", "solver_for"]
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class QuantizedNodeRecord:
     bits: int
     block_size: int
     symmetric: bool
-    accuracy_level: int
+    accuracy_level: int | None  # None: the format has no accuracy level (QDQ, GatherBlockQuantized, ...)
     bytes_before: int
     bytes_after: int
     relative_error: float
@@ -98,11 +98,14 @@ class QuantizeResult(ir.passes.PassResult):
         records: one per quantized node, in graph order of the sites.
         skipped: nodes left in float, with the reason.
         packed: site name -> the packed weight it reads (shared weights appear once per site).
+        by_weight: ``(site.weight_key, settings, layout)`` -> the first packed source of that weight,
+            for a later pass to share (a tied embedding quantized after its calibrated lm_head).
     """
 
     records: list[QuantizedNodeRecord] = field(default_factory=list)
     skipped: list[SkippedNode] = field(default_factory=list)
     packed: dict[str, PackedWeight] = field(default_factory=dict)
+    by_weight: dict[tuple, "PackedSource"] = field(default_factory=dict)
 
 
 def plan_sites(
@@ -170,8 +173,8 @@ def _config_solver(config: QuantConfig) -> WeightSolver:
 
 
 @dataclass(frozen=True)
-class _Source:
-    """A weight packed once and shared by every site that uses it with the same settings."""
+class PackedSource:
+    """A weight packed once and shared by every site that uses it with the same settings (or a tied embedding)."""
 
     packed: PackedWeight
     first_site: str
@@ -191,6 +194,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         site_filter: only sites it accepts are considered (others are left alone, unreported).
         share_weights: quantize a weight used by several sites once; calibrated solvers, whose
             result depends on each site's input, pass ``False``.
+        reuse: ``QuantizeResult.by_weight`` of earlier passes: a site whose weight (and settings)
+            an earlier pass packed reads those initializers instead of packing its own.
     """
 
     def __init__(
@@ -202,6 +207,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         embeddings: bool | None = None,
         site_filter: Callable[[WeightSite], bool] | None = None,
         share_weights: bool = True,
+        reuse: Mapping[tuple, PackedSource] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -211,6 +217,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.embeddings = embeddings
         self.site_filter = site_filter
         self.share_weights = share_weights
+        self.reuse = reuse or {}
 
     def call(self, model: ir.Model) -> QuantizeResult:
         prepared = self.format.prepare(model)
@@ -220,18 +227,20 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             return result
         solver = self.solver or _config_solver(self.config)
         taken, names = initializer_names(model), node_names(model)
-        cache: dict[tuple, _Source] = {}
+        cache: dict[tuple, PackedSource] = {}
         for plan in self.progress(planned, desc="quantizing", unit="node") if self.progress else planned:
             site, fmt = plan.site, plan.format
-            key = (site.weight_key if self.share_weights else id(site.node), plan.settings, fmt.layout or fmt.name)
+            weight_key = (site.weight_key, plan.settings, fmt.layout or fmt.name)
+            key = weight_key if self.share_weights else (id(site.node), *weight_key[1:])
             if key not in cache:
-                cache[key] = self._quantize(plan, solver, taken, names)
+                cache[key] = self.reuse.get(weight_key) or self._quantize(plan, solver, taken, names)
             entry = cache[key]
+            result.by_weight.setdefault(weight_key, entry)
             self._rewrite(plan, entry, taken)
             result.packed[site.name] = entry.packed
             result.records.append(QuantizedNodeRecord(
                 site.name, site.kind, site.k, site.n, plan.settings.bits, plan.settings.block_size,
-                plan.settings.symmetric, plan.settings.accuracy_level if fmt.uses_accuracy_level else 0,
+                plan.settings.symmetric, plan.settings.accuracy_level if fmt.uses_accuracy_level else None,
                 site.k * site.n * site.dtype.itemsize, entry.packed.nbytes, entry.relative_error,
                 None if entry.first_site == site.name else entry.first_site,
             ))
@@ -245,7 +254,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     sum(r.bytes_before for r in unique) / 1e6, sum(r.bytes_after for r in unique) / 1e6)
         return result
 
-    def _quantize(self, plan: PlannedSite, solver: WeightSolver, taken: set[str], names: set[str]) -> _Source:
+    def _quantize(self, plan: PlannedSite, solver: WeightSolver, taken: set[str], names: set[str]) -> PackedSource:
         site, fmt, settings = plan.site, plan.format, plan.settings
         weight = finite_weight(site)
         if fmt.int_codes:
@@ -266,9 +275,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                                            constant=self._constant(site.node.graph, taken))
             for node in nodes:
                 insert_at_source(site.node.graph, site.source, node)
-        return _Source(packed, site.name, error, output)
+        return PackedSource(packed, site.name, error, output)
 
-    def _rewrite(self, plan: PlannedSite, entry: _Source, taken: set[str]) -> None:
+    def _rewrite(self, plan: PlannedSite, entry: PackedSource, taken: set[str]) -> None:
         site, fmt, settings = plan.site, plan.format, plan.settings
         if fmt.replaces == "weight":
             redirect_weight(site, entry.weight_output)
