@@ -226,7 +226,7 @@ class _Driver:
                 solved[id(site.node)] = (qweight, error)
             if solution.input_scale is not None:
                 where = fold_input_scale(sites[0].node.graph, sites[0].activation, [s.node for s in sites],
-                                         solution.input_scale, editable=editable)
+                                         solution.input_scale, editable=editable, dtype=sites[0].dtype)
                 notes.append(f"{solution.note}, {where}")
             elif solution.note:
                 notes.append(f"{solution.note}, no input scale")

@@ -43,12 +43,8 @@ def tokenize(text: str, tokenizer: str | os.PathLike, chunk_chars: int = 4096) -
     """Token ids ``[num_tokens]`` int64 of ``text`` by ``tokenizer`` (see the module docstring)."""
     path = find_tokenizer(tokenizer)
     if path.suffix == ".onnx":
-        ids = _tokenize_onnx(text, path, chunk_chars)
-    else:
-        ids = _tokenize_json(text, path)
-    if not ids.size:
-        raise OnnxqError("the text is empty (no tokens)")
-    return ids
+        return _tokenize_onnx(text, path, chunk_chars)
+    return _tokenize_json(text, path)
 
 
 def _tokenize_json(text: str, path: Path) -> np.ndarray:

@@ -118,11 +118,14 @@ def fold_input_scale(
     consumers: Sequence[ir.Node],
     scales: np.ndarray,
     editable: Collection[ir.Node] | None = None,
+    dtype: ir.DataType | None = None,
 ) -> str:
     """Make ``consumers`` (nodes of ``graph``) see ``activation / scales`` (``scales: [K]``, last axis).
 
     ``editable``: when given, only these nodes' constants may be rescaled (e.g. the
     nodes of the block being calibrated, so cached outputs of earlier blocks stay valid).
+    ``dtype``: the activation's dtype when its value carries no type (exports without value_info);
+    an inserted ``Mul`` holds ``1/scales`` in it.
     Returns a short description of where the division went (for logs and reports).
     """
     inv = (1.0 / np.asarray(scales, dtype=np.float64)).astype(np.float32)
@@ -133,7 +136,9 @@ def fold_input_scale(
         for node, index, array, _ in edits:
             node.replace_input_with(index, _new_constant(graph, node.inputs[index], array, "awq"))
         return "folded into " + ", ".join(dict.fromkeys(label for *_, label in edits))
-    dtype = activation.type.dtype if activation.type is not None else ir.DataType.FLOAT
+    if activation.type is not None:
+        dtype = activation.type.dtype
+    dtype = dtype or ir.DataType.FLOAT
     inv_value = add_initializer(graph, inv.astype(dtype.numpy()), f"{activation.name}_inv_scale",
                                 set(graph.initializers), dtype)
     mul = ir.node("Mul", [activation, inv_value], name=f"{activation.name}_scale")

@@ -236,7 +236,8 @@ def smooth_model(
         # Shape/Size readers see the same shape after the division: they must not block folding
         shape_readers = [user for user, _ in activation.uses() if user.op_type in ("Shape", "Size")
                          and user.domain == "" and user.graph is model.graph]
-        where = fold_input_scale(model.graph, activation, [site.node for site in sites] + shape_readers, s)
+        where = fold_input_scale(model.graph, activation, [site.node for site in sites] + shape_readers, s,
+                                 dtype=sites[0].dtype)
         for site in sites:
             _scale_weight_rows(model.graph, site, s)
         report.append(SmoothedGroup(name, tuple(site.name for site in sites), chosen, loss, loss_plain, where))

@@ -1,0 +1,135 @@
+"""KV-cache LMs as the real exporters write them: the ONNX Runtime GenAI builder and Optimum.
+
+Fixtures (``models/kv/``, made by ``scripts/export_kv_fixtures.py`` from a tiny random-weight
+Llama config and the real SmolLM2 tokenizer): ``genai/`` (GroupQueryAttention, fused QKV,
+SkipSimplifiedLayerNormalization, tied embedding ``Gather(Transpose(lm_head weight))``, past
+head size left symbolic) and ``optimum/`` (fp16, ``position_ids``, static past dims).
+Calibration is from a plain text file with the folder's own ``tokenizer.json``; every
+quantized folder must load in onnxruntime, keep every other file byte for byte, and decode
+through its KV cache exactly as its full-sequence forward says.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from onnxq.calibration import InputFiller, InputSpec, input_specs, tokenize
+from onnxq.cli import main
+from onnxq.errors import OnnxqError
+from onnxq.eval.metrics import decode_check
+
+ROOT = Path(__file__).resolve().parents[1]
+KV = ROOT / "models" / "kv"
+FORMS = ("genai", "optimum")
+TEXT = (ROOT / "README.md").read_text()[:20000]  # plain English/Markdown text
+
+
+def _reference():
+    return json.loads((KV / "tokenizer_reference.json").read_text())
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_tokenizer_json_gives_the_hugging_face_ids(form):
+    for sample in _reference()["samples"]:
+        ids = tokenize(sample["text"], KV / form)  # the folder: its tokenizer.json
+        assert ids.tolist() == sample["ids_with_special_tokens"], sample["text"]
+
+
+@pytest.mark.parametrize("form,dtype", [("genai", np.float32), ("optimum", np.float16)])
+def test_inputs_are_filled_with_an_empty_past_in_the_model_dtype(form, dtype):
+    model_file = KV / form / "model.onnx"
+    filler = InputFiller(input_specs(model_file))
+    assert filler.has_past and {(p.kv_heads, p.head_size) for p in filler.past} == {(1, 16)}
+    feed = filler.feed(np.array([[504, 2365, 6354, 16438]]))
+    assert all(feed[p.name].shape == (1, 1, 0, 16) and feed[p.name].dtype == dtype for p in filler.past)
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], feed)[0]
+    assert logits.shape == (1, 4, 49152) and np.isfinite(logits).all()
+
+
+def test_unknown_inputs_are_named():
+    specs = input_specs(KV / "optimum" / "model.onnx") + [
+        InputSpec("cache_position", np.dtype(np.int64), (None,)), InputSpec("token_mask", np.dtype(np.int64), None)]
+    with pytest.raises(OnnxqError, match="inputs 'cache_position', 'token_mask' that onnxq cannot fill"):
+        InputFiller(specs)
+
+
+def test_decode_check_catches_a_broken_kv_path(tmp_path):
+    """Scaling the cached keys changes nothing in a full forward, everything when decoding from the cache."""
+    model = onnx.load(str(KV / "genai" / "model.onnx"))
+    scale = onnx.numpy_helper.from_array(np.array(1.5, dtype=np.float32), "broken_scale")
+    model.graph.initializer.append(scale)
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and "present.0.key" in node.output:
+            node.output[:] = ["broken_present" if name == "present.0.key" else name for name in node.output]
+    model.graph.node.append(onnx.helper.make_node("Mul", ["broken_present", "broken_scale"], ["present.0.key"]))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, broken)
+    ids = tokenize(TEXT[:2000], KV / "genai")[:40]
+    assert decode_check(KV / "genai" / "model.onnx", ids, steps=8).relative_diff < 1e-5
+    assert decode_check(broken, ids, steps=8).relative_diff > 1e-3
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def _folder_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "model.onnx"}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("algo", ["rtn", "gptq", "awq"])
+def test_quantize_folder_from_text(form, algo, calib_text, tmp_path, capsys):
+    out = tmp_path / f"{form}_{algo}"
+    flags = [] if algo == "rtn" else ["--algo", algo, "--calib-data", str(calib_text), "--samples", "4",
+                                      "--seq-len", "32", "--awq-grid", "4"]
+    assert main(["quantize", str(KV / form), str(out), "--quiet", *flags]) == 0, capsys.readouterr().err
+    assert _folder_files(out) == _folder_files(KV / form), "every other file is copied unchanged"
+    model = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    levels = {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"}
+    if form == "genai":  # the builder's CPU defaults: int8 activations, tied embedding shared
+        assert levels == {4} and ops.count("GatherBlockQuantized") == 1
+        packed = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 3
+                  and t.dims[0] == 49152]
+        assert len(packed) == 1, "GatherBlockQuantized reads the lm_head's packed weight"
+    else:
+        assert levels == {0} and "GatherBlockQuantized" not in ops
+    ids = tokenize(TEXT[-3000:], KV / form)[:48]
+    check = decode_check(out / "model.onnx", ids, steps=8)
+    assert check.top1_agreement == 1.0 and check.relative_diff < (1e-4 if form == "genai" else 5e-3), check
+
+
+def test_eval_on_folders_runs_the_decode_check(calib_text, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(KV / "genai"), str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(KV / "genai"), str(out), "--data", str(calib_text), "--context", "48",
+                 "--max-windows", "2", "--quiet", "--json", str(report)]) == 0
+    values = json.loads(report.read_text())
+    assert values["decode_quant"]["top1_agreement"] == 1.0 and values["kl_mean"] < 1.0
+    assert "KV-cache decode vs full forward, quant" in capsys.readouterr().out
+
+
+def test_quantized_genai_folder_generates_with_onnxruntime_genai(tmp_path):
+    og = pytest.importorskip("onnxruntime_genai")
+    out = tmp_path / "q"
+    assert main(["quantize", str(KV / "genai"), str(out), "--quiet"]) == 0
+    model = og.Model(str(out))
+    tokenizer = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=24, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(tokenizer.encode("The quick brown fox"))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == 24
