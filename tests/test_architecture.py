@@ -29,6 +29,8 @@ FORBIDDEN = {
     "eval": {"formats", "graph", "algorithms", "passes", "recipes", "cli", "api", "config", "report", "weight_only"},
     "config": {"graph", "passes", "calibration", "recipes", "eval", "cli", "api", "report", "weight_only"},
 }
+for _layer_name in ("core", "graph", "formats", "algorithms", "passes", "calibration", "recipes", "eval", "config"):
+    FORBIDDEN[_layer_name] = FORBIDDEN[_layer_name] | {"model_folder"}  # folder handling is the CLI's
 THIRD_PARTY_FORBIDDEN = {"core": {"onnx", "onnxruntime", "onnx_ir"}, "algorithms": {"onnx", "onnxruntime", "onnx_ir"}}
 
 
