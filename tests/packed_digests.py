@@ -91,7 +91,10 @@ def case_digests(skip: tuple[str, ...] = ()) -> dict:
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
-        DIGESTS.write_text(json.dumps(case_digests(), indent=0, sort_keys=True) + "\n")
+        digests = case_digests()
+        DIGESTS.write_text("{\n" + ",\n".join(
+            f"{json.dumps(m)}: {{\n" + ",\n".join(f"  {json.dumps(c)}: {json.dumps(digests[m][c], sort_keys=True, separators=(',', ':'))}"
+                                             for c in sorted(digests[m])) + "\n}" for m in sorted(digests)) + "\n}\n")
         print(f"wrote {DIGESTS}")
     else:  # compare, the HQQ cases included
         expected = json.loads(DIGESTS.read_text())
