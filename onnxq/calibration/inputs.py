@@ -118,30 +118,49 @@ def _with_past_dims(spec: InputSpec, dims: tuple[int, int] | None) -> InputSpec:
     return InputSpec(spec.name, spec.dtype, tuple(shape))
 
 
+_PASS_THROUGH = ("Add", "Mul", "Transpose", "Reshape", "RotaryEmbedding", "Cast")
+"""Ops between a K/V projection and the cache that keep its width (bias, RoPE, head split)."""
+
+
 def _output_width(value: ir.Value | None) -> int | None:
-    """The last dim of a MatMul / MatMulNBits output (from its constant weight), through a bias ``Add``."""
-    node = None if value is None else value.producer()
-    if node is not None and node.op_type == "Add":
-        node = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
-    if node is None:
-        return None
-    if node.op_type == "MatMulNBits":
-        attr = node.attributes.get("N")
-        return None if attr is None else attr.as_int()
-    if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].shape is not None:
-        last = node.inputs[1].shape[-1]
-        return last if isinstance(last, int) else None
+    """The output width (N) of the MatMul / MatMulNBits with a constant weight that ``value`` comes from,
+    through bias, rotary embedding, head-split Reshape / Transpose and Cast nodes."""
+    for _ in range(8):
+        node = None if value is None else value.producer()
+        if node is None:
+            return None
+        if node.op_type == "MatMulNBits":
+            attr = node.attributes.get("N")
+            return None if attr is None else attr.as_int()
+        if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].const_value is not None:
+            return int(node.inputs[1].const_value.shape[-1])
+        if node.op_type not in _PASS_THROUGH:
+            return None
+        value = next((v for v in node.inputs if v is not None and v.const_value is None and v.producer() is not None),
+                     None)
     return None
 
 
 def _past_dims(graph: ir.Graph) -> dict[str, tuple[int, int]]:
-    """``{past input name: (kv_heads, head_size)}`` read off the GroupQueryAttention nodes that consume them.
+    """``{past input name: (kv_heads, head_size)}`` read off the nodes that consume the past inputs.
 
     The ONNX Runtime GenAI builder leaves ``head_size`` symbolic (``kv_cache_dim``) in the past
-    inputs; GroupQueryAttention says ``kv_num_heads`` and ``num_heads``, and its packed QKV input
-    (a MatMul of width ``(num_heads + 2 * kv_num_heads) * head_size``) gives the head size.
+    inputs. GroupQueryAttention (its fp32 graphs) says ``kv_num_heads`` and ``num_heads``, and its
+    packed QKV input (a MatMul of width ``(num_heads + 2 * kv_num_heads) * head_size``) gives the head
+    size; in its fp16 graphs the past is ``Concat``-ed with the new keys / values, whose projection
+    has width ``kv_heads * head_size`` (``kv_heads`` static in the input's shape).
     """
     dims: dict[str, tuple[int, int]] = {}
+    for value in graph.inputs:
+        kv_heads = value.shape[1] if value.shape is not None and len(value.shape) == 4 else None
+        if not (_PAST.match(value.name) and isinstance(kv_heads, int) and kv_heads > 0):
+            continue
+        for node, _ in value.uses():
+            others = [v for v in node.inputs if v is not None and v is not value]
+            if node.op_type == "Concat" and len(others) == 1:
+                width = _output_width(others[0])
+                if width and width % kv_heads == 0:
+                    dims[value.name] = (kv_heads, width // kv_heads)
     for node in graph:
         if node.op_type != "GroupQueryAttention" or len(node.inputs) < 5:
             continue

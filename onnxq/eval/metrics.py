@@ -107,8 +107,12 @@ class EmbeddingComparison:
     vectors: int
 
 
-def make_session(model: ModelLike, providers: list[str] | None = None) -> ort.InferenceSession:
+def make_session(model: ModelLike, providers: list[str] | None = None, *,
+                 reuse_buffers: bool = True) -> ort.InferenceSession:
     """An onnxruntime session for ``model`` (a session is returned as is).
+
+    ``reuse_buffers=False`` turns off ORT's memory pattern and buffer reuse, which some KV-cache
+    graphs (the GenAI builder's fp16 MultiHeadAttention) break when shapes change between runs.
 
     Raises:
         OnnxqError: the file is missing or onnxruntime cannot load it.
@@ -117,6 +121,9 @@ def make_session(model: ModelLike, providers: list[str] | None = None) -> ort.In
         return model
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not reuse_buffers:
+        options.enable_mem_pattern = False
+        options.enable_mem_reuse = False
     providers = providers or ["CPUExecutionProvider"]
     if isinstance(model, onnx.ModelProto):
         source, where = model.SerializeToString(), "the given ModelProto"
@@ -182,8 +189,8 @@ def lm_windows(
 class _LM:
     """A causal-LM session with its input filler (masks, positions, empty KV cache) and logits output."""
 
-    def __init__(self, model: ModelLike, providers: list[str] | None, what: str):
-        self.session = make_session(model, providers)
+    def __init__(self, model: ModelLike, providers: list[str] | None, what: str, reuse_buffers: bool = True):
+        self.session = make_session(model, providers, reuse_buffers=reuse_buffers)
         self.what = what
         # from the graph when there is one: it tells the KV cache's head size where the inputs leave it symbolic
         specs = specs_of_session(self.session) if isinstance(model, ort.InferenceSession) else input_specs(model)
@@ -402,7 +409,7 @@ def decode_check(model: ModelLike, token_ids: np.ndarray, *, prefill: int | None
     Raises:
         OnnxqError: the model has no KV cache, or too few tokens.
     """
-    lm = _LM(model, providers, "checked")
+    lm = _LM(model, providers, "checked", reuse_buffers=False)
     if not lm.filler.has_past:
         raise OnnxqError("the decode check needs a KV-cache model (inputs past_key_values.N.key/value)")
     outputs = {o.name for o in lm.session.get_outputs()}
@@ -416,12 +423,16 @@ def decode_check(model: ModelLike, token_ids: np.ndarray, *, prefill: int | None
                          f"got prefill={prefill}, steps={steps}")
     full = lm.logits(ids[:, :prefill + steps]).astype(np.float64)[0]  # [seq, vocab]
     names = [lm.output] + [p.present for p in lm.filler.past]
-    result = lm.session.run(names, lm.filler.feed(ids[:, :prefill]))
-    cached = [result[0][0, -1]]
-    for t in range(prefill, prefill + steps):
-        past = {p.name: value for p, value in zip(lm.filler.past, result[1:])}
-        result = lm.session.run(names, lm.filler.feed(ids[:, t:t + 1], past))
-        cached.append(result[0][0, -1])
+    try:
+        result = lm.session.run(names, lm.filler.feed(ids[:, :prefill]))
+        cached = [result[0][0, -1]]
+        for t in range(prefill, prefill + steps):
+            past = {p.name: value for p, value in zip(lm.filler.past, result[1:])}
+            result = lm.session.run(names, lm.filler.feed(ids[:, t:t + 1], past))
+            cached.append(result[0][0, -1])
+    except Exception as exc:  # onnxruntime's own error types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxqError(f"onnxruntime failed decoding through the KV cache: {reason}") from None
     cached_logits = np.stack(cached).astype(np.float64)
     reference = full[prefill - 1:]
     diff = float(np.abs(cached_logits - reference).max())
