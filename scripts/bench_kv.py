@@ -16,7 +16,8 @@ splits). For each run, as a user runs it (whole processes, CLI defaults unless l
     python scripts/bench_kv.py [--only NAME ...] [--windows 16] [--samples 32] [--seq-len 256]
 
 Writes ``docs/KV_RESULTS.md`` (the table, the commands, hand-written notes below the marker
-are kept) and one JSON line per run to ``models/real/smollm2_kv/bench/results.jsonl``.
+are kept), mirrors the table into README.md, and appends one JSON line per run to
+``models/real/smollm2_kv/bench/results.jsonl`` (``--render`` rewrites the reports from it).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from report_files import write_keeping_notes  # noqa: E402
+from report_files import mirror_into_readme, write_keeping_notes  # noqa: E402
 
 REAL = ROOT / "models" / "real" / "smollm2_kv"
 WORK = REAL / "bench"
@@ -168,10 +169,20 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite the reports from the rows already in results.jsonl (same arguments)")
     args = parser.parse_args()
-    calib, eval_text = _texts()
-    rows = [bench(name, args, calib, eval_text) for name in (args.only or RUNS)]
-    write_keeping_notes(ROOT / "docs" / "KV_RESULTS.md", _table(rows, args), MARKER)
+    if args.render:
+        rows = [json.loads(line) for line in (WORK / "results.jsonl").read_text().splitlines() if line.strip()]
+    else:
+        calib, eval_text = _texts()
+        rows = [bench(name, args, calib, eval_text) for name in (args.only or RUNS)]
+    table = _table(rows, args)
+    write_keeping_notes(ROOT / "docs" / "KV_RESULTS.md", table, MARKER)
+    lines = table.splitlines()
+    mirror_into_readme(ROOT / "README.md", "<!-- kv-results:begin -->", "<!-- kv-results:end -->",
+                       [line for line in lines[2:] if not line.startswith(("Commands:", "* "))] +
+                       ["", "Commands and notes: docs/KV_RESULTS.md."])
 
 
 if __name__ == "__main__":
