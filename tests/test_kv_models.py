@@ -133,3 +133,38 @@ def test_quantized_genai_folder_generates_with_onnxruntime_genai(tmp_path):
     while not generator.is_done():
         generator.generate_next_token()
     assert len(generator.get_sequence(0)) == 24
+
+
+@pytest.mark.parametrize("case,message", [
+    ("output_not_empty", "exists and is not empty"),
+    ("no_model", "no .onnx model in folder"),
+    ("two_models", "holds 2 .onnx models"),
+    ("bad_genai_config", "does not name the decoder model"),
+])
+def test_folder_errors_are_one_line(case, message, tmp_path, capsys):
+    source, out = KV / "genai", tmp_path / "out"
+    if case == "output_not_empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case in ("no_model", "two_models", "bad_genai_config"):
+        source = tmp_path / "in"
+        source.mkdir()
+        (source / "tokenizer.json").write_text("{}")
+        if case == "two_models":
+            for name in ("a.onnx", "b.onnx"):
+                (source / name).write_bytes((KV / "optimum" / "model.onnx").read_bytes())
+        if case == "bad_genai_config":
+            (source / "genai_config.json").write_text('{"model": {}}')
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["quantize", str(source), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnxq: error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before, "nothing written, nothing left behind"
+
+
+def test_text_calibration_without_a_tokenizer_is_one_line(tmp_path, capsys, calib_text):
+    model = tmp_path / "model.onnx"
+    model.write_bytes((KV / "optimum" / "model.onnx").read_bytes())
+    assert main(["quantize", str(model), str(tmp_path / "q.onnx"), "--quiet", "--algo", "gptq",
+                 "--calib-data", str(calib_text)]) == 2
+    assert "has no tokenizer.json: give --tokenizer" in capsys.readouterr().err
