@@ -168,3 +168,16 @@ def test_text_calibration_without_a_tokenizer_is_one_line(tmp_path, capsys, cali
     assert main(["quantize", str(model), str(tmp_path / "q.onnx"), "--quiet", "--algo", "gptq",
                  "--calib-data", str(calib_text)]) == 2
     assert "has no tokenizer.json: give --tokenizer" in capsys.readouterr().err
+
+
+def test_npz_with_only_input_ids_is_completed_for_a_kv_model(tmp_path):
+    from onnxq.calibration import NpzReader, materialize, save_npz
+
+    path = tmp_path / "ids.npz"
+    save_npz(path, [{"input_ids": np.array([[504, 2365, 6354, 16438, 27003]], dtype=np.int64)}])
+    model = KV / "optimum" / "model.onnx"
+    (feed,) = materialize(NpzReader(path), model_inputs=model)
+    assert feed["position_ids"].tolist() == [[0, 1, 2, 3, 4]] and feed["attention_mask"].shape == (1, 5)
+    assert feed["past_key_values.1.value"].shape == (1, 1, 0, 16) and feed["past_key_values.1.value"].dtype == np.float16
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    assert session.run(["logits"], feed)[0].shape == (1, 5, 49152)
