@@ -127,3 +127,44 @@ def test_cli_gptq_with_npz(model, tmp_path, capsys, held_out, rtn_error):
     assert output_error(out, held_out) < rtn_error * 0.8
     assert main(["quantize", str(src), str(out), "--algo", "awq"]) == 2
     assert "needs calibration data" in capsys.readouterr().err
+
+
+def _chain_model(d: int = 128, seed: int = 0) -> onnx.ModelProto:
+    """``LayerNorm -> MatMul(W1) -> MatMul(W2)`` with two outlier norm channels (two sites in one chain)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    gamma = np.ones(d, np.float32)
+    gamma[[3, 17]] = 10
+    arrays = {"g": gamma, "b": np.zeros(d, np.float32),
+              "W1": (rng.standard_normal((d, d)) * 0.1).astype(np.float32),
+              "W2": (rng.standard_normal((d, d)) * 0.1).astype(np.float32)}
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], axis=-1, name="ln"),
+             helper.make_node("MatMul", ["n", "W1"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["h", "W2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, d])],
+                              [numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("algorithm", ["awq", "teq"])
+def test_input_scale_is_never_folded_into_a_weight_being_quantized(algorithm):
+    """mm2's input scale used to be folded into mm1's float weight after mm1 was solved: the fold was lost
+    and the model was worse than RTN. Folding must go elsewhere (here: a Mul) and beat RTN on the calibration data."""
+    model = _chain_model()
+    rng = np.random.default_rng(1)
+    calib = [{"x": rng.standard_normal((24, 128)).astype(np.float32)} for _ in range(16)]
+    x = np.concatenate([feed["x"] for feed in calib])
+
+    def error(quantized) -> float:
+        (y,) = run(quantized, {"x": x})
+        (ref,) = run(model, {"x": x})
+        return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+    rtn = error(onnxq.quantize(model, QuantConfig(block_size=32)))
+    cfg = QuantConfig(algorithm=algorithm, block_size=32, awq=AWQConfig(grid=10),
+                      teq=onnxq.config.TuningConfig(steps=50), calibration=CalibrationConfig(samples=16))
+    quantized = onnxq.quantize(model, cfg, calib)
+    assert error(quantized) < rtn
+    assert "Mul" in [n.op_type for n in quantized.graph]  # mm2's scale: mm1 is itself quantized, so a Mul

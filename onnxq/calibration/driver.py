@@ -107,6 +107,7 @@ class _Driver:
         self.providers = providers
         self.result: CalibrationResult | None = None
         self.settings: dict[int, WeightSettings] = {}
+        self.site_nodes: list[ir.Node] = []
         self._warned_rows = False
 
     def run(self, model: ir.Model, calibration_data) -> CalibrationResult:
@@ -116,6 +117,7 @@ class _Driver:
         planned, skipped = plan_sites(model, config, embeddings=False)
         self.result = result = CalibrationResult(model, prepared, skipped=skipped)
         self.settings = {id(plan.site.node): plan.settings for plan in planned}
+        self.site_nodes = [plan.site.node for plan in planned]  # their weights are quantized as they are now
         main = [plan.site for plan in planned if plan.site.node.graph is model.graph]
         nested = {id(plan.site.node) for plan in planned if plan.site.node.graph is not model.graph}
         if main:
@@ -226,7 +228,8 @@ class _Driver:
                 solved[id(site.node)] = (qweight, error)
             if solution.input_scale is not None:
                 where = fold_input_scale(sites[0].node.graph, sites[0].activation, [s.node for s in sites],
-                                         solution.input_scale, editable=editable, dtype=sites[0].dtype)
+                                         solution.input_scale, editable=editable, dtype=sites[0].dtype,
+                                         frozen=self.site_nodes)
                 notes.append(f"{solution.note}, {where}")
             elif solution.note:
                 notes.append(f"{solution.note}, no input scale")

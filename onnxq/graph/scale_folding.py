@@ -14,7 +14,9 @@ the op that produces ``x``:
 * a float ``MatMul(a, W)`` with constant ``W: [K', K]``: columns of ``W`` divided by ``s``.
 
 This is only valid when every reader of ``x`` (and of every intermediate rescaled
-on the way) is one of the given consumers; otherwise, or when the producer is none of
+on the way) is one of the given consumers (or reads only its shape: ``Shape``, ``Size``), and
+when the producer's constant is not a weight about to be quantized from its current value
+(``frozen``); otherwise, or when the producer is none of
 the above, a ``Mul(x, 1/s)`` node is inserted in front of the consumers only.
 Constants are never changed in place: rescaled copies become new initializers.
 """
@@ -42,10 +44,16 @@ NORM_GAMMA_INPUTS = {
 }
 
 
+_SHAPE_READERS = ("Shape", "Size")
+"""Readers of a value's shape only: a division by per-channel scales changes nothing they see."""
+
+
 def _only_used_by(value: ir.Value, consumers: set[int]) -> bool:
+    """Whether every reader of ``value`` is a consumer, or reads only its shape."""
     if value.is_graph_output():
         return False
-    return all(id(user) in consumers for user, _ in value.uses())
+    return all(id(user) in consumers or (user.op_type in _SHAPE_READERS and user.domain == "")
+               for user, _ in value.uses())
 
 
 def _new_constant(graph: ir.Graph, like: ir.Value, array: np.ndarray, suffix: str) -> ir.Value:
@@ -67,12 +75,13 @@ def _scaled_vector(value: ir.Value | None, inv: np.ndarray) -> np.ndarray | None
     return np.broadcast_to(array, (*array.shape[:-1], k)) * inv
 
 
-def _plan(value: ir.Value, consumers: set[int], inv: np.ndarray, graph: ir.Graph, editable) -> list | None:
+def _plan(value: ir.Value, consumers: set[int], inv: np.ndarray, graph: ir.Graph, editable,
+          frozen: set[int]) -> list | None:
     """Edits ``[(node, input index, new array, label)]`` that divide ``value`` by ``s``, or None."""
     node = value.producer()
     if node is None or node.graph is not graph or not _only_used_by(value, consumers):
         return None
-    if editable is not None and id(node) not in editable:
+    if (editable is not None and id(node) not in editable) or id(node) in frozen:
         return None
     op = node.op_type
     if op in NORM_GAMMA_INPUTS and node.outputs[0] is value:
@@ -100,7 +109,7 @@ def _plan(value: ir.Value, consumers: set[int], inv: np.ndarray, graph: ir.Graph
             scaled = _scaled_vector(node.inputs[index], inv)
             if scaled is None:
                 continue
-            inner = _plan(node.inputs[1 - index], {id(node)}, inv, graph, editable)
+            inner = _plan(node.inputs[1 - index], {id(node)}, inv, graph, editable, frozen)
             if inner is not None:
                 return [(node, index, scaled, f"Add '{node.name}'"), *inner]
         return None
@@ -119,11 +128,14 @@ def fold_input_scale(
     scales: np.ndarray,
     editable: Collection[ir.Node] | None = None,
     dtype: ir.DataType | None = None,
+    frozen: Collection[ir.Node] = (),
 ) -> str:
     """Make ``consumers`` (nodes of ``graph``) see ``activation / scales`` (``scales: [K]``, last axis).
 
     ``editable``: when given, only these nodes' constants may be rescaled (e.g. the
     nodes of the block being calibrated, so cached outputs of earlier blocks stay valid).
+    ``frozen``: nodes whose constants must not be rescaled: weight sites whose weights are being
+    (or will be) quantized from their current values, so a fold into them would be lost.
     ``dtype``: the activation's dtype when its value carries no type (exports without value_info);
     an inserted ``Mul`` holds ``1/scales`` in it.
     Returns a short description of where the division went (for logs and reports).
@@ -131,7 +143,7 @@ def fold_input_scale(
     inv = (1.0 / np.asarray(scales, dtype=np.float64)).astype(np.float32)
     consumer_ids = {id(n) for n in consumers}
     editable_ids = None if editable is None else {id(n) for n in editable}
-    edits = _plan(activation, consumer_ids, inv, graph, editable_ids)
+    edits = _plan(activation, consumer_ids, inv, graph, editable_ids, {id(n) for n in frozen})
     if edits is not None:
         for node, index, array, _ in edits:
             node.replace_input_with(index, _new_constant(graph, node.inputs[index], array, "awq"))

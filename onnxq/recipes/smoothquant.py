@@ -232,11 +232,7 @@ def smooth_model(
             loss, loss_plain = float(search.loss_by_alpha.min()), search.loss_plain
         else:
             s, chosen = smooth_scales(act_absmax, weight_row_absmax(weights), alpha), alpha
-        activation = sites[0].activation
-        # Shape/Size readers see the same shape after the division: they must not block folding
-        shape_readers = [user for user, _ in activation.uses() if user.op_type in ("Shape", "Size")
-                         and user.domain == "" and user.graph is model.graph]
-        where = fold_input_scale(model.graph, activation, [site.node for site in sites] + shape_readers, s,
+        where = fold_input_scale(model.graph, sites[0].activation, [site.node for site in sites], s,
                                  dtype=sites[0].dtype)
         for site in sites:
             _scale_weight_rows(model.graph, site, s)
