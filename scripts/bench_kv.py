@@ -57,6 +57,8 @@ RUNS = {
     "optimum fp32 rtn b128": ("optimum-fp32", ["--block-size", "128"]),
     "optimum fp32 gptq b32": ("optimum-fp32", ["--algo", "gptq"]),
     "optimum fp32 awq b128": ("optimum-fp32", ["--algo", "awq", "--block-size", "128", "--awq-grid", "10"]),
+    "genai fp16 awq b32": ("genai-fp16", ["--algo", "awq", "--awq-grid", "10"]),
+    "optimum fp32 awq b32": ("optimum-fp32", ["--algo", "awq", "--awq-grid", "10"]),
 }
 
 DECODE = '''
