@@ -168,3 +168,11 @@ def test_input_scale_is_never_folded_into_a_weight_being_quantized(algorithm):
     quantized = onnxq.quantize(model, cfg, calib)
     assert error(quantized) < rtn
     assert "Mul" in [n.op_type for n in quantized.graph]  # mm2's scale: mm1 is itself quantized, so a Mul
+
+
+def test_awq_then_gptq_beats_rtn_and_awq_alone(model, held_out, rtn_error):
+    """AWQ's scales, then GPTQ on the scaled weights with the scaled Hessian (the AutoAWQ recipe)."""
+    feeds = token_feeds(16, 32, seed=1)
+    combined = output_error(onnxq.quantize(model, config("awq+gptq"), feeds), held_out)
+    awq_alone = output_error(onnxq.quantize(model, config("awq"), feeds), held_out)
+    assert combined < rtn_error * 0.8 and combined < awq_alone, (combined, awq_alone, rtn_error)

@@ -3,7 +3,7 @@
 No graph or onnxruntime code lives here: the quantization pass and the calibration
 driver collect the statistics (Hessians, activation samples, mean |x|) and ask the
 registry (:mod:`onnxq.algorithms.registry`) for the algorithm by name. Importing this
-package registers rtn, hqq, gptq, awq, teq and autoround.
+package registers rtn, hqq, gptq, awq, teq, autoround and awq+gptq.
 """
 from onnxq.algorithms import rtn  # noqa: F401  (registration order: the CLI lists them so)
 from onnxq.algorithms.hqq import HQQ, HQQConfig, HQQResult, hqq_quantize_weight
@@ -21,6 +21,7 @@ from onnxq.algorithms.awq import (
 )
 from onnxq.algorithms.teq import TEQ, TEQResult, teq_quantize_weights
 from onnxq.algorithms.autoround import AutoRound, AutoRoundResult, TuningConfig, autoround_quantize_weight
+from onnxq.algorithms.awq_gptq import AWQThenGPTQ
 from onnxq.algorithms.registry import (
     Algorithm,
     SiblingGroup,
@@ -36,6 +37,7 @@ __all__ = [
     "AWQConfig",
     "AWQResult",
     "AWQScaleResult",
+    "AWQThenGPTQ",
     "Algorithm",
     "AutoRound",
     "AutoRoundResult",

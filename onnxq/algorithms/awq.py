@@ -42,8 +42,9 @@ from onnxq.core import (
 )
 from onnxq.errors import OnnxqError
 
-__all__ = ["AWQConfig", 
+__all__ = [
     "AWQ",
+    "AWQConfig",
     "AWQ_CLIP_RATIOS",
     "AWQResult",
     "AWQScaleResult",

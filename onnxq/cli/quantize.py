@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     q.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     calib = q.add_argument_group("calibrated algorithms (--algo gptq|awq)")
     calib.add_argument("--algo", choices=(*ALGORITHMS, "smoothquant"),
-                       help="rtn (default), hqq (no data needed), gptq, awq, teq or autoround (need --calib-data); "
+                       help="rtn (default), hqq (no data needed), gptq, awq, awq+gptq, teq or autoround (need --calib-data); "
                             "smoothquant: W8A8 (int8 weights and activations, QDQ) with SmoothQuant")
     calib.add_argument("--sq-alpha", default="auto",
                        help="SmoothQuant migration strength in [0, 1], or 'auto' (default: searched per input group)")
