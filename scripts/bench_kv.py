@@ -46,6 +46,7 @@ RUNS = {
     "genai fp32 gptq b32": ("genai-fp32", ["--algo", "gptq"]),
     "genai fp32 gptq b128": ("genai-fp32", ["--algo", "gptq", "--block-size", "128"]),
     "genai fp32 awq b128": ("genai-fp32", ["--algo", "awq", "--block-size", "128", "--awq-grid", "10"]),
+    "genai fp32 awq+gptq b128": ("genai-fp32", ["--algo", "awq+gptq", "--block-size", "128", "--awq-grid", "10"]),
     "genai fp16 rtn b32": ("genai-fp16", []),
     "genai fp16 gptq b128": ("genai-fp16", ["--algo", "gptq", "--block-size", "128"]),
     "optimum fp32 rtn b32": ("optimum-fp32", []),
