@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.graph.constants import add_initializer, constant_tensor
+from onnxq.graph.constants import add_initializer
 from onnxq.graph.names import unique_name
 from onnxq.graph.sites import WeightSite
 
@@ -45,8 +45,8 @@ def replace_site(site: WeightSite, nodes: list[ir.Node], result: ir.Value, taken
     graph = site.node.graph
     nodes = list(nodes)
     if add_bias and site.bias is not None:
-        bias = np.asarray(constant_tensor(site.bias).numpy(), dtype=np.float32).reshape(-1) * np.float32(site.beta)
-        bias_value = add_initializer(graph, bias.astype(site.dtype.numpy()), f"{site.name}_bias", taken, site.dtype)
+        bias_value = add_initializer(graph, site.bias_vector().astype(site.dtype.numpy()), f"{site.name}_bias", taken,
+                                     site.dtype)
         nodes.append(ir.node("Add", [result, bias_value], name=f"{site.name}_bias_add"))
         result = nodes[-1].outputs[0]
     if site.output_rank_gap:

@@ -63,6 +63,12 @@ class WeightSite:
         """Sites with equal keys share one quantized weight."""
         return (id(self.source), self.transpose, self.alpha)
 
+    def bias_vector(self) -> np.ndarray | None:
+        """A Gemm's ``beta * C`` as float32 ``[N]``, or None."""
+        if self.bias is None:
+            return None
+        return np.asarray(constant_source(self.bias)[1].numpy(), dtype=np.float32).reshape(-1) * np.float32(self.beta)
+
     def weight(self) -> np.ndarray:
         """float32 ``[K, N]`` (a fresh array for Gemm alpha / dtype casts; may be a memory-mapped view otherwise)."""
         data = self.tensor.numpy()

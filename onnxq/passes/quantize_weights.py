@@ -35,7 +35,7 @@ from onnxq.config import QuantConfig
 from onnxq.core import QuantizedWeight
 from onnxq.errors import OnnxqError
 from onnxq.formats import MS_DOMAIN, Format, PackedWeight, WeightLayout, WeightSettings, get_format
-from onnxq.graph.constants import add_initializer, constant_tensor
+from onnxq.graph.constants import add_initializer
 from onnxq.graph.edit import (
     insert_at_source,
     owner_graph,
@@ -285,8 +285,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         graph = site.node.graph
         bias = None
         if fmt.takes_bias and site.bias is not None:
-            array = np.asarray(constant_tensor(site.bias).numpy(), dtype=np.float32).reshape(-1) * np.float32(site.beta)
-            bias = add_initializer(graph, array.astype(site.dtype.numpy()), f"{site.name}_bias", taken, site.dtype)
+            bias = add_initializer(graph, site.bias_vector().astype(site.dtype.numpy()), f"{site.name}_bias", taken,
+                                   site.dtype)
         # the site's current input: an earlier rewrite may have replaced the node that produced site.activation
         nodes, output = fmt.make_nodes(site.node.inputs[1 if site.is_embedding else 0], entry.packed, settings,
                                        name=fmt.node_name(site.name, settings), bias=bias,
