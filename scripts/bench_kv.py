@@ -58,6 +58,8 @@ RUNS = {
     "optimum fp32 rtn b128": ("optimum-fp32", ["--block-size", "128"]),
     "optimum fp32 gptq b32": ("optimum-fp32", ["--algo", "gptq"]),
     "optimum fp32 awq b128": ("optimum-fp32", ["--algo", "awq", "--block-size", "128", "--awq-grid", "10"]),
+    "optimum fp32 rtn b32 +emb": ("optimum-fp32", ["--quantize-embeddings"]),
+    "optimum fp32 gptq b128 +emb": ("optimum-fp32", ["--algo", "gptq", "--block-size", "128", "--quantize-embeddings"]),
     "genai fp16 awq b32": ("genai-fp16", ["--algo", "awq", "--awq-grid", "10"]),
     "optimum fp32 awq b32": ("optimum-fp32", ["--algo", "awq", "--awq-grid", "10"]),
 }
@@ -158,21 +160,27 @@ def redecode(rows: list[dict], repeats: int, tokens: int, eval_text: Path) -> No
         for row in measured:
             _, _, printed = _run([PY, "-c", DECODE, str(_output_folder(row)), str(eval_text), str(tokens)])
             rates[row["run"]].append(float(printed.strip().splitlines()[-1]))
-    for row in measured:
-        row["decode_tok_s"] = sorted(rates[row["run"]])[len(rates[row["run"]]) // 2]
-        row["decode_runs"] = rates[row["run"]]
+    with open(WORK / "results.jsonl", "a") as f:  # the latest row of a run wins when rendering
+        for row in measured:
+            row["decode_tok_s"] = sorted(rates[row["run"]])[len(rates[row["run"]]) // 2]
+            row["decode_runs"] = rates[row["run"]]
+            row["decode_tokens"] = tokens
+            f.write(json.dumps(row) + "\n")
 
 
 def _table(rows: list[dict], args: argparse.Namespace) -> str:
+    rounds = max((len(r.get("decode_runs", [])) for r in rows), default=0)
+    tokens = max((r.get("decode_tokens", args.decode_tokens) for r in rows if r.get("decode_runs")),
+                 default=args.decode_tokens)
     lines = [
         "# KV-cache LMs: onnxq vs the ONNX Runtime GenAI builder's int4 (SmolLM2-135M-Instruct)",
         "",
-        f"`python scripts/bench_kv.py --windows {args.windows} --samples {args.samples} --seq-len {args.seq_len} "
-        f"--decode-tokens {args.decode_tokens}`; eval: {args.windows} windows x 256 tokens of pydoc eval text, "
+        f"`python scripts/bench_kv.py --windows {args.windows} --samples {args.samples} --seq-len {args.seq_len}`, "
+        f"then `--render --redecode {rounds} --decode-tokens {tokens}`; eval: {args.windows} windows x 256 tokens of pydoc eval text, "
         "empty KV cache, KL and top-1 against the form's float model (the builder's int4 against GenAI fp32); "
         "calibration: the pydoc calib text with the folder's tokenizer.json. Decode: greedy, onnxruntime_genai, "
-        f"{args.decode_tokens} tokens after a 64-token prompt"
-        f"{f', median of {args.redecode} interleaved rounds' if args.redecode else ''}; "
+        f"{tokens} tokens after a 64-token prompt"
+        f"{f', median of {rounds} interleaved rounds' if rounds else ''}; "
         "the fp16 GenAI build does not generate in onnxruntime_genai 0.18 (its MultiHeadAttention path fails with "
         "a cache), so it has no decode rate. 2 shared CPU cores; times are indicative. SmolLM2's weights were stored as "
         "Q4_1 (asym, block 32): block-32 asym RTN is flattered (MODELS.md); these runs are symmetric.",
