@@ -45,23 +45,23 @@ RUNS = {
     "genai fp32 rtn b128": ("genai-fp32", ["--block-size", "128"]),
     "genai fp32 gptq b32": ("genai-fp32", ["--algo", "gptq"]),
     "genai fp32 gptq b128": ("genai-fp32", ["--algo", "gptq", "--block-size", "128"]),
+    "genai fp32 awq b32": ("genai-fp32", ["--algo", "awq", "--awq-grid", "10"]),
     "genai fp32 awq b128": ("genai-fp32", ["--algo", "awq", "--block-size", "128", "--awq-grid", "10"]),
     "genai fp32 awq+gptq b128": ("genai-fp32", ["--algo", "awq+gptq", "--block-size", "128", "--awq-grid", "10"]),
     "genai fp16 rtn b32": ("genai-fp16", []),
-    "genai fp16 gptq b128": ("genai-fp16", ["--algo", "gptq", "--block-size", "128"]),
-    "optimum fp32 rtn b32": ("optimum-fp32", []),
-    "optimum fp32 gptq b128": ("optimum-fp32", ["--algo", "gptq", "--block-size", "128"]),
-    "genai fp32 awq b32": ("genai-fp32", ["--algo", "awq", "--awq-grid", "10"]),
     "genai fp16 rtn b128": ("genai-fp16", ["--block-size", "128"]),
     "genai fp16 gptq b32": ("genai-fp16", ["--algo", "gptq"]),
+    "genai fp16 gptq b128": ("genai-fp16", ["--algo", "gptq", "--block-size", "128"]),
+    "genai fp16 awq b32": ("genai-fp16", ["--algo", "awq", "--awq-grid", "10"]),
     "genai fp16 awq b128": ("genai-fp16", ["--algo", "awq", "--block-size", "128", "--awq-grid", "10"]),
+    "optimum fp32 rtn b32": ("optimum-fp32", []),
     "optimum fp32 rtn b128": ("optimum-fp32", ["--block-size", "128"]),
     "optimum fp32 gptq b32": ("optimum-fp32", ["--algo", "gptq"]),
+    "optimum fp32 gptq b128": ("optimum-fp32", ["--algo", "gptq", "--block-size", "128"]),
+    "optimum fp32 awq b32": ("optimum-fp32", ["--algo", "awq", "--awq-grid", "10"]),
     "optimum fp32 awq b128": ("optimum-fp32", ["--algo", "awq", "--block-size", "128", "--awq-grid", "10"]),
     "optimum fp32 rtn b32 +emb": ("optimum-fp32", ["--quantize-embeddings"]),
     "optimum fp32 gptq b128 +emb": ("optimum-fp32", ["--algo", "gptq", "--block-size", "128", "--quantize-embeddings"]),
-    "genai fp16 awq b32": ("genai-fp16", ["--algo", "awq", "--awq-grid", "10"]),
-    "optimum fp32 awq b32": ("optimum-fp32", ["--algo", "awq", "--awq-grid", "10"]),
 }
 
 DECODE = '''
@@ -226,8 +226,7 @@ def main() -> None:
     write_keeping_notes(ROOT / "docs" / "KV_RESULTS.md", table, MARKER)
     lines = table.splitlines()
     mirror_into_readme(ROOT / "README.md", "<!-- kv-results:begin -->", "<!-- kv-results:end -->",
-                       [line for line in lines[2:] if not line.startswith(("Commands:", "* "))] +
-                       ["", "Commands and notes: docs/KV_RESULTS.md."])
+                       [line for line in lines[2:lines.index("Commands:")]] + ["Commands and notes: docs/KV_RESULTS.md."])
 
 
 if __name__ == "__main__":
