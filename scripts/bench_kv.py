@@ -182,7 +182,10 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         f"{tokens} tokens after a 64-token prompt"
         f"{f', median of {rounds} interleaved rounds' if rounds else ''}; "
         "the fp16 GenAI build does not generate in onnxruntime_genai 0.18 (its MultiHeadAttention path fails with "
-        "a cache), so it has no decode rate. 2 shared CPU cores; times are indicative. SmolLM2's weights were stored as "
+        "a cache), so it has no decode rate. GenAI rows run at accuracy_level 4 (int8 activations: the builder's "
+        "CPU default, which onnxq takes for a GenAI folder), Optimum rows at 0; an Optimum folder keeps its tied "
+        "embedding table in float unless `--quantize-embeddings` (+emb rows). 2 shared CPU cores; times are "
+        "indicative. SmolLM2's weights were stored as "
         "Q4_1 (asym, block 32): block-32 asym RTN is flattered (MODELS.md); these runs are symmetric.",
         "",
         "| run | ppl (float) | ppl | KL | top-1 | size MiB | quantize s | peak RSS MiB | decode tok/s | "
