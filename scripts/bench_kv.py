@@ -134,7 +134,8 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
     values = json.loads(report.read_text())
     row |= {"ppl_float": values["ppl_float"], "ppl_quant": values["ppl_quant"], "kl": values["kl_mean"],
             "top1": values["top1_agreement"], "size_mib": round(_size_mib(out), 1),
-            "decode_rel_diff": values.get("decode_quant", {}).get("relative_diff")}
+            "decode_rel_diff": values.get("decode_quant", {}).get("relative_diff"),
+            "decode_top1": values.get("decode_quant", {}).get("top1_agreement")}
     if base.startswith("genai") and "fp16" not in base:
         rates = []
         for folder in (out,):
@@ -189,16 +190,20 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         "Q4_1 (asym, block 32): block-32 asym RTN is flattered (MODELS.md); these runs are symmetric.",
         "",
         "| run | ppl (float) | ppl | KL | top-1 | size MiB | quantize s | peak RSS MiB | decode tok/s | "
-        "decode check rel |",
+        "decode check: rel diff, top-1 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if "decode_top1" not in r:  # rows written before the column existed: from their eval report
+            report = WORK / f"{r['run'].replace(' ', '_')}.eval.json"
+            r["decode_top1"] = json.loads(report.read_text()).get("decode_quant", {}).get("top1_agreement")
         cells = [r["run"], f"{r['ppl_float']:.3f}", f"{r['ppl_quant']:.3f}", f"{r['kl']:.4f}",
                  f"{100 * r['top1']:.1f}%", f"{r['size_mib']:.1f}",
                  "-" if r["quantize_s"] is None else f"{r['quantize_s']:.0f}",
                  "-" if r["peak_rss_mib"] is None else str(r["peak_rss_mib"]),
                  "-" if r.get("decode_tok_s") is None else f"{r['decode_tok_s']:.1f}",
-                 "-" if r["decode_rel_diff"] is None else f"{r['decode_rel_diff']:.1e}"]
+                 "-" if r["decode_rel_diff"] is None else
+                 f"{r['decode_rel_diff']:.1e}, {100 * r['decode_top1']:.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Commands:", ""] + [f"* {r['run']}: `{r['command']}`" for r in rows]
     return "\n".join(lines) + "\n"
