@@ -185,3 +185,14 @@ def test_npz_with_only_input_ids_is_completed_for_a_kv_model(tmp_path):
     assert feed["past_key_values.1.value"].shape == (1, 1, 0, 16) and feed["past_key_values.1.value"].dtype == np.float16
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     assert session.run(["logits"], feed)[0].shape == (1, 5, 49152)
+
+
+def test_inspect_and_summary_take_folders(tmp_path, capsys):
+    assert main(["inspect", str(KV / "genai")]) == 0
+    printed = capsys.readouterr().out
+    assert "Transpose+Gather" in printed and "(accuracy_level 4)" in printed  # the GenAI defaults, as quantize
+    out = tmp_path / "q"
+    assert main(["quantize", str(KV / "genai"), str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["summary", str(out)]) == 0
+    assert "1 GatherBlockQuantized, 11 MatMulNBits" in capsys.readouterr().out

@@ -17,6 +17,7 @@ import onnx_ir as ir
 from onnxq.calibration import NpzReader, TextReader
 from onnxq.config import BNB4_TYPES, FORMATS, QuantConfig
 from onnxq.errors import OnnxqError
+from onnxq.model_folder import ModelFolder, open_model_folder
 
 __all__ = [
     "EXIT_USAGE",
@@ -130,6 +131,18 @@ def tokenizer_for(given: Path | None, model_path: Path, data: Path) -> Path:
         return folder / "tokenizer.json"
     raise OnnxqError(f"{data} is read as text and {folder} has no tokenizer.json: give --tokenizer "
                      "(a tokenizer.json, a folder holding one, or an ONNX tokenizer), or token ids as .npy")
+
+
+GENAI_DEFAULTS = {"accuracy_level": 4, "quantize_embeddings": True}
+"""The ONNX Runtime GenAI model builder's CPU int4 defaults, taken for a GenAI folder unless set."""
+
+
+def model_input(path: Path) -> tuple[Path, ModelFolder | None, dict[str, Any] | None]:
+    """``(model file, its folder or None, the settings defaults for it)`` for a model path or a model folder."""
+    if not path.is_dir():
+        return path, None, None
+    folder = open_model_folder(path)
+    return folder.model_file, folder, GENAI_DEFAULTS if folder.kind == "genai" else None
 
 
 def same_file(a: Path, b: Path) -> bool:

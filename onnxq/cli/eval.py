@@ -27,7 +27,7 @@ import numpy as np
 
 from onnxq.calibration import InputFiller, ListReader, TextReader, specs_of_session, tokenize
 from onnxq.calibration.text import read_text
-from onnxq.cli.common import progress_bar, tokenizer_for
+from onnxq.cli.common import model_input, progress_bar, tokenizer_for
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model
 
@@ -66,12 +66,9 @@ def _check_file(path: Path, what: str) -> None:
 
 def _model_file(path: Path, what: str) -> Path:
     """The model file of ``path``: itself, or the model of a model folder (GenAI, Optimum)."""
-    if path.is_dir():
-        from onnxq.model_folder import open_model_folder
-
-        return open_model_folder(path).model_file
-    _check_file(path, what)
-    return path
+    model_file = model_input(path)[0]
+    _check_file(model_file, what)
+    return model_file
 
 
 def _kind(args: argparse.Namespace, outputs: list[str]) -> str:

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from onnxq.api import inspect_model
-from onnxq.cli.common import add_settings, config_from
+from onnxq.cli.common import add_settings, config_from, model_input
 from onnxq.report import format_skipped, format_table
 
 __all__ = ["add_parser", "run"]
@@ -14,15 +14,16 @@ __all__ = ["add_parser", "run"]
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``inspect`` command to ``subparsers``; returns its parser."""
     i = subparsers.add_parser("inspect", help="show what would be quantized and why nodes would be skipped")
-    i.add_argument("model", type=Path)
+    i.add_argument("model", type=Path, help="a model, or a model folder (ONNX Runtime GenAI, Optimum)")
     add_settings(i)
     return i
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the nodes the settings would quantize, those left in float with the reason, and the totals."""
-    config = config_from(args)
-    planned, skipped = inspect_model(args.model, config)
+    model_file, _, defaults = model_input(args.model)
+    config = config_from(args, defaults)
+    planned, skipped = inspect_model(model_file, config)
     print(format_table(("node", "op", "K", "N", "would become"), planned) if planned else "nothing would be quantized")
     if skipped:
         print()

@@ -9,11 +9,11 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxq.api import quantize_with_report, save
-from onnxq.cli.common import add_settings, calibration_reader, check_output, config_from, progress_bar
+from onnxq.cli.common import add_settings, calibration_reader, check_output, config_from, model_input, progress_bar
 from onnxq.config import ALGORITHMS, QuantConfig
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model
-from onnxq.model_folder import ModelFolder, open_model_folder, write_model_folder
+from onnxq.model_folder import ModelFolder, write_model_folder
 from onnxq.recipes.mixed_precision import DEFAULT_CANDIDATES, search_mixed_precision
 from onnxq.report import format_records, format_skipped, format_table, summary_line
 
@@ -69,15 +69,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return q
 
 
-GENAI_DEFAULTS = {"accuracy_level": 4, "quantize_embeddings": True}
-"""The ONNX Runtime GenAI model builder's CPU int4 defaults, taken for a GenAI folder unless set."""
-
-
 def run(args: argparse.Namespace) -> int:
     """Quantize ``args.input`` (a model, or a model folder) into ``args.output``; prints the per-node table
     unless ``--quiet``."""
-    folder = open_model_folder(args.input) if args.input.is_dir() else None
-    config = config_from(args, GENAI_DEFAULTS if folder is not None and folder.kind == "genai" else None)
+    model_file, folder, defaults = model_input(args.input)
+    config = config_from(args, defaults)
     check_output(args.input, args.output)
     if not args.quiet:
         print(f"onnxq: {_describe(config)}", file=sys.stderr)
@@ -85,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         if hint:
             print(f"onnxq: {hint}", file=sys.stderr)
     start = time.perf_counter()
-    model = load_model(folder.model_file if folder is not None else args.input)
+    model = load_model(model_file)
     reader = calibration_reader(args, config, model)
     if args.algo == "smoothquant":
         return _smoothquant(args, config, model, reader)
