@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnxq.errors import OnnxqError
 from onnxq.io import save_model
 
-__all__ = ["ModelFolder", "open_model_folder", "write_model_folder"]
+__all__ = ["ModelFolder", "external_data_files", "open_model_folder", "write_model_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ModelFolder:
     external_data: tuple[str, ...]  # external-data file names the model references (relative to the folder)
 
 
-def _external_files(model_file: Path) -> tuple[str, ...]:
+def external_data_files(model_file: Path) -> tuple[str, ...]:
     """File names the model's initializers keep their data in (read from the protobuf, no data loaded)."""
     proto = onnx.load(str(model_file), load_external_data=False)
     return tuple(sorted({entry.value for tensor in proto.graph.initializer
@@ -79,7 +79,7 @@ def open_model_folder(path: str | os.PathLike) -> ModelFolder:
     if not model_file.is_file():
         raise OnnxqError(f"model file not found: {model_file}")
     try:
-        external = _external_files(model_file)
+        external = external_data_files(model_file)
     except Exception as exc:  # protobuf's DecodeError and friends
         raise OnnxqError(f"{model_file} is not a valid ONNX model ({type(exc).__name__}: {exc})") from None
     return ModelFolder(path, model_file, kind, external)

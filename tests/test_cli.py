@@ -198,3 +198,25 @@ def test_external_data_input_saved_embedded(tmp_path):
     (y,) = run(out, {"ids": ids})
     (y_float,) = run(src_dir / "model.onnx", {"ids": ids})
     assert np.linalg.norm(y - y_float) / np.linalg.norm(y_float) < 0.15
+
+
+@pytest.mark.parametrize("target", ["data", "model_beside_data"])
+def test_output_onto_the_inputs_external_data_is_refused(tmp_path, capsys, target):
+    """Writing OUT over the input's .data (or OUT.data over it) would destroy the input's weights."""
+    import onnxq
+
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    model = folder / "ext.onnx"
+    onnxq.save(onnxq.api.load_model(matmul_model(weight((64, 16), seed=2))), model, external_data=True)
+    data = folder / "ext.onnx.data"
+    before = data.read_bytes()
+    out = data if target == "data" else folder / "ext.onnx"  # second case: OUT.data == the input's data
+    if target == "model_beside_data":
+        out = tmp_path / "other" / "ext.onnx"
+        out.parent.mkdir()
+        (out.parent / "ext.onnx.data").symlink_to(data)
+    assert main(["quantize", str(model), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is the input's external data file" in err and err.count("\n") == 1, err
+    assert data.read_bytes() == before

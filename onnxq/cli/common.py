@@ -17,7 +17,7 @@ import onnx_ir as ir
 from onnxq.calibration import NpzReader, TextReader
 from onnxq.config import BNB4_TYPES, FORMATS, QuantConfig
 from onnxq.errors import OnnxqError
-from onnxq.model_folder import ModelFolder, open_model_folder
+from onnxq.model_folder import ModelFolder, external_data_files, open_model_folder
 
 __all__ = [
     "EXIT_USAGE",
@@ -154,9 +154,24 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def check_output(input_path: Path, output_path: Path) -> None:
-    """Refuse to write over the input model."""
+    """Refuse to write over the input model or any file it reads (its external data), by real path.
+
+    The output's own data file (``OUT.data``) is checked too: writing it would destroy an input
+    whose weights live there.
+    """
     if same_file(input_path, output_path):
         raise OnnxqError(f"output path is the input model ({output_path}); choose another output file")
+    model_file = model_input(input_path)[0] if input_path.exists() else input_path
+    if not model_file.is_file():
+        return  # a missing or unreadable input is reported when it is loaded
+    try:
+        data_files = [model_file.parent / name for name in external_data_files(model_file)]
+    except Exception:  # not ONNX: the load reports it
+        return
+    for written in (output_path, output_path.with_name(output_path.name + ".data")):
+        for data in data_files:
+            if same_file(data, written):
+                raise OnnxqError(f"{written} is the input's external data file ({data}); choose another output")
 
 
 def progress_bar(quiet: bool) -> Callable[..., Iterable[Any]]:
