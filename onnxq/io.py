@@ -64,9 +64,12 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OnnxqError(f"output folder does not exist: {folder}")
+    data_name = data_name or f"{path.name}.data"
+    for target in (path, folder / data_name):
+        if target.is_dir():
+            raise OnnxqError(f"cannot write {target}: it is a directory")
     if external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = data_name or f"{path.name}.data"
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     try:
         tmp_model = tmp / path.name
@@ -79,6 +82,11 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
             os.replace(tmp / data_name, folder / data_name)
         elif (folder / data_name).exists():
             (folder / data_name).unlink()  # a stale data file from an earlier external save
-        os.replace(tmp_model, path)
+        try:
+            os.replace(tmp_model, path)
+        except OSError:
+            if external_data:  # no data file without its model
+                (folder / data_name).unlink(missing_ok=True)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

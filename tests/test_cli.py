@@ -220,3 +220,13 @@ def test_output_onto_the_inputs_external_data_is_refused(tmp_path, capsys, targe
     err = capsys.readouterr().err
     assert "is the input's external data file" in err and err.count("\n") == 1, err
     assert data.read_bytes() == before
+
+
+def test_output_onto_a_directory_leaves_no_data_file(float_model, tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    out.mkdir()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["quantize", str(float_model), str(out), "--quiet", "--external-data", "always"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"onnxq: error: cannot write {out}: it is a directory\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before, "no q.onnx.data, no temp folder"
