@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 
-__all__ = ["load_model", "save_model", "EXTERNAL_DATA_THRESHOLD"]
+__all__ = ["load_model", "save_model", "check_external_data", "EXTERNAL_DATA_THRESHOLD"]
 
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024  # above this, weights go to external data (protobuf limit: 2 GB)
 
@@ -39,7 +39,31 @@ def load_model(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Mode
         raise OnnxqError(f"{path} is not a valid ONNX model ({type(exc).__name__}: {exc})") from None
     if loaded.graph is None or (not len(loaded.graph) and not loaded.graph.outputs):
         raise OnnxqError(f"{path} is not a valid ONNX model (it has an empty graph)")
+    check_external_data(loaded)
     return loaded
+
+
+def check_external_data(model: ir.Model) -> None:
+    """Every external tensor's file exists and holds its bytes (offset + length), before any work is done.
+
+    Raises:
+        OnnxqError: one line naming the tensor and the file.
+    """
+    sizes: dict[str, int | None] = {}
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if not isinstance(tensor, ir.ExternalTensor):
+                continue
+            file = os.path.join(tensor.base_dir, tensor.location)
+            if file not in sizes:
+                sizes[file] = os.path.getsize(file) if os.path.isfile(file) else None
+            if sizes[file] is None:
+                raise OnnxqError(f"external data file of tensor {value.name!r} not found: {file}")
+            end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+            if end > sizes[file]:
+                raise OnnxqError(f"external data file {file} is truncated: tensor {value.name!r} needs bytes up to "
+                                 f"{end}, the file has {sizes[file]}")
 
 
 def _initializer_bytes(model: ir.Model) -> int:

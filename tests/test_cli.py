@@ -230,3 +230,23 @@ def test_output_onto_a_directory_leaves_no_data_file(float_model, tmp_path, caps
     err = capsys.readouterr().err
     assert err == f"onnxq: error: cannot write {out}: it is a directory\n"
     assert sorted(p.name for p in tmp_path.rglob("*")) == before, "no q.onnx.data, no temp folder"
+
+
+@pytest.mark.parametrize("damage,message", [("missing", "external data file of tensor 'W' not found"),
+                                            ("truncated", "is truncated: tensor 'W' needs bytes up to")])
+@pytest.mark.parametrize("command", ["quantize", "inspect"])
+def test_broken_external_data_is_found_up_front(tmp_path, capsys, damage, message, command):
+    import onnxq
+
+    model = tmp_path / "ext.onnx"
+    onnxq.save(onnxq.api.load_model(matmul_model(weight((64, 16), seed=2), name="mm")), model, external_data=True)
+    data = tmp_path / "ext.onnx.data"
+    if damage == "missing":
+        data.unlink()
+    else:
+        data.write_bytes(data.read_bytes()[:100])
+    argv = [command, str(model)] + ([str(tmp_path / "q.onnx"), "--quiet"] if command == "quantize" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnxq: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "q.onnx").exists()
