@@ -9,13 +9,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 
-__all__ = ["load_model", "save_model", "check_external_data", "EXTERNAL_DATA_THRESHOLD"]
+__all__ = ["load_model", "save_model", "check_external_data", "external_data_files", "EXTERNAL_DATA_THRESHOLD"]
 
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024  # above this, weights go to external data (protobuf limit: 2 GB)
 
@@ -43,27 +44,35 @@ def load_model(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Mode
     return loaded
 
 
+def _external_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTensor, Path]]:
+    """``(initializer name, tensor, data file)`` of every initializer kept in external data."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.name, value.const_value, Path(value.const_value.base_dir) / value.const_value.location
+
+
+def external_data_files(model: ir.Model) -> list[Path]:
+    """The files ``model``'s initializers keep their data in (sorted, each once)."""
+    return sorted({path for _, _, path in _external_tensors(model)})
+
+
 def check_external_data(model: ir.Model) -> None:
     """Every external tensor's file exists and holds its bytes (offset + length), before any work is done.
 
     Raises:
         OnnxqError: one line naming the tensor and the file.
     """
-    sizes: dict[str, int | None] = {}
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if not isinstance(tensor, ir.ExternalTensor):
-                continue
-            file = os.path.join(tensor.base_dir, tensor.location)
-            if file not in sizes:
-                sizes[file] = os.path.getsize(file) if os.path.isfile(file) else None
-            if sizes[file] is None:
-                raise OnnxqError(f"external data file of tensor {value.name!r} not found: {file}")
-            end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
-            if end > sizes[file]:
-                raise OnnxqError(f"external data file {file} is truncated: tensor {value.name!r} needs bytes up to "
-                                 f"{end}, the file has {sizes[file]}")
+    sizes: dict[Path, int | None] = {}
+    for name, tensor, file in _external_tensors(model):
+        if file not in sizes:
+            sizes[file] = file.stat().st_size if file.is_file() else None
+        if sizes[file] is None:
+            raise OnnxqError(f"external data file of tensor {name!r} not found: {file}")
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if end > sizes[file]:
+            raise OnnxqError(f"external data file {file} is truncated: tensor {name!r} needs bytes up to "
+                             f"{end}, the file has {sizes[file]}")
 
 
 def _initializer_bytes(model: ir.Model) -> int:

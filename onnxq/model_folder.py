@@ -19,14 +19,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-import onnx
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 from onnxq.io import save_model
 
-__all__ = ["ModelFolder", "external_data_files", "open_model_folder", "write_model_folder"]
+__all__ = ["ModelFolder", "open_model_folder", "write_model_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +40,6 @@ class ModelFolder:
     path: Path
     model_file: Path
     kind: str
-    external_data: tuple[str, ...]  # external-data file names the model references (relative to the folder)
-
-
-def external_data_files(model_file: Path) -> tuple[str, ...]:
-    """File names the model's initializers keep their data in (read from the protobuf, no data loaded)."""
-    proto = onnx.load(str(model_file), load_external_data=False)
-    return tuple(sorted({entry.value for tensor in proto.graph.initializer
-                         if tensor.data_location == onnx.TensorProto.EXTERNAL
-                         for entry in tensor.external_data if entry.key == "location"}))
 
 
 def open_model_folder(path: str | os.PathLike) -> ModelFolder:
@@ -78,18 +69,16 @@ def open_model_folder(path: str | os.PathLike) -> ModelFolder:
         kind = "optimum" if (path / "config.json").is_file() else "onnx"
     if not model_file.is_file():
         raise OnnxqError(f"model file not found: {model_file}")
-    try:
-        external = external_data_files(model_file)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise OnnxqError(f"{model_file} is not a valid ONNX model ({type(exc).__name__}: {exc})") from None
-    return ModelFolder(path, model_file, kind, external)
+    return ModelFolder(path, model_file, kind)
 
 
-def write_model_folder(model: ir.Model, source: ModelFolder, output: str | os.PathLike) -> Path:
+def write_model_folder(model: ir.Model, source: ModelFolder, output: str | os.PathLike,
+                       source_data: Sequence[Path] = ()) -> Path:
     """Write ``model`` as ``output/<the source model's file name>`` with every other file of ``source`` copied.
 
-    The model keeps its external-data file name when the source had one (one file, e.g.
-    ``model.onnx.data`` or ``model.onnx_data``), else it is written as one file when it fits.
+    ``source_data``: the external-data files the source model read (``onnxq.io.external_data_files``
+    of it, taken before quantizing): they are not copied, and the model keeps the name when there
+    was one (e.g. ``model.onnx.data`` or ``model.onnx_data``); else it is written as one file when it fits.
     ``output`` must not exist, or be an empty folder; it appears only once complete.
 
     Returns:
@@ -105,7 +94,8 @@ def write_model_folder(model: ir.Model, source: ModelFolder, output: str | os.Pa
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        skip = {source.model_file.name, *source.external_data}
+        data_names = [p.name for p in source_data if p.parent.resolve() == source.path.resolve()]
+        skip = {source.model_file.name, *data_names}
         for item in sorted(source.path.iterdir()):
             if item.name in skip or item.name.startswith("."):
                 continue
@@ -113,7 +103,7 @@ def write_model_folder(model: ir.Model, source: ModelFolder, output: str | os.Pa
                 shutil.copytree(item, tmp / item.name)
             else:
                 shutil.copy2(item, tmp / item.name)
-        data_name = source.external_data[0] if len(source.external_data) == 1 else None
+        data_name = data_names[0] if len(data_names) == 1 else None
         save_model(model, tmp / source.model_file.name, external_data=True if data_name else None, data_name=data_name)
         if output.exists():
             output.rmdir()

@@ -10,14 +10,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import onnx_ir as ir
 
 from onnxq.calibration import NpzReader, TextReader
+from onnxq.calibration.tokenizer import TOKENIZER_JSON
 from onnxq.config import BNB4_TYPES, FORMATS, QuantConfig
 from onnxq.errors import OnnxqError
-from onnxq.model_folder import ModelFolder, external_data_files, open_model_folder
+from onnxq.model_folder import ModelFolder, open_model_folder
 
 __all__ = [
     "EXIT_USAGE",
@@ -127,9 +128,9 @@ def tokenizer_for(given: Path | None, model_path: Path, data: Path) -> Path:
     if given is not None:
         return given
     folder = model_path if model_path.is_dir() else model_path.parent
-    if (folder / "tokenizer.json").is_file():
-        return folder / "tokenizer.json"
-    raise OnnxqError(f"{data} is read as text and {folder} has no tokenizer.json: give --tokenizer "
+    if (folder / TOKENIZER_JSON).is_file():
+        return folder / TOKENIZER_JSON
+    raise OnnxqError(f"{data} is read as text and {folder} has no {TOKENIZER_JSON}: give --tokenizer "
                      "(a tokenizer.json, a folder holding one, or an ONNX tokenizer), or token ids as .npy")
 
 
@@ -153,23 +154,17 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(input_path: Path, output_path: Path) -> None:
-    """Refuse to write over the input model or any file it reads (its external data), by real path.
+def check_output(input_path: Path, output_path: Path, input_data: Sequence[Path]) -> None:
+    """Refuse to write over the input model or any file it reads (``input_data``: the loaded input's
+    ``onnxq.io.external_data_files``), by real path.
 
     The output's own data file (``OUT.data``) is checked too: writing it would destroy an input
     whose weights live there.
     """
     if same_file(input_path, output_path):
         raise OnnxqError(f"output path is the input model ({output_path}); choose another output file")
-    model_file = model_input(input_path)[0] if input_path.exists() else input_path
-    if not model_file.is_file():
-        return  # a missing or unreadable input is reported when it is loaded
-    try:
-        data_files = [model_file.parent / name for name in external_data_files(model_file)]
-    except Exception:  # not ONNX: the load reports it
-        return
     for written in (output_path, output_path.with_name(output_path.name + ".data")):
-        for data in data_files:
+        for data in input_data:
             if same_file(data, written):
                 raise OnnxqError(f"{written} is the input's external data file ({data}); choose another output")
 

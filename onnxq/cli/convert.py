@@ -6,7 +6,7 @@ from pathlib import Path
 
 from onnxq.api import save
 from onnxq.cli.common import check_output
-from onnxq.io import load_model
+from onnxq.io import external_data_files, load_model
 
 __all__ = ["add_parser", "run"]
 
@@ -25,8 +25,9 @@ def run(args: argparse.Namespace) -> int:
     """Convert ``args.input`` to the format ``args.to`` and write ``args.output``."""
     from onnxq.passes.convert import convert_model  # imported when the command runs, not to build the parser
 
-    check_output(args.input, args.output)
-    model = convert_model(load_model(args.input), args.to, accuracy_level=args.accuracy_level)
+    model = load_model(args.input)
+    check_output(args.input, args.output, external_data_files(model))
+    model = convert_model(model, args.to, accuracy_level=args.accuracy_level)
     save(model, args.output)
     print(f"wrote {args.output}")
     return 0

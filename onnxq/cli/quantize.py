@@ -12,7 +12,7 @@ from onnxq.api import quantize_with_report, save
 from onnxq.cli.common import add_settings, calibration_reader, check_output, config_from, model_input, progress_bar
 from onnxq.config import ALGORITHMS, QuantConfig
 from onnxq.errors import OnnxqError
-from onnxq.io import load_model
+from onnxq.io import external_data_files, load_model
 from onnxq.model_folder import ModelFolder, write_model_folder
 from onnxq.recipes.mixed_precision import DEFAULT_CANDIDATES, search_mixed_precision
 from onnxq.report import format_records, format_skipped, format_table, summary_line
@@ -72,16 +72,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Quantize ``args.input`` (a model, or a model folder) into ``args.output``; prints the per-node table
     unless ``--quiet``."""
+    start = time.perf_counter()
     model_file, folder, defaults = model_input(args.input)
     config = config_from(args, defaults)
-    check_output(args.input, args.output)
+    model = load_model(model_file)  # weights in external data stay on disk until quantized
+    input_data = external_data_files(model)
+    check_output(args.input, args.output, input_data)
     if not args.quiet:
         print(f"onnxq: {_describe(config)}", file=sys.stderr)
         hint = _speed_hint(folder, config)
         if hint:
             print(f"onnxq: {hint}", file=sys.stderr)
-    start = time.perf_counter()
-    model = load_model(model_file)
     reader = calibration_reader(args, config, model)
     if args.algo == "smoothquant":
         return _smoothquant(args, config, model, reader)
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             reader.rewind()
     result = quantize_with_report(model, config, reader, progress=progress)
     if folder is not None:
-        written = write_model_folder(result.model, folder, args.output)
+        written = write_model_folder(result.model, folder, args.output, input_data)
     else:
         save(result.model, args.output, external_data=_EXTERNAL_DATA[args.external_data])
         written = args.output

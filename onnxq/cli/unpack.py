@@ -6,7 +6,7 @@ from pathlib import Path
 
 from onnxq.api import save
 from onnxq.cli.common import check_output
-from onnxq.io import load_model
+from onnxq.io import external_data_files, load_model
 
 __all__ = ["add_parser", "run"]
 
@@ -23,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
     """Dequantize ``args.input`` and write the float model to ``args.output``."""
     from onnxq.passes.unpack import unpack_model  # imported when the command runs, not to build the parser
 
-    check_output(args.input, args.output)
-    model = unpack_model(load_model(args.input))
+    model = load_model(args.input)
+    check_output(args.input, args.output, external_data_files(model))
+    model = unpack_model(model)
     save(model, args.output)
     print(f"wrote {args.output}")
     return 0

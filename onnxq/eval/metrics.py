@@ -192,8 +192,10 @@ class _LM:
     def __init__(self, model: ModelLike, providers: list[str] | None, what: str, reuse_buffers: bool = True):
         self.session = make_session(model, providers, reuse_buffers=reuse_buffers)
         self.what = what
-        # from the graph when there is one: it tells the KV cache's head size where the inputs leave it symbolic
-        specs = specs_of_session(self.session) if isinstance(model, ort.InferenceSession) else input_specs(model)
+        specs = specs_of_session(self.session)
+        if not isinstance(model, ort.InferenceSession) and any(
+                s.name.startswith("past_key_values.") and (s.shape is None or None in s.shape[1::2]) for s in specs):
+            specs = input_specs(model)  # the graph tells a KV cache's head size where the inputs leave it symbolic
         self.filler = InputFiller(specs, f"the {what} model")
         outputs = [o.name for o in self.session.get_outputs()]
         self.output = "logits" if "logits" in outputs else outputs[0]
