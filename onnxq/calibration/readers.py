@@ -200,13 +200,15 @@ def iter_feeds(source, max_samples: int | None = None, model_inputs=None) -> Ite
     reader = as_reader(source)
     specs = None if model_inputs is None else input_specs(model_inputs)
     count = 0
+    filler = None
     while max_samples is None or count < max_samples:
         feed = reader.get_next()
         if feed is None:
             return
         if specs is not None:
             if "input_ids" in feed and any(spec.name not in feed for spec in specs):
-                feed = InputFiller(specs).complete(feed)  # e.g. an empty KV cache, masks, positions
+                filler = filler or InputFiller(specs)
+                feed = filler.complete(feed)  # e.g. an empty KV cache, masks, positions
             validate_feed(feed, specs)
         count += 1
         yield dict(feed)

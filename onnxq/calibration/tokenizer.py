@@ -10,6 +10,7 @@ if any, is nonzero) are concatenated, so special tokens it adds per call stay in
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -48,15 +49,21 @@ def tokenize(text: str, tokenizer: str | os.PathLike, chunk_chars: int = 4096) -
 
 
 def _tokenize_json(text: str, path: Path) -> np.ndarray:
+    tokenizer = _json_tokenizer(str(path), path.stat().st_mtime_ns)
+    return np.asarray(tokenizer.encode(text, add_special_tokens=True).ids, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _json_tokenizer(path: str, mtime_ns: int):
+    """The parsed ``tokenizer.json`` (kept: callers tokenize line by line); ``mtime_ns`` keys a changed file anew."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
         raise OnnxqError("a tokenizer.json needs the tokenizers package (pip install tokenizers)") from None
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        return Tokenizer.from_file(path)
     except Exception as exc:  # the Rust side raises its own exception type with the reason
         raise OnnxqError(f"cannot read tokenizer {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
-    return np.asarray(tokenizer.encode(text, add_special_tokens=True).ids, dtype=np.int64)
 
 
 def _chunks(text: str, chunk_chars: int) -> list[str]:
@@ -83,6 +90,20 @@ def _tokenize_onnx(text: str, path: Path, chunk_chars: int) -> np.ndarray:
     ``attention_mask`` of the same shape (padding is dropped). Its custom ops come from
     ``onnxruntime_extensions.get_library_path()``.
     """
+    session, input_name, names = _onnx_tokenizer(str(path), path.stat().st_mtime_ns)
+    parts = []
+    for chunk in _chunks(text, chunk_chars):
+        result = session.run(names, {input_name: np.array([chunk])})
+        ids = np.asarray(result[0]).astype(np.int64)
+        if len(result) > 1 and np.shape(result[1]) == ids.shape:
+            ids = ids[np.asarray(result[1]) != 0]
+        parts.append(ids.reshape(-1))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _onnx_tokenizer(path: str, mtime_ns: int):
+    """``(session, string input name, output names)`` of an ONNX tokenizer (kept, like :func:`_json_tokenizer`)."""
     import onnxruntime as ort
 
     try:
@@ -107,13 +128,6 @@ def _tokenize_onnx(text: str, path: Path, chunk_chars: int) -> np.ndarray:
     if ids_name is None:
         raise OnnxqError(f"tokenizer {path} has no integer output (outputs: {', '.join(outputs)})")
     names = [ids_name] + (["attention_mask"] if "attention_mask" in outputs else [])
-    parts = []
-    for chunk in _chunks(text, chunk_chars):
-        result = session.run(names, {first_input.name: np.array([chunk])})
-        ids = np.asarray(result[0]).astype(np.int64)
-        if len(result) > 1 and np.shape(result[1]) == ids.shape:
-            ids = ids[np.asarray(result[1]) != 0]
-        parts.append(ids.reshape(-1))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return session, first_input.name, names
 
 
