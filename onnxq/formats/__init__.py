@@ -11,7 +11,6 @@ from onnxq.formats.matmul_fpq4 import MatMulFpQ4Format
 from onnxq.formats.matmul_nbits import MatMulNBitsFormat, MatMulNBitsInitializers, make_matmul_nbits_initializers
 from onnxq.formats.qdq import QDQFormat
 from onnxq.formats.registry import (
-    format_names,
     format_of_node,
     get_format,
     register_format,
@@ -34,7 +33,6 @@ __all__ = [
     "QDQFormat",
     "WeightLayout",
     "WeightSettings",
-    "format_names",
     "format_of_node",
     "get_format",
     "make_matmul_nbits_initializers",

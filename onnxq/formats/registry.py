@@ -6,7 +6,7 @@ import onnx_ir as ir
 from onnxq.errors import OnnxqError
 from onnxq.formats.base import Format
 
-__all__ = ["register_format", "get_format", "format_names", "weight_format_names", "format_of_node",
+__all__ = ["register_format", "get_format", "weight_format_names", "format_of_node",
            "registered_formats"]
 
 _BY_NAME: dict[str, Format] = {}
@@ -23,11 +23,6 @@ def register_format(fmt: Format) -> Format:
 def registered_formats() -> list[Format]:
     """Every registered format, in registration order."""
     return list(_BY_NAME.values())
-
-
-def format_names() -> tuple[str, ...]:
-    """Names of all registered formats."""
-    return tuple(_BY_NAME)
 
 
 def weight_format_names() -> tuple[str, ...]:
