@@ -45,8 +45,9 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
     """Quantization settings shared by ``quantize`` and ``inspect`` (None = not given)."""
     group = parser.add_argument_group("quantization settings (override --config)")
     group.add_argument("--config", type=Path, help="JSON file with QuantConfig fields (bits, block_size, overrides, ...)")
-    group.add_argument("--bits", type=int, help="2, 4 or 8 (default 4)")
-    group.add_argument("--block-size", type=int, help="power of two >= 16, or -1 for per-channel (default 32)")
+    group.add_argument("--bits", type=int, help="2..8 as the format allows: MatMulNBits 2, 4 or 8 (default 4)")
+    group.add_argument("--block-size", type=int, help="elements of K per scale as the format allows (MatMulNBits: a "
+                                                      "power of two >= 16), or -1 for per-channel (default 32)")
     scheme = group.add_mutually_exclusive_group()
     scheme.add_argument("--asym", dest="symmetric", action="store_false", default=None, help="asymmetric (zero points)")
     scheme.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric, full range (default)")
