@@ -48,7 +48,8 @@ def quantize(
             a ModelOpt-style mapping of node-name wildcards to formats, e.g.
             ``{"*": "int4_b128", "*lm_head*": {"enable": False}, "algorithm": "awq"}``
             (see :meth:`QuantConfig.from_wildcards`).
-        calibration_data_reader: for calibrated algorithms (gptq, awq, teq, autoround): an
+        calibration_data_reader: for calibrated algorithms (gptq, awq, teq, autoround; optional for
+            k_quant): an
             onnxruntime ``CalibrationDataReader`` (``get_next()`` / ``rewind()``), a list of feeds, or
             any iterable of ``{graph input name: array}`` (see :mod:`onnxq.calibration`).
         progress: ``tqdm.tqdm``-like wrapper for progress (called with ``desc`` and ``unit``).
@@ -88,10 +89,11 @@ def quantize_with_report(
         raise OnnxqError(
             f"algorithm {config.algorithm!r} needs calibration data (calibration_data_reader, or --calib-data)"
         )
-    if not config.needs_calibration and calibration_data_reader is not None:
+    calibrated = calibration_data_reader is not None and config.uses_calibration
+    if calibration_data_reader is not None and not calibrated:
         logger.warning("algorithm %r does not use calibration data; the reader is ignored", config.algorithm)
     ir_model = load_model(model)
-    if config.needs_calibration:
+    if calibrated:
         result = calibrate_and_quantize(ir_model, config, calibration_data_reader, progress=progress,
                                         providers=providers)
     else:

@@ -16,11 +16,13 @@ from onnxq.algorithms.autoround import TuningConfig
 from onnxq.algorithms.awq import AWQConfig
 from onnxq.algorithms.gptq import GPTQConfig
 from onnxq.algorithms.hqq import HQQConfig
+from onnxq.algorithms.kquant import KQuantConfig
 from onnxq.algorithms.registry import algorithm_names, get_algorithm, registered_algorithms
 from onnxq.errors import OnnxqError
 from onnxq.formats.registry import get_format, weight_format_names
 
-__all__ = ["QuantConfig", "NodeSettings", "GPTQConfig", "AWQConfig", "HQQConfig", "TuningConfig", "CalibrationConfig",
+__all__ = ["QuantConfig", "NodeSettings", "GPTQConfig", "AWQConfig", "HQQConfig", "KQuantConfig", "TuningConfig",
+           "CalibrationConfig",
            "ALGORITHMS", "FORMATS", "BNB4_TYPES"]
 
 ALGORITHMS = algorithm_names()
@@ -85,7 +87,7 @@ class CalibrationConfig:
 _NESTED = {**{a.options_field: a.options_type for a in registered_algorithms() if a.options_field},
            "calibration": CalibrationConfig}
 _TOP_LEVEL_KEYS = ("algorithm", "format", "quantize_embeddings", "quant_type", "gptq", "awq", "hqq", "teq",
-                   "autoround", "calibration")
+                   "autoround", "k_quant", "calibration")
 _FORMAT_NAME = re.compile(r"^int(?P<bits>\d+)(?:_b(?P<block>-1|\d+))?(?:_(?P<scheme>sym|asym))?$")
 
 
@@ -125,8 +127,8 @@ class QuantConfig:
         accuracy_level: MatMulNBits compute mode (0 = the activation's own dtype;
             4 = int8 activations: faster, small extra error, known wrong-result reports
             on large-activation LLMs, so only on request).
-        algorithm: "rtn" (round to nearest), "hqq" (calibration-free), or "gptq", "awq", "teq",
-            "autoround" (these need calibration data).
+        algorithm: "rtn" (round to nearest), "hqq" (calibration-free), "k_quant" (calibration
+            optional), or "gptq", "awq", "teq", "autoround" (these need calibration data).
         mse_clip: per-block clip-ratio search minimising weight MSE.
         include: regexes; when given, only nodes whose name matches one are quantized.
         exclude: regexes; matching nodes are left in float.
@@ -138,7 +140,7 @@ class QuantConfig:
         quantize_embeddings: also quantize Gather on constant tables (GatherBlockQuantized for
             nbits, a DequantizeLinear for qdq); a tied embedding/lm_head shares one packed weight.
         quant_type: ``"nf4"`` or ``"fp4"`` for ``format="bnb4"``.
-        gptq, awq, hqq, teq, autoround, calibration: options of the algorithms.
+        gptq, awq, hqq, teq, autoround, k_quant, calibration: options of the algorithms.
     """
 
     bits: int = 4
@@ -158,11 +160,17 @@ class QuantConfig:
     hqq: HQQConfig = field(default_factory=HQQConfig)
     teq: TuningConfig = field(default_factory=TuningConfig)
     autoround: TuningConfig = field(default_factory=TuningConfig)
+    k_quant: KQuantConfig = field(default_factory=KQuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     @property
     def needs_calibration(self) -> bool:
         return get_algorithm(self.algorithm).calibrated
+
+    @property
+    def uses_calibration(self) -> bool:
+        """The algorithm uses calibration data when some is given (it may not need it: k_quant)."""
+        return get_algorithm(self.algorithm).uses_calibration
 
     @property
     def float_zero_points(self) -> bool:

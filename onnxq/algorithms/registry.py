@@ -6,12 +6,16 @@ e.g. q/k/v) from the statistics of that input into a :class:`Solution`: one
 that the caller divides the input by (AWQ, TEQ). The calibration driver
 (:mod:`onnxq.calibration.driver`) collects exactly the statistics an algorithm
 declares; calibration-free algorithms (RTN, HQQ) declare none and solve one weight
-at a time inside the quantization pass. No graph code here.
+at a time inside the quantization pass. An algorithm may also declare *optional*
+statistics (k_quant): it then runs like a calibration-free one, ``stats == {}``, when no
+calibration data is given, and through the driver, with those statistics, when data is
+given. No graph code here.
 
 Statistics (names the driver knows how to accumulate, per input tensor ``x: [T, K]``):
 
 * ``"hessian"``: ``H = 2/n X^T X`` float64 ``[K, K]`` (GPTQ);
 * ``"abs_mean"``: mean ``|x|`` per channel ``[K]`` (AWQ);
+* ``"sq_mean"``: mean ``x^2`` per channel ``[K]`` float64 (k_quant's importance, ``diag(H) / 2``);
 * ``"rows"``: a reservoir sample of rows ``[T', K]`` (AWQ, TEQ, AutoRound);
 * ``"count"`` is always given: the number of rows seen.
 """
@@ -29,7 +33,7 @@ from onnxq.errors import OnnxqError
 __all__ = ["STATISTICS", "SiblingGroup", "Solution", "Algorithm", "register_algorithm", "get_algorithm",
            "algorithm_names", "registered_algorithms", "effective_error"]
 
-STATISTICS = ("hessian", "abs_mean", "rows")
+STATISTICS = ("hessian", "abs_mean", "sq_mean", "rows")
 
 
 @dataclass(frozen=True)
@@ -74,19 +78,33 @@ class Algorithm(ABC):
 
     Class attributes:
         name: the ``algorithm`` / ``--algo`` value.
-        statistics: statistics of each input tensor it needs (empty: calibration-free).
+        statistics: statistics of each input tensor it needs (empty: it runs without data).
+        optional_statistics: statistics it uses when calibration data is given (and solves
+            without, from ``{}``, when not).
         options_field: the :class:`~onnxq.config.QuantConfig` field holding its options, or "".
         options_type: the frozen dataclass of those options (validated on construction).
     """
 
     name: ClassVar[str]
     statistics: ClassVar[tuple[str, ...]] = ()
+    optional_statistics: ClassVar[tuple[str, ...]] = ()
     options_field: ClassVar[str] = ""
     options_type: ClassVar[type | None] = None
 
     @property
     def calibrated(self) -> bool:
+        """Whether it needs calibration data."""
         return bool(self.statistics)
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether it uses calibration data when some is given (needed or optional)."""
+        return bool(self.statistics or self.optional_statistics)
+
+    @property
+    def collected_statistics(self) -> tuple[str, ...]:
+        """What the calibration driver collects for it: the needed statistics, then the optional ones."""
+        return self.statistics + tuple(s for s in self.optional_statistics if s not in self.statistics)
 
     def float_zero_points(self, options: Any) -> bool:
         """Whether its solutions carry float zero points (only formats that store them can take them)."""
@@ -102,7 +120,7 @@ class Algorithm(ABC):
 
     @abstractmethod
     def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: Any) -> Solution:
-        """Quantize ``group`` given the statistics of its input (``{}`` for calibration-free ones)."""
+        """Quantize ``group`` given the statistics of its input (``{}`` without calibration data)."""
 
 
 _BY_NAME: dict[str, Algorithm] = {}
@@ -112,7 +130,7 @@ def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
     """Class decorator: register one instance of ``cls`` under ``cls.name``."""
     if cls.name in _BY_NAME:
         raise ValueError(f"algorithm {cls.name!r} is registered twice")
-    unknown = set(cls.statistics) - set(STATISTICS)
+    unknown = set(cls.statistics + cls.optional_statistics) - set(STATISTICS)
     if unknown:
         raise ValueError(f"algorithm {cls.name!r} needs unknown statistics {sorted(unknown)}")
     _BY_NAME[cls.name] = cls()

@@ -7,7 +7,7 @@
 * :mod:`~onnxq.calibration.tokenizer`: ``tokenize`` with a ``tokenizer.json`` or an ONNX tokenizer.
 * :mod:`~onnxq.calibration.text`: ``TextReader``, windows of a tokenized text.
 * :mod:`~onnxq.calibration.probe`: ``ActivationProbe``, intermediate tensors of a model.
-* :mod:`~onnxq.calibration.accumulators`: streaming Hessian, mean/max ``|x|``, row sample.
+* :mod:`~onnxq.calibration.accumulators`: streaming Hessian, mean/max ``|x|``, mean ``x^2``, row sample.
 * :mod:`~onnxq.calibration.blocks`: ``find_blocks``, weight sites grouped into
   transformer blocks for sequential calibration.
 
@@ -18,6 +18,7 @@ from onnxq.calibration.accumulators import (
     AbsMeanAccumulator,
     Accumulator,
     HessianAccumulator,
+    MeanSquareAccumulator,
     RowSampler,
     rows_of,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "Block",
     "CalibrationDataReader",
     "HessianAccumulator",
+    "MeanSquareAccumulator",
     "InputFiller",
     "InputSpec",
     "ListReader",

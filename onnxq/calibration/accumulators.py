@@ -25,6 +25,7 @@ __all__ = [
     "AbsMaxAccumulator",
     "AbsMeanAccumulator",
     "HessianAccumulator",
+    "MeanSquareAccumulator",
     "RowSampler",
     "rows_of",
 ]
@@ -121,6 +122,27 @@ class AbsMeanAccumulator(_ChannelStat):
 
     def value(self) -> np.ndarray:
         """``[K]`` mean ``|x|`` over all rows seen (zeros before any row)."""
+        if self._sum is None or self.count == 0:
+            return np.zeros(self.k or 0, np.float64)
+        return self._sum / self.count
+
+
+class MeanSquareAccumulator(_ChannelStat):
+    """Mean ``x^2`` per input channel, ``[K]`` float64: ``diag(H) / 2`` of GPTQ's Hessian without the
+    ``[K, K]`` product (k_quant's importance; llama.cpp's importance matrix)."""
+
+    def __init__(self, k: int | None = None):
+        super().__init__(k)
+        self._sum: np.ndarray | None = None
+
+    def update(self, x: np.ndarray, mask: np.ndarray | None = None) -> None:
+        rows = self._rows(x, mask).astype(np.float64)
+        partial = np.einsum("tk,tk->k", rows, rows)
+        self._sum = partial if self._sum is None else self._sum + partial
+        self.count += rows.shape[0]
+
+    def value(self) -> np.ndarray:
+        """``[K]`` mean ``x^2`` over all rows seen (zeros before any row)."""
         if self._sum is None or self.count == 0:
             return np.zeros(self.k or 0, np.float64)
         return self._sum / self.count

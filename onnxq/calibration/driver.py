@@ -24,7 +24,8 @@ inputs that the quantized model will never produce.
 
 Weight sites inside subgraphs (If/Loop bodies) cannot be probed and get RTN, as do
 embeddings (``quantize_embeddings``), except a tied embedding, which reads its calibrated
-lm_head's packed weight. A weight shared by several nodes gets one
+lm_head's packed weight; an algorithm whose statistics are optional (k_quant) solves those
+sites itself, without statistics. A weight shared by several nodes gets one
 quantized copy per node, since the best quantization depends on each node's input.
 """
 from __future__ import annotations
@@ -38,7 +39,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.algorithms import SiblingGroup, get_algorithm
-from onnxq.calibration.accumulators import AbsMeanAccumulator, Accumulator, HessianAccumulator, RowSampler
+from onnxq.calibration.accumulators import (
+    AbsMeanAccumulator,
+    Accumulator,
+    HessianAccumulator,
+    MeanSquareAccumulator,
+    RowSampler,
+)
 from onnxq.calibration.blocks import Block, find_blocks
 from onnxq.calibration.probe import ActivationProbe
 from onnxq.calibration.readers import materialize
@@ -85,7 +92,8 @@ def calibrate_and_quantize(
 
     Args:
         model: the float model (rewritten in place).
-        config: a calibrated ``algorithm`` (gptq, awq, teq, autoround, ...), the format and settings.
+        config: an ``algorithm`` that uses calibration data (gptq, awq, teq, autoround, k_quant, ...), the
+            format and settings.
         calibration_data: a ``CalibrationDataReader`` (ORT's protocol), a list of feeds or any
             iterable of feeds (dicts of graph input name -> array).
         progress: ``tqdm.tqdm``-like wrapper (called with ``desc`` and ``unit``).
@@ -128,11 +136,13 @@ class _Driver:
                 self._sequential(model, blocks, feeds)
             else:
                 self._one_pass(model, blocks, feeds)
+        uncalibrated = self.algorithm if not self.algorithm.calibrated else get_algorithm("rtn")
         if nested:
-            logger.warning("%d weight sites inside subgraphs cannot be calibrated; they get RTN", len(nested))
+            logger.warning("%d weight sites inside subgraphs cannot be calibrated; they get %s", len(nested),
+                           uncalibrated.name)
         if nested or config.quantize_embeddings:
             self._rewrite(model, QuantizeWeightsPass(  # a tied embedding shares its calibrated lm_head's weight
-                config, solver_for(get_algorithm("rtn"), None), embeddings=config.quantize_embeddings,
+                config, solver_for(uncalibrated, self.options if uncalibrated is self.algorithm else None), embeddings=config.quantize_embeddings,
                 site_filter=lambda site: site.is_embedding or id(site.node) in nested, reuse=result.by_weight))
         return result
 
@@ -182,9 +192,10 @@ class _Driver:
         make = {
             "hessian": lambda: HessianAccumulator(k),
             "abs_mean": lambda: AbsMeanAccumulator(k),
+            "sq_mean": lambda: MeanSquareAccumulator(k),
             "rows": lambda: RowSampler(self.algorithm.sample_rows(self.options), seed=seed, k=k),
         }
-        return {name: make[name]() for name in self.algorithm.statistics}
+        return {name: make[name]() for name in self.algorithm.collected_statistics}
 
     def _collect(self, model, names: list[str], feed_names: list[str], feeds: list[Feed],
                  cached: list[Feed]) -> dict[str, dict[str, Accumulator]]:
@@ -207,7 +218,7 @@ class _Driver:
         values: dict[str, Any] = {"count": next(iter(accumulators.values())).count}
         for stat, accumulator in accumulators.items():
             values[stat] = {"hessian": lambda a: a.hessian, "abs_mean": lambda a: a.value(),
-                            "rows": lambda a: a.rows()}[stat](accumulator)
+                            "sq_mean": lambda a: a.value(), "rows": lambda a: a.rows()}[stat](accumulator)
         if "hessian" in accumulators and values["count"] < 2 * k and not self._warned_rows:
             self._warned_rows = True
             logger.warning("%s: only %d calibration rows for %r (K=%d): the solution may overfit; give more "

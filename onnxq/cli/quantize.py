@@ -34,9 +34,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="write weights to OUTPUT.data (auto: when the weights exceed 1.5 GB)",
     )
     q.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
-    calib = q.add_argument_group("calibrated algorithms (--algo gptq|awq)")
+    calib = q.add_argument_group("calibrated algorithms (--algo gptq|awq|..., optional for k_quant)")
     calib.add_argument("--algo", choices=(*ALGORITHMS, "smoothquant"),
-                       help="rtn (default), hqq (no data needed), gptq, awq, awq+gptq, teq or autoround (need --calib-data); "
+                       help="rtn (default), hqq (no data needed), k_quant (llama.cpp's weighted scale search; "
+                            "--calib-data optional), gptq, awq, awq+gptq, teq or autoround (need --calib-data); "
                             "smoothquant: W8A8 (int8 weights and activations, QDQ) with SmoothQuant")
     calib.add_argument("--sq-alpha", default="auto",
                        help="SmoothQuant migration strength in [0, 1], or 'auto' (default: searched per input group)")
@@ -75,11 +76,12 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model_file, folder, defaults = model_input(args.input)
     config = config_from(args, defaults)
+    calibrated = config.needs_calibration or (args.calib_data is not None and config.uses_calibration)
     model = load_model(model_file)  # weights in external data stay on disk until quantized
     input_data = external_data_files(model)
     check_output(args.input, args.output, input_data)
     if not args.quiet:
-        print(f"onnxq: {_describe(config)}", file=sys.stderr)
+        print(f"onnxq: {_describe(config, calibrated)}", file=sys.stderr)
         hint = _speed_hint(folder, config)
         if hint:
             print(f"onnxq: {hint}", file=sys.stderr)
@@ -121,11 +123,11 @@ def _speed_hint(folder: ModelFolder | None, config: QuantConfig) -> str | None:
     return None
 
 
-def _describe(config: QuantConfig) -> str:
+def _describe(config: QuantConfig, calibrated: bool) -> str:
     block = "per-channel" if config.block_size == -1 else f"block {config.block_size}"
     scheme = "sym" if config.symmetric else "asym"
     extras = f", {len(config.overrides)} overrides" if config.overrides else ""
-    if config.needs_calibration:
+    if calibrated:
         mode = "sequential" if config.calibration.sequential else "one pass"
         extras += f", {config.calibration.samples} calibration samples ({mode})"
     return (f"{config.algorithm} int{config.bits} {block} {scheme}, accuracy_level {config.accuracy_level}"
