@@ -107,7 +107,15 @@ def quantize_with_report(
 
 
 def save(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> None:
-    """Write ``model`` atomically; see :func:`onnxq.io.save_model`."""
+    """Write ``model`` atomically; see :func:`onnxq.io.save_model`.
+
+    ``external_data``: ``True`` weights in ``<path>.data``, ``False`` one file, ``None`` external data
+    when the model was read from external data or its weights exceed 256 MiB.
+
+    Raises:
+        OnnxqError: ``cannot write PATH: <reason>`` (permission, a directory, disk full, ...), or
+            ``PATH is being written by pid N``; nothing is left behind.
+    """
     save_model(model, path, external_data)
 
 

@@ -8,8 +8,8 @@
 
 :func:`open_model_folder` finds the model; :func:`write_model_folder` writes the quantized
 model under the input's file name, keeps its external-data file name, and copies every other
-file (configs, tokenizer, chat template), all into a temporary folder renamed into place once
-complete.
+file (configs, tokenizer, chat template), all into a temporary folder ``OUT.onnxq-tmp-<pid>-*``
+renamed into place once complete, under the output's lock (:mod:`onnxq.atomic`).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from typing import Sequence
 
 import onnx_ir as ir
 
+from onnxq.atomic import commit, output_lock, temp_folder, write_error
 from onnxq.errors import OnnxqError
 from onnxq.io import save_model
 
@@ -81,6 +82,10 @@ def write_model_folder(model: ir.Model, source: ModelFolder, output: str | os.Pa
     was one (e.g. ``model.onnx.data`` or ``model.onnx_data``); else it is written as one file when it fits.
     ``output`` must not exist, or be an empty folder; it appears only once complete.
 
+    Raises:
+        OnnxqError: ``output`` exists and is not empty, ``cannot write OUTPUT: <reason>``, or
+            ``OUTPUT is being written by pid N``.
+
     Returns:
         The path of the written model.
     """
@@ -90,24 +95,24 @@ def write_model_folder(model: ir.Model, source: ModelFolder, output: str | os.Pa
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise OnnxqError(f"output folder's parent does not exist: {parent}")
-    tmp = parent / f".{output.name}.onnxq-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with output_lock(output), temp_folder(output) as tmp:
         data_names = [p.name for p in source_data if p.parent.resolve() == source.path.resolve()]
         skip = {source.model_file.name, *data_names}
-        for item in sorted(source.path.iterdir()):
-            if item.name in skip or item.name.startswith("."):
-                continue
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name)
-            else:
-                shutil.copy2(item, tmp / item.name)
+        try:
+            for item in sorted(source.path.iterdir()):
+                if item.name in skip or item.name.startswith("."):
+                    continue
+                if item.is_dir():
+                    shutil.copytree(item, tmp / item.name)
+                else:
+                    shutil.copy2(item, tmp / item.name)
+        except OSError as exc:
+            raise write_error(output, exc) from None
         data_name = data_names[0] if len(data_names) == 1 else None
-        save_model(model, tmp / source.model_file.name, external_data=True if data_name else None, data_name=data_name)
-        if output.exists():
-            output.rmdir()
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(model, tmp / source.model_file.name, external_data=True if data_name else None,
+                   data_name=data_name)
+        try:
+            commit([(tmp, output)])  # a rename onto an empty folder replaces it
+        except OSError as exc:
+            raise write_error(output, exc) from None
     return output / source.model_file.name

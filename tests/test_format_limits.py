@@ -60,9 +60,9 @@ def _reference(fmt, w, bits, block, symmetric, quant_type="nf4"):
 
 
 def _expected_block(fmt, block):
-    if block != -1:
-        return block
-    return fmt.resolve_block_size(-1, K)
+    """The block ``fmt`` writes: -1 resolved for K, and (MatMulNBits, GatherBlockQuantized) a block larger
+    than K as one block over K."""
+    return fmt.resolve_block_size(block, K)
 
 
 CASES = [(fmt.name, bits, block, symmetric) for fmt in registered_formats() for bits in BITS
@@ -87,8 +87,9 @@ def test_error_or_correct_model(models, tmp_path, capsys, name, bits, block, sym
     code = main(["quantize", str(path), str(out), *flags])
     err = capsys.readouterr().err
     resolved = _expected_block(fmt, block)
-    # the weight format's own K-independent limits apply to the settings as a whole (checked up front)
-    settings_ok = weight_format is fmt or weight_format.validate(
+    # the weight format's own K-independent limits apply to the settings as given (checked up front, so
+    # 2-bit block 512 is refused even where K would make it one block of 256)
+    settings_ok = weight_format.validate(
         WeightSettings(bits, None if block == -1 else block, symmetric), None, None) is None
     declared_ok = 2 <= bits <= 8 and resolved is not None and settings_ok and fmt.validate(
         WeightSettings(bits, resolved, symmetric), K, N) is None

@@ -214,7 +214,7 @@ class ActivationProbe:
         for value in self._outputs:
             ir.serde.serialize_value_into(g.output.add(), value)
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: a failed run is raised as one OnnxqError line
         # ORT fuses constant DequantizeLinear -> MatMul into MatMulNBits with int8 activations by
         # default; calibration must see the exact float product the weights define
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
@@ -238,7 +238,11 @@ class ActivationProbe:
         if self._outputs:
             if self._session is None:
                 self._session = self._build(feed)
-            arrays = self._session.run([v.name for v in self._outputs], {n: feed[n] for n in self._session_inputs})
+            try:
+                arrays = self._session.run([v.name for v in self._outputs],
+                                           {n: feed[n] for n in self._session_inputs})
+            except Exception as exc:  # onnxruntime raises several types; e.g. token ids beyond the vocabulary
+                raise OnnxqError(f"onnxruntime failed on a calibration sample: {str(exc).splitlines()[0]}") from None
             result.update(zip((v.name for v in self._outputs), arrays))
         return {name: result[name] for name in self.tensor_names}
 

@@ -3,7 +3,9 @@
 One module per subcommand (``add_parser(subparsers)`` and ``run(args) -> int``),
 shared pieces in :mod:`onnxq.cli.common`, and one error handler, in :func:`main`:
 every user error (bad file, bad setting, nothing to quantize, a failed read or
-write) is printed as one line ``onnxq: error: ...`` on stderr with exit code 2.
+write) is printed as one line ``onnxq: error: ...`` on stderr with exit code 2. SIGINT,
+SIGTERM and SIGHUP stop a run the same way: temp files are removed (the writers' ``finally``
+blocks run), one line says whether the output was written, and the exit code is 128 + the signal.
 
 The subcommand modules are all imported to build the parser, so at module level
 they import only what the parser needs and what ``import onnxq`` loads anyway; the
@@ -15,21 +17,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from typing import Sequence
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
 
 from onnxq.cli import convert, eval, inspect, quantize, summary, unpack
 from onnxq.cli.common import EXIT_USAGE, Parser
 from onnxq.errors import OnnxqError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["Interrupted", "main", "build_parser"]
 
 # in the order `--help` lists them
 _COMMANDS = {"quantize": quantize, "convert": convert, "eval": eval, "summary": summary, "unpack": unpack,
              "inspect": inspect}
-
-_EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; ``args.command`` names the one given."""
@@ -42,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit code (0, 2 for a user error, 130 when interrupted)."""
+    """Entry point; returns the process exit code (0, 2 for a user error, 128 + the signal when interrupted).
+
+    SIGTERM and SIGHUP are handled like SIGINT (Ctrl-C): the run stops, its temp files are removed,
+    and one line says what is on disk.
+    """
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
@@ -50,15 +57,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    output = getattr(args, "output", None)
+    before = _identity(output)
+    with _signals_interrupt():
+        try:
+            return _COMMANDS[args.command].run(args)
+        except OnnxqError as exc:
+            return _error(str(exc))
+        except OSError as exc:
+            return _error(_os_error_message(exc))
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            print(f"onnxq: {_interrupted(signum, output, before)}", file=sys.stderr)
+            return 128 + signum
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Interrupted` while the block runs (unless ignored, as under nohup)."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+                previous[sig] = signal.signal(sig, _raise_interrupted)
     try:
-        return _COMMANDS[args.command].run(args)
-    except OnnxqError as exc:
-        return _error(str(exc))
-    except OSError as exc:
-        return _error(_os_error_message(exc))
-    except KeyboardInterrupt:
-        print("onnxq: interrupted; nothing was written", file=sys.stderr)
-        return _EXIT_INTERRUPTED
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _identity(path: Path | None) -> tuple[int, int] | None:
+    """``(inode, mtime)`` of ``path``, None when absent: a changed identity means a new, complete output."""
+    try:
+        stat = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_ino, stat.st_mtime_ns)
+
+
+def _interrupted(signum: int, output: Path | None, before: tuple[int, int] | None) -> str:
+    """What an interrupted run left: outputs are renamed into place whole, so a new one is complete."""
+    how = "interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}"
+    after = _identity(output)
+    if after is not None and after != before:
+        return f"{how} after {output} was written; it is complete"
+    if after is not None:
+        return f"{how}; nothing was written ({output} is as it was)"
+    return f"{how}; nothing was written"
 
 
 def _error(message: str) -> int:

@@ -12,7 +12,8 @@ from onnxq.api import quantize_with_report, save
 from onnxq.cli.common import add_settings, calibration_reader, check_output, config_from, model_input, progress_bar
 from onnxq.config import ALGORITHMS, QuantConfig
 from onnxq.errors import OnnxqError
-from onnxq.io import external_data_files, load_model
+from onnxq.atomic import output_lock
+from onnxq.io import check_output_path, external_data_files, load_model
 from onnxq.model_folder import ModelFolder, write_model_folder
 from onnxq.recipes.mixed_precision import DEFAULT_CANDIDATES, search_mixed_precision
 from onnxq.report import format_records, format_skipped, format_table, summary_line
@@ -31,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_settings(q)
     q.add_argument(
         "--external-data", choices=tuple(_EXTERNAL_DATA), default="auto",
-        help="write weights to OUTPUT.data (auto: when the weights exceed 1.5 GB)",
+        help="write weights to OUTPUT.data (auto, the default: when the input has external data or the "
+             "output's weights exceed 256 MiB, so weights are written one at a time)",
     )
     q.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     calib = q.add_argument_group("calibrated algorithms (--algo gptq|awq|..., optional for k_quant)")
@@ -72,7 +74,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Quantize ``args.input`` (a model, or a model folder) into ``args.output``; prints the per-node table
-    unless ``--quiet``."""
+    unless ``--quiet``. The output is locked for the whole run: a second writer fails at once."""
+    with output_lock(args.output):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model_file, folder, defaults = model_input(args.input)
     config = config_from(args, defaults)
@@ -80,12 +87,17 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(model_file)  # weights in external data stay on disk until quantized
     input_data = external_data_files(model)
     check_output(args.input, args.output, input_data)
+    if folder is None:
+        check_output_path(args.output)
+    reader = calibration_reader(args, config, model)
+    samples = None if reader is None else min(config.calibration.samples, len(reader))  # what the file holds
     if not args.quiet:
-        print(f"onnxq: {_describe(config, calibrated)}", file=sys.stderr)
-        hint = _speed_hint(folder, config)
+        smoothquant = args.algo == "smoothquant"
+        print(f"onnxq: {_describe_w8a8(args, samples) if smoothquant else _describe(config, calibrated, samples)}",
+              file=sys.stderr)
+        hint = None if smoothquant else _speed_hint(folder, config)
         if hint:
             print(f"onnxq: {hint}", file=sys.stderr)
-    reader = calibration_reader(args, config, model)
     if args.algo == "smoothquant":
         return _smoothquant(args, config, model, reader)
     progress = progress_bar(args.quiet)
@@ -94,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
         if hasattr(reader, "rewind"):
             reader.rewind()
     result = quantize_with_report(model, config, reader, progress=progress)
+    clamped = _clamped_blocks(config, result.records)
+    if clamped:
+        print(f"onnxq: {clamped}", file=sys.stderr)
     if folder is not None:
         written = write_model_folder(result.model, folder, args.output, input_data)
     else:
@@ -123,15 +138,40 @@ def _speed_hint(folder: ModelFolder | None, config: QuantConfig) -> str | None:
     return None
 
 
-def _describe(config: QuantConfig, calibrated: bool) -> str:
+def _describe(config: QuantConfig, calibrated: bool, samples: int | None) -> str:
     block = "per-channel" if config.block_size == -1 else f"block {config.block_size}"
     scheme = "sym" if config.symmetric else "asym"
     extras = f", {len(config.overrides)} overrides" if config.overrides else ""
     if calibrated:
         mode = "sequential" if config.calibration.sequential else "one pass"
-        extras += f", {config.calibration.samples} calibration samples ({mode})"
+        extras += f", {config.calibration.samples if samples is None else samples} calibration samples ({mode})"
     return (f"{config.algorithm} int{config.bits} {block} {scheme}, accuracy_level {config.accuracy_level}"
             f"{', mse clip' if config.mse_clip else ''}{extras}")
+
+
+def _describe_w8a8(args: argparse.Namespace, samples: int | None) -> str:
+    """The settings line of ``--algo smoothquant`` (W8A8: none of the weight-only settings apply)."""
+    smooth = "static, no SmoothQuant" if args.no_smooth else f"SmoothQuant alpha {args.sq_alpha}"
+    data = "" if samples is None else f", {samples} calibration samples"
+    return f"smoothquant W8A8 (QDQ int8 weights and activations, {_w8a8_weight_bits(args)}-bit weights), {smooth}{data}"
+
+
+def _w8a8_weight_bits(args: argparse.Namespace) -> int:
+    """7 (``--weight-range 7bit``, or auto on a CPU without VNNI) or 8."""
+    return 7 if args.weight_range == "7bit" or (args.weight_range == "auto" and not _has_vnni()) else 8
+
+
+def _clamped_blocks(config: QuantConfig, records) -> str | None:
+    """One line when some nodes were written with a smaller block than asked: a block larger than K
+    only adds padding (MatMulNBits pads K to the block), so the format uses one block over K."""
+    clamped = [r for r in records if (asked := config.settings_for(r.name)) is not None
+               and asked.block_size != -1 and r.block_size < asked.block_size]
+    if not clamped:
+        return None
+    asked = sorted({config.settings_for(r.name).block_size for r in clamped})
+    written = sorted({r.block_size for r in clamped})
+    return (f"block_size {'/'.join(map(str, asked))} is larger than K on {len(clamped)} of {len(records)} nodes: "
+            f"those use one block over K (block {'/'.join(map(str, written))}: the same values, without padding)")
 
 
 def _smoothquant(args: argparse.Namespace, config: QuantConfig, model: ir.Model, reader) -> int:
@@ -141,7 +181,7 @@ def _smoothquant(args: argparse.Namespace, config: QuantConfig, model: ir.Model,
         raise OnnxqError("--algo smoothquant needs calibration data (--calib-data)")
     alpha = args.sq_alpha if args.sq_alpha == "auto" else _float(args.sq_alpha, "--sq-alpha")
     start = time.perf_counter()
-    reduce_range = args.weight_range == "7bit" or (args.weight_range == "auto" and not _has_vnni())
+    reduce_range = _w8a8_weight_bits(args) == 7
     quantize_w8a8(model, reader, args.output, smooth=not args.no_smooth, alpha=alpha,
                   samples=config.calibration.samples, reduce_range=reduce_range,
                   external_data=_EXTERNAL_DATA[args.external_data])

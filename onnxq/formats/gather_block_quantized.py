@@ -28,6 +28,7 @@ from onnxq.errors import OnnxqError
 from onnxq.formats.base import MS_DOMAIN, Constant, Format, WeightLayout, WeightSettings, int_attributes
 from onnxq.formats.matmul_nbits import (
     MatMulNBitsInitializers,
+    covering_block_size,
     make_matmul_nbits_initializers,
     nbits_stored_bytes,
     power_of_two_block_reason,
@@ -166,6 +167,10 @@ class GatherBlockQuantizedFormat(Format):
     bits = (2, 4, 8)
     sites = "gather"
     layout = "nbits"
+
+    def resolve_block_size(self, block_size: int, k: int | None) -> int | None:
+        """-1 and blocks larger than the table's D: one block over D (:func:`covering_block_size`)."""
+        return covering_block_size(super().resolve_block_size(block_size, k), k)
 
     def block_size_reason(self, bits: int, block_size: int) -> str | None:
         return power_of_two_block_reason(self.op_type, block_size)

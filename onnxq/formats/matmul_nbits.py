@@ -10,7 +10,9 @@ Layout (checked bit-exact against ORT's ``quantize_matmul_{2,4,8}bits``):
 * ``g_idx`` is never emitted (deprecated; act-order is baked into the weights).
 
 CPU kernel limits (onnxruntime 1.32): bits 2, 4 or 8; block_size a power of two >= 16;
-2-bit needs block_size <= 256; float zero points only with 2 or 4 bits.
+2-bit needs block_size <= 256; float zero points only with 2 or 4 bits. A block larger than
+K is written as one block over K (the smallest power of two >= 16 covering K): the same values
+without the padding.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from onnxq.formats.base import (
     WeightLayout,
     WeightSettings,
     int_attributes,
+    next_power_of_two_block,
 )
 from onnxq.graph.constants import constant_value
 
@@ -35,6 +38,7 @@ __all__ = [
     "MS_DOMAIN",
     "MatMulNBitsFormat",
     "MatMulNBitsInitializers",
+    "covering_block_size",
     "make_matmul_nbits_initializers",
     "make_matmul_nbits_node",
     "nbits_block_size_reason",
@@ -79,6 +83,18 @@ def power_of_two_block_reason(op_type: str, block_size: int) -> str | None:
     if not (isinstance(block_size, (int, np.integer)) and block_size >= 16 and block_size & (block_size - 1) == 0):
         return f"{op_type} block_size must be a power of two >= 16, got {block_size!r}"
     return None
+
+
+def covering_block_size(block_size: int | None, k: int | None) -> int | None:
+    """``block_size``, or one block over K when a valid ``block_size`` is larger than that block.
+
+    MatMulNBits' layout (and GatherBlockQuantized's) pads K up to a multiple of the block, so a
+    block larger than the smallest power of two >= K covering K only stores padding: the same
+    scales and codes in up to block/K times the bytes (8192 on K=256: 4x the float weight).
+    """
+    if block_size is None or k is None or power_of_two_block_reason("", block_size) is not None:
+        return block_size
+    return min(block_size, next_power_of_two_block(k))
 
 
 def nbits_block_size_reason(bits: int, block_size: int) -> str | None:
@@ -227,6 +243,10 @@ class MatMulNBitsFormat(Format):
     embedding_format = "gather"
     layout = "nbits"
     float_zero_point_bits = (2, 4)
+
+    def resolve_block_size(self, block_size: int, k: int | None) -> int | None:
+        """-1 and blocks larger than K: one block over K (:func:`covering_block_size`)."""
+        return covering_block_size(super().resolve_block_size(block_size, k), k)
 
     def block_size_reason(self, bits: int, block_size: int) -> str | None:
         return nbits_block_size_reason(bits, block_size)

@@ -27,10 +27,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +48,8 @@ from onnxq.algorithms.smoothquant import (
 )
 from onnxq.calibration import AbsMaxAccumulator, ActivationProbe, ListReader, RowSampler, materialize
 from onnxq.errors import OnnxqError
-from onnxq.io import EXTERNAL_DATA_THRESHOLD, load_model, save_model
+from onnxq.atomic import commit, output_lock, temp_folder, write_error
+from onnxq.io import check_output_path, load_model, save_model, wants_external_data
 from onnxq.graph.constants import add_initializer
 from onnxq.graph.scale_folding import fold_input_scale
 from onnxq.graph.sites import WeightSite, find_weight_sites
@@ -300,7 +301,7 @@ def quantize_w8a8(
             not activation x activation MatMuls such as attention scores. The outputs of
             quantized nodes stay float (int8 GEMM, float result, as in the paper).
         external_data: weights in external data for the intermediate and output files;
-            None decides by size (above 1.5 GB of float weights).
+            None: as :func:`onnxq.io.wants_external_data` (an input in external data, or above 256 MiB).
         extra_options: more ``quantize_static`` ``extra_options`` (they win over ours).
 
     Returns:
@@ -322,8 +323,7 @@ def quantize_w8a8(
         ir_model.metadata_props[SMOOTH_REPORT_KEY] = json.dumps(
             {"alpha": alpha, "groups": {g.activation: round(g.alpha, 2) for g in groups}})
     if external_data is None:
-        external_data = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values()
-                            if v.const_value is not None) > EXTERNAL_DATA_THRESHOLD
+        external_data = wants_external_data(ir_model)
     # int8 x int8 products with float outputs (SmoothQuant's W8A8 GEMM): no QDQ on the outputs
     options = {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"], **(extra_options or {})}
     nodes_to_quantize = None
@@ -332,17 +332,33 @@ def quantize_w8a8(
         if not nodes_to_quantize:
             raise OnnxqError("no MatMul/Gemm node with a constant weight to quantize")
     out_path = None if output is None else Path(output)
-    folder = Path(".") if out_path is None else (out_path.parent if str(out_path.parent) else Path("."))
-    if out_path is not None and not folder.is_dir():
-        raise OnnxqError(f"output folder does not exist: {folder}")
+    if out_path is not None:
+        check_output_path(out_path)
+    with ExitStack() as stack:
+        if out_path is None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxq-w8a8-")))
+        else:
+            stack.enter_context(output_lock(out_path))
+            tmp = stack.enter_context(temp_folder(out_path))
+        return _quantize_static(ir_model, feeds, tmp, out_path, external_data, per_channel=per_channel,
+                                reduce_range=reduce_range, activation_type=activation_type,
+                                nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude,
+                                providers=providers, options=options, smooth=smooth, start=start)
+
+
+def _quantize_static(ir_model: ir.Model, feeds: list, tmp: Path, out_path: Path | None, external_data: bool, *,
+                     per_channel: bool, reduce_range: bool, activation_type: str,
+                     nodes_to_quantize: list[str] | None, nodes_to_exclude: Collection[str], providers,
+                     options: dict, smooth: bool, start: float) -> Path | onnx.ModelProto:
+    """ORT's ``quantize_static`` on ``ir_model`` saved in ``tmp``; the result committed to ``out_path``
+    (or returned as a ModelProto when None)."""
     out_name = "model.onnx" if out_path is None else out_path.name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_name}.", dir=folder if out_path is not None else None))
+    float_path = tmp / "float" / "model.onnx"
+    float_path.parent.mkdir()
+    save_model(ir_model, float_path, external_data=external_data)
+    quant_path = tmp / out_name
     try:
-        float_path = tmp / "float" / "model.onnx"
-        float_path.parent.mkdir()
-        save_model(ir_model, float_path, external_data=external_data)
-        quant_path = tmp / out_name
-        try:
+        with _ort_warnings_as_debug():
             quantize_static(
                 float_path, quant_path, FeedListReader(feeds),
                 quant_format=QuantFormat.QDQ,
@@ -358,18 +374,41 @@ def quantize_w8a8(
                 calibration_providers=providers,
                 extra_options=options,
             )
-        except Exception as exc:  # onnxruntime raises many types
-            raise OnnxqError(f"onnxruntime's static quantizer failed: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-        logger.info("w8a8%s: quantized in %.1f s", " + smoothquant" if smooth else "", time.perf_counter() - start)
-        if out_path is None:
-            return onnx.load(quant_path, load_external_data=True)
-        data_name = f"{out_name}.data"
-        if external_data:
-            os.replace(tmp / data_name, folder / data_name)
-        elif (folder / data_name).exists():
-            (folder / data_name).unlink()  # a stale data file from an earlier external save
-        os.replace(quant_path, out_path)
-        return out_path
+    except Exception as exc:  # onnxruntime raises many types
+        raise OnnxqError(f"onnxruntime's static quantizer failed: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    logger.info("w8a8%s: quantized in %.1f s", " + smoothquant" if smooth else "", time.perf_counter() - start)
+    if out_path is None:
+        return onnx.load(quant_path, load_external_data=True)
+    folder = out_path.parent if str(out_path.parent) else Path(".")
+    data_name = f"{out_name}.data"
+    written_data = external_data and (tmp / data_name).exists()
+    try:
+        commit([*([(tmp / data_name, folder / data_name)] if written_data else []), (quant_path, out_path)],
+               remove=[] if written_data else [folder / data_name])
+    except OSError as exc:
+        raise write_error(out_path, exc) from None
+    return out_path
+
+
+class _DebugFilter(logging.Filter):
+    """Drops records below ERROR that are logged on the root logger, re-logging them on ours at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        logger.debug("onnxruntime: %s", record.getMessage())
+        return False
+
+
+@contextmanager
+def _ort_warnings_as_debug() -> Iterator[None]:
+    """onnxruntime.quantization warns on the root logger (``Please consider to run pre-processing ... <URL>``,
+    tensors whose type it cannot infer): advice for its own users, noise for ours (shown with ``-v``)."""
+    root = logging.getLogger()
+    quiet = _DebugFilter()
+    root.addFilter(quiet)
+    try:
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        root.removeFilter(quiet)
