@@ -137,3 +137,47 @@ def test_external_data_input_saved_embedded(tmp_path, mode):
     (y,) = run(out, {"ids": ids})
     (y_float,) = run(src_dir / "model.onnx", {"ids": ids})
     assert np.linalg.norm(y - y_float) / np.linalg.norm(y_float) < 0.15
+
+
+def test_block_larger_than_k_is_one_block_over_k(tmp_path, capsys):
+    """--block-size 8192 on K=256 would pad K 32x (a model 4x its float size): written as block 256, said so."""
+    model, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(matmul_model(weight((256, 64), seed=0)), model)
+    assert main(["quantize", str(model), str(out), "--block-size", "8192", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "block_size 8192 is larger than K on 1 of 1 nodes: those use one block over K (block 256" in err
+    attrs = {a.name: a.i for a in onnx.load(out).graph.node[0].attribute}
+    assert attrs["block_size"] == 256 and out.stat().st_size < model.stat().st_size / 4
+    x = np.random.default_rng(0).standard_normal((1, 7, 256)).astype(np.float32)
+    (y,) = run(out, {"x": x})
+    (y_per_channel,) = run(_quantized(model, tmp_path / "pc.onnx", "--block-size", "-1"), {"x": x})
+    np.testing.assert_array_equal(y, y_per_channel)  # the same values as one block over K
+
+
+def _quantized(model, out, *flags):
+    assert main(["quantize", str(model), str(out), "--quiet", *flags]) == 0
+    return out
+
+
+@pytest.fixture
+def token_ids(tmp_path) -> Path:
+    """16 windows of 64 tokens for the example model (vocabulary 512)."""
+    path = tmp_path / "ids.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 512, 16 * 64).astype(np.int64))
+    return path
+
+
+def test_calibrated_run_announces_the_samples_it_uses(token_ids, tmp_path, capsys):
+    assert main(["quantize", str(EXAMPLE), str(tmp_path / "q.onnx"), "--algo", "gptq", "--calib-data", str(token_ids),
+                 "--seq-len", "64"]) == 0
+    settings_line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("onnxq: gptq"))
+    assert "16 calibration samples" in settings_line  # the file holds 16 windows; --samples defaults to 128
+
+
+def test_smoothquant_settings_line_and_no_onnxruntime_advice(token_ids, tmp_path, capsys, caplog):
+    assert main(["quantize", str(EXAMPLE), str(tmp_path / "q.onnx"), "--algo", "smoothquant", "--calib-data",
+                 str(token_ids), "--seq-len", "64", "--samples", "4"]) == 0
+    settings_line = capsys.readouterr().err.splitlines()[0]
+    assert settings_line.startswith("onnxq: smoothquant W8A8 (QDQ int8 weights and activations, ")
+    assert "SmoothQuant alpha auto, 4 calibration samples" in settings_line and "block 32" not in settings_line
+    assert not [r for r in caplog.records if r.name == "root"], "onnxruntime's root-logger warnings reached the user"
