@@ -19,7 +19,6 @@ Filesystem errors become :class:`~onnxq.errors.OnnxqError` ``cannot write OUT: <
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import shutil
@@ -31,6 +30,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from onnxq.errors import OnnxqError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, outputs are written without the lock
+    fcntl = None
 
 __all__ = ["LOCK_SUFFIX", "TEMP_MARK", "HELD_SIGNALS", "commit", "output_lock", "remove_stale_temp_folders",
            "temp_folder", "write_error"]
@@ -71,6 +75,8 @@ def _folder(path: Path) -> Path:
 
 
 def _pid_running(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would terminate it: never take a Windows temp folder for stale
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -161,8 +167,12 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
         if fd is not None:
             with _held_guard:
                 del _held_locks[key]
-            lock.unlink(missing_ok=True)
-            os.close(fd)
+            if fcntl is None:  # Windows: an open file cannot be removed
+                os.close(fd)
+                lock.unlink(missing_ok=True)
+            else:  # removed while still locked: a writer that opened it meanwhile sees the inode change
+                lock.unlink(missing_ok=True)
+                os.close(fd)
 
 
 def _acquire(path: Path, lock: Path) -> int:
@@ -173,7 +183,8 @@ def _acquire(path: Path, lock: Path) -> int:
         except OSError as exc:
             raise write_error(path, exc) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
