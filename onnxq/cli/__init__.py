@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    output = getattr(args, "output", None)
+    output = getattr(args, "output", None)  # the written path of quantize / convert / unpack
+    output = output if isinstance(output, Path) else None  # (eval's --output names a model output)
     before = _identity(output)
     with _signals_interrupt():
         try:
