@@ -86,7 +86,7 @@ class CalibrationConfig:
 
 _NESTED = {**{a.options_field: a.options_type for a in registered_algorithms() if a.options_field},
            "calibration": CalibrationConfig}
-_TOP_LEVEL_KEYS = ("algorithm", "format", "quantize_embeddings", "quant_type", "gptq", "awq", "hqq", "teq",
+_TOP_LEVEL_KEYS = ("algorithm", "format", "quantize_embeddings", "tied_embedding_bits", "quant_type", "gptq", "awq", "hqq", "teq",
                    "autoround", "k_quant", "calibration")
 _FORMAT_NAME = re.compile(r"^int(?P<bits>\d+)(?:_b(?P<block>-1|\d+))?(?:_(?P<scheme>sym|asym))?$")
 
@@ -137,8 +137,15 @@ class QuantConfig:
         format: the emitted op: ``"nbits"`` (com.microsoft MatMulNBits), ``"qdq"`` (opset-21
             blocked DequantizeLinear + MatMul), ``"bnb4"`` (MatMulBnb4, NF4/FP4, 4-bit RTN only),
             ``"fpq4"`` (legacy MatMulFpQ4: 4-bit, block 32, runs only on AVX-512 hosts).
-        quantize_embeddings: also quantize Gather on constant tables (GatherBlockQuantized for
-            nbits, a DequantizeLinear for qdq); a tied embedding/lm_head shares one packed weight.
+        quantize_embeddings: Gather on constant tables (GatherBlockQuantized for nbits, a
+            DequantizeLinear for qdq). ``None`` (default, "auto"): a tied table (an embedding
+            whose table is also a quantized MatMul weight, e.g. the lm_head) is quantized once at
+            ``tied_embedding_bits`` and shared by the Gather and the MatMul; other tables stay in
+            float. ``True``: every table at the node settings (tied ones shared). ``False``: tables
+            stay in float, and so do weights tied to one (no second, quantized copy).
+        tied_embedding_bits: the bits of a tied table in the "auto" mode (8 by default: smaller
+            than a float table beside a quantized lm_head copy, and as accurate as float); an
+            override matching the MatMul's name wins.
         quant_type: ``"nf4"`` or ``"fp4"`` for ``format="bnb4"``.
         gptq, awq, hqq, teq, autoround, k_quant, calibration: options of the algorithms.
     """
@@ -153,7 +160,8 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     format: str = "nbits"
-    quantize_embeddings: bool = False
+    quantize_embeddings: bool | None = None
+    tied_embedding_bits: int = 8
     quant_type: str = "nf4"
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     awq: AWQConfig = field(default_factory=AWQConfig)
@@ -172,6 +180,12 @@ class QuantConfig:
         """The algorithm uses calibration data when some is given (it may not need it: k_quant)."""
         return get_algorithm(self.algorithm).uses_calibration
 
+    def describe_embeddings(self) -> str:
+        """How embedding tables are treated, in a few words (for the settings line)."""
+        if self.quantize_embeddings is None:
+            return f"tied embedding tables shared at int{self.tied_embedding_bits}, other tables in float"
+        return "embeddings quantized, tied ones shared" if self.quantize_embeddings else "embeddings in float"
+
     @property
     def float_zero_points(self) -> bool:
         """The algorithm stores float zero points (HQQ with ``zero_point="float"``)."""
@@ -180,6 +194,9 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         _validate(self.bits, self.block_size, self.accuracy_level, "")
+        if self.quantize_embeddings not in (None, True, False):
+            raise OnnxqError(f"quantize_embeddings must be true, false or null (auto), got {self.quantize_embeddings!r}")
+        _validate(self.tied_embedding_bits, self.block_size, self.accuracy_level, "tied_embedding_")
         get_algorithm(self.algorithm)  # raises for unknown names
         fmt = get_format(self.format)
         if fmt.sites != "matmul":
@@ -270,7 +287,8 @@ class QuantConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
-    def _override_for(self, node_name: str) -> tuple[str, Mapping[str, Any]] | None:
+    def override_for(self, node_name: str) -> tuple[str, Mapping[str, Any]] | None:
+        """The first override whose pattern matches ``node_name``, as ``(pattern, settings)``, or None."""
         for pattern, settings in self.overrides.items():
             if _matches(pattern, node_name):
                 return pattern, settings
@@ -282,7 +300,7 @@ class QuantConfig:
             return "not matched by include"
         if any(re.search(p, node_name) for p in self.exclude):
             return "matched by exclude"
-        override = self._override_for(node_name)
+        override = self.override_for(node_name)
         if override is not None and override[1].get("skip"):
             return f"override {override[0]!r} says skip"
         return None
@@ -291,7 +309,7 @@ class QuantConfig:
         """Effective settings for ``node_name``, or ``None`` when it must stay in float."""
         if self.skip_reason(node_name) is not None:
             return None
-        override = self._override_for(node_name)
+        override = self.override_for(node_name)
         return self._node_settings({} if override is None else override[1])
 
     def _node_settings(self, override: Mapping[str, Any]) -> NodeSettings:

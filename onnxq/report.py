@@ -36,6 +36,7 @@ __all__ = [
     "format_table",
     "print_quant_summary",
     "quant_summary",
+    "model_weight_bytes",
     "summary_line",
 ]
 
@@ -90,16 +91,31 @@ def format_skipped(skipped: Sequence[SkippedNode]) -> str:
     return format_table(("node", "op", "left in float because"), [(s.name, s.op_type, s.reason) for s in skipped])
 
 
-def summary_line(records: Sequence[QuantizedNodeRecord], skipped: Sequence[SkippedNode]) -> str:
-    """Totals: nodes, unique weights, bytes before/after, worst relative error."""
+def model_weight_bytes(model: ir.Model) -> int:
+    """Bytes of every initializer the model holds (all graphs; external data counted, not read)."""
+    return sum(value.const_value.nbytes for graph in model.graphs() for value in graph.initializers.values()
+               if value.const_value is not None)
+
+
+def summary_line(records: Sequence[QuantizedNodeRecord], skipped: Sequence[SkippedNode],
+                 model_bytes: tuple[int, int] | None = None) -> str:
+    """Totals: nodes, unique weights, bytes before/after, worst relative error.
+
+    ``model_bytes``: ``(before, after)`` bytes of every weight the input and the output model hold
+    (:func:`model_weight_bytes`), so tables and weights left in float are counted too.
+    """
     unique = [r for r in records if r.shared_with is None]
     before = sum(r.bytes_before for r in unique)
     after = sum(r.bytes_after for r in unique)
     worst = max((r.relative_error for r in records), default=0.0)
     levels = sorted({r.accuracy_level for r in records if r.accuracy_level is not None})
+    whole = ""
+    if model_bytes is not None:
+        whole = f"; all weights in the model {_mb(model_bytes[0])} -> {_mb(model_bytes[1])} " \
+                f"({model_bytes[1] / max(model_bytes[0], 1):.1%})"
     return (
         f"quantized {len(records)} nodes ({len(unique)} unique weights), left {len(skipped)} in float; "
-        f"weights {_mb(before)} -> {_mb(after)} ({after / before:.1%}); "
+        f"quantized weights {_mb(before)} -> {_mb(after)} ({after / before:.1%}){whole}; "
         f"worst relative weight error {worst:.4f}; accuracy_level {','.join(map(str, levels)) or '-'}"
     )
 

@@ -121,10 +121,18 @@ def test_tied_embedding_shares_one_packed_weight(hidden):
 def test_tied_with_different_settings_is_not_shared_and_skips():
     model, _ = embedding_model(64, 64, tied=True)
     m = load_model(model)
-    config = QuantConfig(overrides={"lm_head": {"bits": 8}})
-    records = {r.name: r for r in QuantizeWeightsPass(config, embeddings=True)(m).records}
+    config = QuantConfig(overrides={"embed": {"bits": 8}}, quantize_embeddings=True)
+    records = {r.name: r for r in QuantizeWeightsPass(config)(m).records}
     (gbq,) = gbq_nodes(m)
-    assert gbq.inputs[0].producer() is None and gbq.attributes["bits"].as_int() == 4
+    assert gbq.attributes["bits"].as_int() == 8 and records["lm_head"].bits == 4  # an override of the Gather itself
+    m = load_model(model)
+    config = QuantConfig(overrides={"lm_head": {"bits": 8}}, quantize_embeddings=True)  # the table follows its MatMul
+    records = {r.name: r for r in QuantizeWeightsPass(config)(m).records}
+    assert records["embed"].shared_with == "lm_head" and records["embed"].bits == 8
+    m = load_model(model)
+    records = {r.name: r for r in QuantizeWeightsPass(config.with_updates(overrides={"embed": {"bits": 8}}))(m).records}
+    (gbq,) = gbq_nodes(m)
+    assert gbq.inputs[0].producer() is None and gbq.attributes["bits"].as_int() == 8
     assert records["embed"].shared_with is None
     # Gathers that are not embeddings are left alone; a Gather along axis 1 is skipped with a reason
     model = make_model(

@@ -103,7 +103,12 @@ def test_quantize_folder_from_text(form, algo, calib_text, tmp_path, capsys):
                   and t.dims[0] == 49152]
         assert len(packed) == 1, "GatherBlockQuantized reads the lm_head's packed weight"
     else:
-        assert levels == {0} and "GatherBlockQuantized" not in ops
+        # a plain model keeps accuracy_level 0; its tied table is shared at 8 bits (the "auto" default)
+        (gather,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+        table = next((n.input[0] for n in model.graph.node if n.output[0] == gather.input[0]), gather.input[0])
+        (head,) = [n for n in nbits if n.input[1] == table]  # one packed weight, read by both
+        bits = {a.name: a.i for n in (gather, head) for a in n.attribute if a.name == "bits"}
+        assert levels == {0} and bits == {"bits": 8}
     ids = tokenize(TEXT[-3000:], KV / form)[:48]
     check = decode_check(out / "model.onnx", ids, steps=8)
     if levels == {4}:  # int8 activations are quantized per call: a one-token step rounds differently

@@ -83,7 +83,8 @@ def test_gemm_with_alpha_beta_bias(trans_b, with_bias):
 
 
 def test_transpose_matmul_tied_weight():
-    """logits = h @ E^T with E the embedding: the Transpose goes away, E stays for the Gather."""
+    """logits = h @ E^T with E the embedding: by default E is packed once at 8 bits and read by both
+    the GatherBlockQuantized and the lm_head's MatMulNBits; --no-quantize-embeddings keeps both in float."""
     vocab, hidden = 96, 64
     emb = weight((vocab, hidden), seed=5, scale=1.0)
     model = make_model(
@@ -98,11 +99,20 @@ def test_transpose_matmul_tied_weight():
     )
     quantized = onnxq.quantize(model)
     check(quantized)
-    assert [n.op_type for n in quantized.graph] == ["Gather", "MatMulNBits"]
+    ops = [n.op_type for n in quantized.graph]
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 1 and "Transpose" not in ops
+    (head,) = nbits_nodes(quantized)
+    assert head.attributes["bits"].as_int() == 8
+    assert len([v for v in quantized.graph.initializers.values() if v.const_value.dtype == ir.DataType.UINT8]) == 1
     ids = np.array([[1, 5, 95, 0]], dtype=np.int64)
     (y,) = run(quantized, {"ids": ids})
-    ref = emb[ids].astype(np.float64) @ dequantized_weight(nbits_nodes(quantized)[0])
+    table = dequantized_weight(head)  # [hidden, vocab]
+    ref = table.T[ids].astype(np.float64) @ table
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+    assert np.abs(table.T - emb).max() < np.abs(emb).max() / 100  # 8 bits: close to the float table
+
+    with pytest.raises(onnxq.OnnxqError, match="tied to embedding 'embed', kept in float"):
+        onnxq.quantize(model, onnxq.QuantConfig(quantize_embeddings=False))  # nothing else to quantize
 
 
 def test_shared_weight_is_quantized_once():

@@ -1,5 +1,6 @@
 """Mixed precision under an effective-bits budget: plan validity, reuse as a config, and accuracy vs uniform int4."""
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,10 +14,12 @@ from onnxq.cli import main
 from onnxq.formats import get_format
 from onnxq.io import load_model
 from onnxq.recipes.mixed_precision import parse_candidates, search_mixed_precision
+from onnxq.recipes.presets import layer_index, upgraded_layers
 from tests.graphs import run
 from tests.tiny_transformer import make_tiny_transformer
 
 VOCAB = 97
+KV = Path(__file__).resolve().parents[1] / "models" / "kv"
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +52,22 @@ def test_bits_per_weight_are_exact():
         parse_candidates("int3_b32,float", base)
 
 
-def test_plan_respects_budget_and_groups_and_beats_uniform_int4(model):
+def test_nominal_bits_are_modelopts():
+    base = QuantConfig()
+    int4, int8, flt = parse_candidates("int4_b128,int8_b32_asym,float", base)
+    site = type("Site", (), {"name": "mm", "k": 200, "n": 8, "dtype": onnxq.api.ir.DataType.FLOAT})()
+    fmt = get_format("nbits")
+    assert [c.bits_per_weight(site, fmt, "nominal") for c in (int4, int8, flt)] == [4, 8, 16]
+    assert int4.bits_per_weight(site, fmt) == 4 * 256 / 200 + 32 * 2 / 200  # K = 200 pads to 256
+    (default4, default8) = parse_candidates("int4,int8", QuantConfig(block_size=64))
+    assert (default4.block_size, default8.block_size) == (64, 64)
+
+
+@pytest.mark.parametrize("counting,low", [("nominal", 4.0), ("stored", 4.25)])
+def test_plan_respects_budget_and_groups_and_beats_uniform_int4(model, counting, low):
     base = QuantConfig(block_size=128)
-    plan = search_mixed_precision(load_model(model), base, feeds(4, 1), 4.8, "int4_b128,int8_b128")
-    assert 4.25 <= plan.effective_bits <= 4.8
+    plan = search_mixed_precision(load_model(model), base, feeds(4, 1), 4.8, "int4_b128,int8_b128", counting=counting)
+    assert low <= plan.effective_bits <= 4.8 and plan.counting == counting
     assert set(plan.assignments.values()) == {"int4_b128", "int8_b128"}
     qkv = [g for g in plan.groups if any(name.endswith("q_proj") for name in g)]
     for group in qkv:  # siblings share one format
@@ -68,8 +83,42 @@ def test_plan_respects_budget_and_groups_and_beats_uniform_int4(model):
 
 
 def test_budget_below_the_floor_is_an_error(model):
-    with pytest.raises(OnnxqError, match="below the smallest possible"):
-        search_mixed_precision(load_model(model), QuantConfig(), feeds(2, 1), 4.0, "int4_b32,int8_b32")
+    with pytest.raises(OnnxqError, match="stored bits per weight 4.0 is below the smallest possible"):
+        search_mixed_precision(load_model(model), QuantConfig(), feeds(2, 1), 4.0, "int4_b32,int8_b32",
+                               counting="stored")
+    with pytest.raises(OnnxqError, match="nominal bits per weight 3.9 is below the smallest possible 4.000"):
+        search_mixed_precision(load_model(model), QuantConfig(), feeds(2, 1), 3.9, "int4_b32,int8_b32")
+
+
+def _alone_kl(model, config, group, candidate, feed, reference):
+    """KL of the whole model with only ``group`` quantized to ``candidate`` (everything else float)."""
+    bits, block = {"int4_b128": (4, 128), "int4_b32": (4, 32), "int8_b128": (8, 128)}[candidate]
+    alone = config.with_updates(include=tuple(f"^{name}$" for name in group), bits=bits, block_size=block)
+    (out,) = run(onnxq.quantize(model, alone), feed)
+    return kl(reference, out)
+
+
+def test_sensitivities_match_whole_model_runs(model):
+    """The suffix runs from cached block inputs, batched samples, equal whole-model runs of each
+    group alone; the proxy measures the coarsest candidate exactly and ranks the others like "all"."""
+    base = QuantConfig(block_size=128)
+    samples = feeds(3, 4)
+    batch = {"input_ids": np.concatenate([f["input_ids"] for f in samples])}
+    (reference,) = run(model, batch)
+    candidates = "int4_b128,int4_b32,int8_b128"
+    exact = search_mixed_precision(load_model(model), base, samples, 6.0, candidates, measure="all")
+    proxy = search_mixed_precision(load_model(model), base, samples, 6.0, candidates)
+    for group in exact.groups[::3]:
+        for candidate in ("int4_b128", "int8_b128"):
+            whole = _alone_kl(model, base, group, candidate, batch, reference)
+            assert exact.sensitivity[group[0]][candidate] == pytest.approx(whole, rel=1e-3, abs=1e-7)
+        assert proxy.sensitivity[group[0]]["int4_b128"] == pytest.approx(exact.sensitivity[group[0]]["int4_b128"],
+                                                                         rel=1e-6)
+    for candidate in ("int4_b32", "int8_b128"):  # the proxy keeps the order of the groups' sensitivities
+        a = np.array([exact.sensitivity[g[0]][candidate] for g in exact.groups])
+        b = np.array([proxy.sensitivity[g[0]][candidate] for g in exact.groups])
+        ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+        assert np.corrcoef(ranks(a), ranks(b))[0, 1] > 0.8, (candidate, a, b)
 
 
 def test_cli_saves_a_plan_that_quantize_config_reuses(model, tmp_path, capsys):
@@ -85,3 +134,29 @@ def test_cli_saves_a_plan_that_quantize_config_reuses(model, tmp_path, capsys):
     second = onnx.load(out2)
     assert [n.op_type for n in first.graph.node] == [n.op_type for n in second.graph.node]
     assert [i.raw_data for i in first.graph.initializer] == [i.raw_data for i in second.graph.initializer]
+
+
+def test_mixed_layers_is_the_genai_builders_choice():
+    # by hand from the builder's rule: i < L/8, i >= 7L/8, or (i - round(L/8)) % 3 == 2
+    assert upgraded_layers(32) == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert upgraded_layers(30) == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29]
+    assert upgraded_layers(18) == [0, 1, 2, 4, 7, 10, 13, 16, 17]
+    assert layer_index("/model/layers.12/mlp/down_proj/MatMul") == 12
+    assert layer_index("model.layers.3.self_attn.v_proj") == 3 and layer_index("/lm_head/MatMul") is None
+
+
+def test_cli_presets_upgrade_the_named_nodes(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(KV / "genai"), str(out), "--quiet", "--block-size", "32",
+                 "--mixed-preset", "lm_head8,mixed_layers8"]) == 0, capsys.readouterr().err
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"}
+    eight = sorted(name for name, b in bits.items() if b == 8)
+    layers = upgraded_layers(1 + max(layer_index(n) for n in bits if layer_index(n) is not None))
+    assert 0 < len(layers) < 1 + max(layer_index(n) for n in bits if layer_index(n) is not None)
+    assert eight == sorted(n for n in bits if "lm_head" in n or (layer_index(n) in layers and (
+        "qkv_proj" in n or "down_proj" in n))), bits
+    assert all(b == 4 for name, b in bits.items() if name not in eight) and len(eight) < len(bits)
+    assert main(["quantize", str(KV / "genai"), str(tmp_path / "bad"), "--mixed-preset", "layers_9bit"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'layers_9bit'" in err and not (tmp_path / "bad").exists()

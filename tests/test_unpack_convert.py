@@ -59,7 +59,7 @@ IDS = {"ids": np.array([0, 7, 95, 7, 3], dtype=np.int64)}
 @pytest.mark.parametrize("bits,symmetric,hidden", [(4, True, 64), (4, False, 40), (2, False, 64), (8, True, 40)])
 def test_unpack_nbits_and_tied_gather(bits, symmetric, hidden):
     model = lm_model(hidden=hidden)
-    config = QuantConfig(bits=bits, block_size=32, symmetric=symmetric)
+    config = QuantConfig(bits=bits, block_size=32, symmetric=symmetric, quantize_embeddings=True)
     q = quantize_lm(model, config)
     (y_q,) = ort_run(q, IDS)
     unpack_model(q)

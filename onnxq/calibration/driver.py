@@ -51,9 +51,10 @@ from onnxq.calibration.probe import ActivationProbe
 from onnxq.calibration.readers import materialize
 from onnxq.config import QuantConfig
 from onnxq.core import QuantizedWeight
+from onnxq.errors import OnnxqError
 from onnxq.formats import WeightSettings, get_format
 from onnxq.graph.scale_folding import fold_input_scale
-from onnxq.graph.sites import WeightSite, finite_weight
+from onnxq.graph.sites import WeightSite, find_gather_sites, finite_weight
 from onnxq.passes.quantize_weights import Progress, QuantizeResult, QuantizeWeightsPass, plan_sites, solver_for
 
 __all__ = ["BlockReport", "CalibrationResult", "calibrate_and_quantize"]
@@ -75,9 +76,15 @@ class BlockReport:
 
 @dataclass
 class CalibrationResult(QuantizeResult):
-    """:class:`QuantizeResult` of every rewrite, plus one report per calibrated block."""
+    """:class:`QuantizeResult` of every rewrite, plus one report per calibrated block.
+
+    ``input_scales``: site name -> the per-input-channel scale ``s: [K]`` its input was divided
+    by (AWQ, TEQ; folded into a producer or an inserted ``Mul``): the site's effective weight is
+    its dequantized weight with row ``k`` divided by ``s[k]``.
+    """
 
     blocks: list[BlockReport] = field(default_factory=list)
+    input_scales: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def calibrate_and_quantize(
@@ -140,11 +147,31 @@ class _Driver:
         if nested:
             logger.warning("%d weight sites inside subgraphs cannot be calibrated; they get %s", len(nested),
                            uncalibrated.name)
-        if nested or config.quantize_embeddings:
+        if nested or config.quantize_embeddings is not False:
+            gather_outputs = {site.name: (site.node.outputs[0].name, site.dtype) for site in find_gather_sites(model)[0]}
+            before = len(result.records)
             self._rewrite(model, QuantizeWeightsPass(  # a tied embedding shares its calibrated lm_head's weight
-                config, solver_for(uncalibrated, self.options if uncalibrated is self.algorithm else None), embeddings=config.quantize_embeddings,
+                config, solver_for(uncalibrated, self.options if uncalibrated is self.algorithm else None),
                 site_filter=lambda site: site.is_embedding or id(site.node) in nested, reuse=result.by_weight))
+            self._unscale_tied_gathers(model, result.records[before:], gather_outputs)
         return result
+
+    def _unscale_tied_gathers(self, model: ir.Model, records, gather_outputs: dict[str, tuple]) -> None:
+        """A tied table read from a packed lm_head whose input AWQ/TEQ scaled holds ``s[:, None] * W``:
+        the rows the Gather returns are ``E[ids] * s``, so its output is divided by ``s`` again."""
+        values = {v.name: v for node in model.graph for v in node.outputs}
+        for record in records:
+            scale = self.result.input_scales.get(record.shared_with or "")
+            name, dtype = gather_outputs.get(record.name, ("", None))
+            output = values.get(name)
+            if scale is None or output is None:
+                continue
+            consumers = list(dict.fromkeys(user for user, _ in output.uses()))
+            if any(output is v for v in model.graph.outputs):
+                raise OnnxqError(f"the tied embedding {record.name!r} is a graph output: it cannot share the "
+                                 f"scaled weight of {record.shared_with!r} (use --no-quantize-embeddings)")
+            where = fold_input_scale(model.graph, output, consumers, scale, dtype=dtype, frozen=self.site_nodes)
+            logger.info("tied embedding %s reads %s's scaled weight: %s", record.name, record.shared_with, where)
 
     def _iterate(self, blocks: list[Block]):
         desc = f"{self.config.algorithm} calibration"
@@ -238,6 +265,7 @@ class _Driver:
             for site, qweight, error in zip(sites, solution.qweights, solution.errors):
                 solved[id(site.node)] = (qweight, error)
             if solution.input_scale is not None:
+                self.result.input_scales.update({site.name: solution.input_scale for site in sites})
                 where = fold_input_scale(sites[0].node.graph, sites[0].activation, [s.node for s in sites],
                                          solution.input_scale, editable=editable, dtype=sites[0].dtype,
                                          frozen=self.site_nodes)

@@ -58,8 +58,13 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
                             "fpq4 (legacy MatMulFpQ4, AVX-512 hosts only)")
     group.add_argument("--quant-type", choices=BNB4_TYPES, help="bnb4 data type (default nf4)")
     group.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                       help="also quantize Gather embeddings (a tied lm_head shares the packed weight; "
-                            "default: off, on for an ONNX Runtime GenAI folder)")
+                       help="quantize every Gather embedding table at the node settings (a tied lm_head "
+                            "shares the packed weight; the default for an ONNX Runtime GenAI folder); "
+                            "--no-quantize-embeddings keeps tables and the MatMuls tied to them in float; "
+                            "default otherwise: a tied table is packed once at --tied-embedding-bits, "
+                            "untied tables stay in float")
+    group.add_argument("--tied-embedding-bits", type=int, choices=(2, 4, 8), default=None,
+                       help="bits of a tied embedding table shared with its lm_head (default 8)")
     group.add_argument("--include", action="append", metavar="REGEX", help="quantize only nodes matching (repeatable)")
     group.add_argument("--exclude", action="append", metavar="REGEX", help="leave matching nodes in float (repeatable)")
 
@@ -87,6 +92,7 @@ def config_from(args: argparse.Namespace, defaults: Mapping[str, Any] | None = N
         "accuracy_level": args.accuracy_level, "mse_clip": args.mse_clip,
         "include": args.include, "exclude": args.exclude,
         "format": args.format, "quant_type": args.quant_type, "quantize_embeddings": args.quantize_embeddings,
+        "tied_embedding_bits": args.tied_embedding_bits,
     }
     base.update({k: v for k, v in given.items() if v is not None})
     nested = {

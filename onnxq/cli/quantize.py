@@ -15,8 +15,9 @@ from onnxq.errors import OnnxqError
 from onnxq.atomic import output_lock
 from onnxq.io import check_output_path, external_data_files, load_model
 from onnxq.model_folder import ModelFolder, write_model_folder
-from onnxq.recipes.mixed_precision import DEFAULT_CANDIDATES, search_mixed_precision
-from onnxq.report import format_records, format_skipped, format_table, summary_line
+from onnxq.recipes.mixed_precision import DEFAULT_CANDIDATES, MEASURES, search_mixed_precision
+from onnxq.recipes.presets import preset_overrides
+from onnxq.report import format_records, format_skipped, format_table, model_weight_bytes, summary_line
 
 __all__ = ["add_parser", "run"]
 
@@ -62,12 +63,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     calib.add_argument("--steps", type=int, help="TEQ / AutoRound: optimisation steps per layer (default 200)")
     calib.add_argument("--hqq-zero-point", choices=("int", "float"),
                        help="HQQ: uint8 zero points (default) or float zero points (asym only)")
-    mixed = q.add_argument_group("mixed precision (needs --calib-data)")
-    mixed.add_argument("--effective-bits", type=float,
-                       help="search a format per node for this average of stored bits per weight (e.g. 4.8)")
+    mixed = q.add_argument_group("mixed precision (the searches need --calib-data; presets do not)")
+    budget = mixed.add_mutually_exclusive_group()
+    budget.add_argument("--effective-bits", type=float,
+                        help="search a format per node for this average of weight bits, counted as ModelOpt's "
+                             "auto_quantize counts them: int4 = 4 whatever the block, int8 = 8, float = 16 (e.g. 4.8)")
+    budget.add_argument("--stored-bits", type=float,
+                        help="the same search for this average of stored bits per weight: codes, padding, scales "
+                             "and zero points as the format stores them (int4 block 128 fp32 scales = 4.25)")
+    budget.add_argument("--mixed-preset", metavar="NAME[,NAME]",
+                        help="fixed 8-bit upgrades, no data needed: lm_head8 (the last MatMul), mixed_layers8 "
+                             "(qkv/v/down_proj of the first and last eighth of the layers and every third: the "
+                             "GenAI builder's mixed_layers, ModelOpt's layers_8bit)")
     mixed.add_argument("--candidates", default=DEFAULT_CANDIDATES,
-                       help=f"formats to choose from (default {DEFAULT_CANDIDATES}; 'float' keeps a node in float)")
+                       help=f"formats to choose from (default {DEFAULT_CANDIDATES} at --block-size; e.g. "
+                            "int4_b128,int8_b128; 'float' keeps a node in float)")
     mixed.add_argument("--mp-samples", type=int, default=4, help="calibration samples for the sensitivity search")
+    mixed.add_argument("--mp-measure", choices=MEASURES, default="proxy",
+                       help="proxy (default): one model run per node group, the other candidates scaled by the "
+                            "group's own output error; all: one run per group and candidate")
     mixed.add_argument("--plan-out", type=Path, help="where to save the plan (default OUTPUT.plan.json)")
     return q
 
@@ -85,6 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     config = config_from(args, defaults)
     calibrated = config.needs_calibration or (args.calib_data is not None and config.uses_calibration)
     model = load_model(model_file)  # weights in external data stay on disk until quantized
+    weights_before = model_weight_bytes(model)
     input_data = external_data_files(model)
     check_output(args.input, args.output, input_data)
     if folder is None:
@@ -101,7 +116,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.algo == "smoothquant":
         return _smoothquant(args, config, model, reader)
     progress = progress_bar(args.quiet)
-    if args.effective_bits is not None:
+    if args.mixed_preset:
+        presets = [p.strip() for p in args.mixed_preset.split(",") if p.strip()]
+        config = config.with_updates(overrides={**preset_overrides(model, config, presets), **dict(config.overrides)})
+    if args.effective_bits is not None or args.stored_bits is not None:
         config = _mixed_precision_plan(args, config, model, reader, progress)
         if hasattr(reader, "rewind"):
             reader.rewind()
@@ -121,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
             print()
             print(format_skipped(skipped))
         print()
-        print(summary_line(records, skipped))
+        print(summary_line(records, skipped, (weights_before, model_weight_bytes(result.model))))
         print(f"wrote {written} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -130,8 +148,7 @@ def _speed_hint(folder: ModelFolder | None, config: QuantConfig) -> str | None:
     """One line on the accuracy level: what a GenAI folder got by default, or what a plain model could use."""
     if folder is not None and folder.kind == "genai":
         return (f"ONNX Runtime GenAI folder ({folder.model_file.name}): the model builder's CPU defaults unless set "
-                f"(accuracy_level {config.accuracy_level}, embeddings "
-                f"{'quantized, tied ones shared' if config.quantize_embeddings else 'in float'})")
+                f"(accuracy_level {config.accuracy_level}, {config.describe_embeddings()})")
     if config.format == "nbits" and config.accuracy_level == 0:
         return ("hint: --accuracy-level 4 (int8 activations) runs MatMulNBits about 3x faster on CPU "
                 "for a small accuracy cost")
@@ -146,7 +163,7 @@ def _describe(config: QuantConfig, calibrated: bool, samples: int | None) -> str
         mode = "sequential" if config.calibration.sequential else "one pass"
         extras += f", {config.calibration.samples if samples is None else samples} calibration samples ({mode})"
     return (f"{config.algorithm} int{config.bits} {block} {scheme}, accuracy_level {config.accuracy_level}"
-            f"{', mse clip' if config.mse_clip else ''}{extras}")
+            f"{', mse clip' if config.mse_clip else ''}{extras}; {config.describe_embeddings()}")
 
 
 def _describe_w8a8(args: argparse.Namespace, samples: int | None) -> str:
@@ -210,14 +227,18 @@ def _float(text: str, flag: str) -> float:
 
 def _mixed_precision_plan(args: argparse.Namespace, config: QuantConfig, model: ir.Model, reader,
                           progress) -> QuantConfig:
+    flag, bits, counting = (("--effective-bits", args.effective_bits, "nominal") if args.effective_bits is not None
+                            else ("--stored-bits", args.stored_bits, "stored"))
     if reader is None:
-        raise OnnxqError("--effective-bits needs calibration data (--calib-data) to measure sensitivities")
-    plan = search_mixed_precision(model, config, reader, args.effective_bits, args.candidates,
-                                  samples=args.mp_samples, progress=progress)
+        raise OnnxqError(f"{flag} needs calibration data (--calib-data) to measure sensitivities "
+                         "(--mixed-preset needs none)")
+    plan = search_mixed_precision(model, config, reader, bits, args.candidates, samples=args.mp_samples,
+                                  counting=counting, measure=args.mp_measure, progress=progress)
     plan_path = args.plan_out or args.output.with_name(args.output.name + ".plan.json")
     plan.save(plan_path, config)
     if not args.quiet:
         print(format_table(("nodes (one format per group)", "format", f"{plan.loss} when alone"), plan.summary_rows()))
-        print(f"plan: {plan.effective_bits:.3f} bits per weight (budget {plan.target_bits}); saved to {plan_path}")
+        print(f"plan: {plan.effective_bits:.3f} {counting} bits per weight (budget {plan.target_bits}); "
+              f"saved to {plan_path}")
         print()
     return plan.to_config(config)

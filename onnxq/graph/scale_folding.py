@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.graph.constants import add_initializer, constant_tensor
+from onnxq.graph.names import unique_name
 
 __all__ = ["fold_input_scale", "NORM_GAMMA_INPUTS"]
 
@@ -153,8 +154,10 @@ def fold_input_scale(
     dtype = dtype or ir.DataType.FLOAT
     inv_value = add_initializer(graph, inv.astype(dtype.numpy()), f"{activation.name}_inv_scale",
                                 set(graph.initializers), dtype)
-    mul = ir.node("Mul", [activation, inv_value], name=f"{activation.name}_scale")
-    mul.outputs[0].name = f"{activation.name}_scaled"
+    values = {v.name for v in graph.inputs} | {v.name for node in graph.all_nodes() for v in node.outputs}
+    nodes = {node.name for node in graph.all_nodes() if node.name}
+    mul = ir.node("Mul", [activation, inv_value], name=unique_name(nodes, f"{activation.name}_scale"))
+    mul.outputs[0].name = unique_name(values, f"{activation.name}_scaled")
     mul.outputs[0].type, mul.outputs[0].shape = activation.type, activation.shape
     first = min(consumers, key=lambda n: list(graph).index(n))
     graph.insert_before(first, mul)

@@ -24,14 +24,14 @@ with the per-node records, the skipped nodes with their reasons and the packed w
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.algorithms import Algorithm, SiblingGroup, get_algorithm
-from onnxq.config import QuantConfig
+from onnxq.config import NodeSettings, QuantConfig
 from onnxq.core import QuantizedWeight
 from onnxq.errors import OnnxqError
 from onnxq.formats import MS_DOMAIN, Format, PackedWeight, WeightLayout, WeightSettings, get_format
@@ -114,15 +114,25 @@ def plan_sites(
     *,
     embeddings: bool | None = None,
     site_filter: Callable[[WeightSite], bool] | None = None,
+    reuse: Mapping[tuple, "PackedSource"] | None = None,
 ) -> tuple[list[PlannedSite], list[SkippedNode]]:
     """The weight sites ``config`` quantizes, each with its format and resolved settings, and the skipped ones.
+
+    Embeddings follow ``config.quantize_embeddings``. A tied table, a Gather table that is also a
+    MatMul site's weight, is planned with its MatMul's settings, so both read one packed weight
+    (unless an override names the Gather itself): in the "auto" mode (None) only tied tables are
+    quantized, at ``config.tied_embedding_bits`` unless an override names the MatMul; with
+    ``True`` every table; with ``False`` none, and the MatMuls tied to one stay in float too.
 
     Args:
         model: the model (not modified).
         config: node selection, settings and ``format``.
-        embeddings: also plan Gather embeddings (default ``config.quantize_embeddings``); they get
-            the format's ``embedding_format``.
+        embeddings: ``False`` plans no Gather sites at all (the calibration driver's MatMul-only
+            passes); ``True`` every table; ``None`` what ``config.quantize_embeddings`` says.
+            MatMul settings never depend on it, so passes over parts of a model agree.
         site_filter: only sites it accepts are planned (others are neither planned nor reported).
+        reuse: ``QuantizeResult.by_weight`` of earlier passes: a table tied to a MatMul those passes
+            already rewrote is planned with that MatMul's settings (the calibrated lm_head).
 
     Raises:
         OnnxqError: ``node '<name>' (KxN): <reason>`` when the format's kernel cannot run a
@@ -130,27 +140,62 @@ def plan_sites(
     """
     fmt = get_format(config.format)
     sites, skipped = find_weight_sites(model)
-    if config.quantize_embeddings if embeddings is None else embeddings:
-        if fmt.embedding_format is None:
-            logger.warning("format %r has no quantized Gather; embeddings are left in float", config.format)
-        else:
-            gathers, skipped_gathers = find_gather_sites(model)
-            sites += gathers
-            skipped += skipped_gathers
+    gathers, skipped_gathers = find_gather_sites(model) if fmt.embedding_format is not None else ([], [])
+    packed_before = {key[0]: key[1] for key in reuse or {}}  # weights an earlier pass packed (and rewrote)
+    matmul_keys = {s.weight_key for s in sites} | set(packed_before)
+    tied = {g.weight_key: g.name for g in gathers if g.weight_key in matmul_keys}
+    mode = config.quantize_embeddings
+    tied_settings: dict[tuple, NodeSettings | WeightSettings | None] = {}
+    if mode is not False:  # a tied table follows its MatMul (auto: at tied_embedding_bits)
+        for key in tied:
+            matmul = next((s for s in sites if s.weight_key == key), None)
+            if matmul is None:
+                tied_settings[key] = packed_before[key]
+            else:
+                tied_settings[key] = _tied_settings(config, matmul) if mode is None else config.settings_for(matmul.name)
+    wanted = mode if embeddings is None else embeddings
+    if wanted and fmt.embedding_format is None:
+        logger.warning("format %r has no quantized Gather; embeddings are left in float", config.format)
+    if wanted is True:
+        sites += gathers
+        skipped += skipped_gathers
+    elif wanted is None:
+        sites += [g for g in gathers if g.weight_key in tied]
     if site_filter is not None:
         sites = [site for site in sites if site_filter(site)]
         skipped = []
     planned = []
     for site in sites:
         site_format = get_format(fmt.embedding_format) if site.is_embedding else fmt
-        settings = config.settings_for(site.name)
-        reason = config.skip_reason(site.name) if settings is None else site_format.dtype_reason(site.dtype)
+        follows = site.weight_key in tied_settings and not (site.is_embedding and (
+            config.override_for(site.name) is not None or (mode is True and tied_settings[site.weight_key] is None)))
+        if follows:
+            settings = tied_settings[site.weight_key]
+            reason = None if settings is not None else (
+                config.skip_reason(site.name) if not site.is_embedding else "its tied MatMul stays in float")
+        elif mode is False and site.weight_key in tied and not site.is_embedding:
+            settings, reason = None, (f"tied to embedding {tied[site.weight_key]!r}, kept in float with it "
+                                      "(--quantize-embeddings quantizes both, shared)")
+        else:
+            settings = config.settings_for(site.name)
+            reason = config.skip_reason(site.name) if settings is None else None
+        if reason is None:
+            reason = site_format.dtype_reason(site.dtype)
         if reason is not None:
             skipped.append(SkippedNode(site.name, site.node.op_type, reason))
             continue
-        resolved = site_format.resolve(settings, site.k, site.n, f"node {site.name!r} ({site.k}x{site.n})")
-        planned.append(PlannedSite(site, site_format, resolved))
+        if not isinstance(settings, WeightSettings):
+            settings = site_format.resolve(settings, site.k, site.n, f"node {site.name!r} ({site.k}x{site.n})")
+        planned.append(PlannedSite(site, site_format, settings))
     return planned, skipped
+
+
+def _tied_settings(config: QuantConfig, matmul: WeightSite) -> NodeSettings | None:
+    """The settings a tied table and its MatMul share in the "auto" mode (None: both stay in float)."""
+    settings = config.settings_for(matmul.name)
+    if settings is None or config.override_for(matmul.name) is not None:
+        return settings
+    return replace(settings, bits=config.tied_embedding_bits)
 
 
 def solver_for(algorithm: Algorithm, options: Any) -> WeightSolver:
@@ -221,7 +266,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> QuantizeResult:
         prepared = self.format.prepare(model)
-        planned, skipped = plan_sites(model, self.config, embeddings=self.embeddings, site_filter=self.site_filter)
+        planned, skipped = plan_sites(model, self.config, embeddings=self.embeddings, site_filter=self.site_filter,
+                                      reuse=self.reuse)
         result = QuantizeResult(model, prepared, skipped=skipped)
         if not planned:
             return result

@@ -1,25 +1,37 @@
 """Mixed precision under an effective-bits budget (the ModelOpt ``auto_quantize`` idea, on ONNX).
 
-Each weight site may take one format from a candidate list (e.g. ``int4_b128``,
-``int8_b128``, ``float``). The search
+Each weight site may take one format from a candidate list (e.g. ``int4``, ``int8``,
+``int4_b32``, ``float``). The search
 
 1. groups sites that must share a format: siblings reading the same input (q/k/v,
    up/gate, so one scale search / one activation format serves them) and sites
    sharing one weight;
-2. measures each group's sensitivity to each candidate through onnxruntime: the
-   model runs on a few calibration samples with only that group's weights replaced
-   by their round-to-nearest fake-quantized values, and the loss is the KL divergence
-   of the output distribution from the float model's (``loss="kl"``, for logits) or
-   the relative squared error of the outputs (``loss="mse"``). The weights are fed as
-   session inputs, so one session serves every measurement;
+2. measures each group's sensitivity: the model runs on a few calibration samples with
+   only that group's weights replaced by their round-to-nearest fake-quantized values,
+   and the loss is the KL divergence of the output distribution from the float model's
+   (``loss="kl"``, for logits) or the relative squared error of the outputs (``loss="mse"``).
+   What makes it fast: the weights are session inputs (one session per block serves every
+   measurement); only the part of the model after the group's block runs, from that block's
+   cached inputs; the samples run as one batch; and with ``measure="proxy"`` (default) only
+   the group's coarsest candidate is run through the model: the loss of each other
+   candidate is that loss scaled by the ratio of the group's own output errors
+   ``||X (W - Q_c(W))||^2``, measured on the same run's input rows ``X`` (a per-layer proxy
+   that is exact when the output loss is quadratic in the layer's output error).
+   ``measure="all"`` runs every candidate;
 3. assumes the losses add up across groups and picks formats greedily (largest loss
    reduction per extra bit first) until the average bits per weight reaches the budget.
 
-Bits per weight are what the configured format stores, as it counts them
-(:meth:`onnxq.formats.base.Format.stored_bits`: codes, padding, scales and zero points;
-MatMulNBits ``int4_b128`` with fp32 scales is ``4 + 32/128 = 4.25`` bits; ``float`` is the
-model's own dtype, 32 for fp32). The plan is a :class:`~onnxq.config.QuantConfig`
-with one exact-name override per site, saved as JSON that ``quantize --config`` reads.
+Bits per weight are counted two ways (``counting``):
+
+* ``"nominal"`` (default, as ModelOpt's ``auto_quantize`` counts ``effective_bits``): the
+  format's weight bits, int4 = 4 whatever the block, int8 = 8, float = 16;
+* ``"stored"``: what the configured format stores, as it counts it
+  (:meth:`onnxq.formats.base.Format.stored_bits`: codes, padding, scales and zero points;
+  MatMulNBits ``int4_b128`` with fp32 scales is ``4 + 32/128 = 4.25`` bits; ``float`` is the
+  model's own dtype, 32 for fp32).
+
+The plan is a :class:`~onnxq.config.QuantConfig` with one exact-name override per site,
+saved as JSON that ``quantize --config`` reads.
 """
 from __future__ import annotations
 
@@ -27,13 +39,15 @@ import json
 import logging
 import os
 import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibration import ActivationProbe, materialize
+from onnxq.calibration.blocks import find_blocks
 from onnxq.config import NodeSettings, QuantConfig
 from onnxq.core import quantize_weight
 from onnxq.errors import OnnxqError
@@ -41,11 +55,13 @@ from onnxq.formats import Format, WeightSettings, get_format
 from onnxq.graph.sites import WeightSite
 from onnxq.passes.quantize_weights import Progress, plan_sites
 
-__all__ = ["Candidate", "MixedPrecisionPlan", "parse_candidates", "search_mixed_precision", "DEFAULT_CANDIDATES"]
+__all__ = ["DEFAULT_CANDIDATES", "Candidate", "MixedPrecisionPlan", "parse_candidates", "search_mixed_precision"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CANDIDATES = "int4_b128,int4_b32,int8_b128"
+DEFAULT_CANDIDATES = "int4,int8"
+COUNTINGS = ("nominal", "stored")
+MEASURES = ("proxy", "all")
 _CANDIDATE = re.compile(r"^int(?P<bits>[248])(?:_b(?P<block>-1|\d+))?(?:_(?P<scheme>sym|asym))?$")
 
 
@@ -63,8 +79,10 @@ class Candidate:
         settings = NodeSettings(self.bits, self.block_size, self.symmetric, 0, False)
         return fmt.resolve(settings, site.k, site.n, f"candidate {self.name!r} on node {site.name!r}")
 
-    def bits_per_weight(self, site: WeightSite, fmt: Format) -> float:
-        """Stored bits per weight of ``site`` in this candidate, as ``fmt`` stores it."""
+    def bits_per_weight(self, site: WeightSite, fmt: Format, counting: str = "stored") -> float:
+        """Bits per weight of ``site`` in this candidate: nominal (float = 16), or as ``fmt`` stores it."""
+        if counting == "nominal":
+            return 16.0 if self.bits is None else float(self.bits)
         if self.bits is None:
             return float(site.dtype.itemsize * 8)
         return fmt.stored_bits(site.k, site.n, self.settings_for(site, fmt), site.dtype) / (site.k * site.n)
@@ -76,7 +94,7 @@ class Candidate:
 
 
 def parse_candidates(spec: str | Sequence[str], base: QuantConfig) -> list[Candidate]:
-    """``"int4_b128,int8_b128,float"`` -> candidates (scheme defaults to ``base.symmetric``)."""
+    """``"int4,int8_b128,float"`` -> candidates (block defaults to ``base.block_size``, scheme to ``base.symmetric``)."""
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     candidates = []
     for name in names:
@@ -109,20 +127,21 @@ class MixedPrecisionPlan:
     candidates: list[Candidate] = field(repr=False)
     group_bits: list[list[float]] = field(repr=False, default_factory=list)  # [group][candidate] stored bits
     total_weights: int = 0
+    counting: str = "nominal"
 
-    def for_budget(self, effective_bits: float) -> "MixedPrecisionPlan":
+    def for_budget(self, effective_bits: float) -> MixedPrecisionPlan:
         """The plan for another budget from the same measured sensitivities (no new measurement)."""
         names = [c.name for c in self.candidates]
         sensitivity = [[self.sensitivity[group[0]][name] for name in names] for group in self.groups]
         floor = sum(min(row) for row in self.group_bits) / self.total_weights
         if effective_bits < floor - 1e-9:
-            raise OnnxqError(f"effective bits {effective_bits} is below the smallest possible {floor:.3f} "
-                             f"for candidates {names}")
+            raise OnnxqError(f"{self.counting} bits per weight {effective_bits} is below the smallest possible "
+                             f"{floor:.3f} for candidates {names}")
         choice, used = _choose(sensitivity, self.group_bits, effective_bits * self.total_weights)
         assignments = {site: names[choice[i]] for i, group in enumerate(self.groups) for site in group}
         counts = {name: sum(1 for v in assignments.values() if v == name) for name in names}
-        logger.info("mixed precision: %.3f bits per weight (budget %.3f); nodes per format: %s",
-                    used / self.total_weights, effective_bits, counts)
+        logger.info("mixed precision: %.3f %s bits per weight (budget %.3f); nodes per format: %s",
+                    used / self.total_weights, self.counting, effective_bits, counts)
         return replace(self, assignments=assignments, target_bits=float(effective_bits),
                        effective_bits=float(used / self.total_weights))
 
@@ -136,7 +155,8 @@ class MixedPrecisionPlan:
         """Write the plan as a ``QuantConfig`` JSON (what ``quantize --config`` reads) plus the search record."""
         data = self.to_config(base).to_dict()
         data["_mixed_precision"] = {
-            "target_bits": self.target_bits, "effective_bits": self.effective_bits, "loss": self.loss,
+            "target_bits": self.target_bits, "effective_bits": self.effective_bits, "counting": self.counting,
+            "loss": self.loss,
             "assignments": self.assignments, "groups": self.groups, "sensitivity": self.sensitivity,
         }
         with open(path, "w") as f:
@@ -181,20 +201,36 @@ def _stored(site: WeightSite, weight_kn: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(site.tensor.shape.numpy()), dtype=site.dtype.numpy())
 
 
-def _loss_fn(kind: str):
-    def kl(reference: np.ndarray, output: np.ndarray) -> float:
-        ref = reference.astype(np.float64)
-        out = output.astype(np.float64)
-        log_p = ref - ref.max(-1, keepdims=True)
-        log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
-        log_q = out - out.max(-1, keepdims=True)
-        log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
-        return float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean())
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float32 ``log softmax`` over the last axis."""
+    shifted = logits.astype(np.float32) - logits.max(-1, keepdims=True).astype(np.float32)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
-    def mse(reference: np.ndarray, output: np.ndarray) -> float:
-        return float(np.sum((output.astype(np.float64) - reference) ** 2) / max(np.sum(reference.astype(np.float64) ** 2), 1e-30))
 
-    return {"kl": kl, "mse": mse}[kind]
+class _KL:
+    """Mean KL(p_reference || p_output) per position; the reference's log-probabilities are kept."""
+
+    def __init__(self, reference: np.ndarray) -> None:
+        self.log_p = _log_softmax(reference)
+        self.p = np.exp(self.log_p)
+
+    def __call__(self, output: np.ndarray) -> float:
+        terms = self.p * (self.log_p - _log_softmax(output))
+        return float(terms.sum(dtype=np.float64) / max(terms.size // terms.shape[-1], 1))
+
+
+class _RelativeSquaredError:
+    """``||output - reference||^2 / ||reference||^2``."""
+
+    def __init__(self, reference: np.ndarray) -> None:
+        self.reference = reference.astype(np.float64)
+        self.norm = max(float(np.sum(self.reference ** 2)), 1e-30)
+
+    def __call__(self, output: np.ndarray) -> float:
+        return float(np.sum((output.astype(np.float64) - self.reference) ** 2) / self.norm)
+
+
+_LOSSES = {"kl": _KL, "mse": _RelativeSquaredError}
 
 
 def search_mixed_precision(
@@ -206,6 +242,8 @@ def search_mixed_precision(
     *,
     samples: int = 4,
     loss: str = "auto",
+    counting: str = "nominal",
+    measure: str = "proxy",
     progress: Progress | None = None,
     providers: list[str] | None = None,
 ) -> MixedPrecisionPlan:
@@ -213,16 +251,25 @@ def search_mixed_precision(
 
     Args:
         model: the float model (not modified; its weights are read, memory-mapped when external).
-        config: base settings (node selection, scheme default for candidates, algorithm used later).
+        config: base settings (node selection, block size and scheme defaults for candidates,
+            algorithm used later).
         calibration_data: reader / feeds as for :func:`onnxq.quantize`; ``samples`` of them are used.
-        effective_bits: the budget, average stored bits per quantizable weight.
-        candidates: format names, e.g. ``"int4_b128,int8_b128,float"``.
+        effective_bits: the budget, average bits per quantizable weight as ``counting`` counts them.
+        candidates: format names, e.g. ``"int4,int8"`` or ``"int4_b128,int8_b128,float"``.
         loss: ``"kl"`` (outputs are logits), ``"mse"``, or ``"auto"`` (``kl`` when the first
             output is named like logits, else ``mse``).
+        counting: ``"nominal"`` (ModelOpt's: int4 = 4, int8 = 8, float = 16) or ``"stored"``
+            (codes, padding, scales and zero points as the format stores them).
+        measure: ``"proxy"`` (one model run per group, the other candidates scaled by the
+            group's own output error) or ``"all"`` (one model run per group and candidate).
 
     Returns:
         A :class:`MixedPrecisionPlan`; ``plan.to_config(config)`` gives the settings to quantize with.
     """
+    if counting not in COUNTINGS:
+        raise OnnxqError(f"counting must be one of {COUNTINGS}, got {counting!r}")
+    if measure not in MEASURES:
+        raise OnnxqError(f"measure must be one of {MEASURES}, got {measure!r}")
     formats = parse_candidates(candidates, config)
     fmt = get_format(config.format)
     feeds = materialize(calibration_data, samples, model_inputs=model)
@@ -231,19 +278,22 @@ def search_mixed_precision(
     if not sites:
         raise OnnxqError("no quantizable MatMul/Gemm node found for the mixed-precision search")
     groups = _groups(sites)
-    weights_of = lambda group: sum(s.k * s.n for s in group)  # noqa: E731
+    weights_of = lambda group: sum(s.k * s.n for s in group)
     total = sum(weights_of(g) for g in groups)
-    bits = [[sum(c.bits_per_weight(s, fmt) * s.k * s.n for s in g) for c in formats] for g in groups]
-    cheapest = [int(np.argmin(row)) for row in bits]
-    floor = sum(bits[i][cheapest[i]] for i in range(len(groups))) / total
+    bits = [[sum(c.bits_per_weight(s, fmt, counting) * s.k * s.n for s in g) for c in formats] for g in groups]
+    floor = sum(min(row) for row in bits) / total
     if effective_bits < floor - 1e-9:
-        raise OnnxqError(f"effective bits {effective_bits} is below the smallest possible {floor:.3f} "
+        raise OnnxqError(f"{counting} bits per weight {effective_bits} is below the smallest possible {floor:.3f} "
                          f"for candidates {[c.name for c in formats]}")
     output_name = model.graph.outputs[0].name
     kind = loss if loss != "auto" else ("kl" if "logit" in output_name.lower() else "mse")
     if kind not in ("kl", "mse"):
         raise OnnxqError(f"loss must be 'kl', 'mse' or 'auto', got {loss!r}")
-    sensitivity = _measure(model, groups, formats, fmt, feeds, output_name, _loss_fn(kind), progress, providers)
+    start = time.perf_counter()
+    sensitivity = _Measurement(model, sites, groups, formats, fmt, output_name, _LOSSES[kind], providers).run(
+        _batched(feeds, model), measure, progress)
+    logger.info("sensitivity of %d groups x %d candidates (%s) in %.1f s", len(groups), len(formats), measure,
+                time.perf_counter() - start)
 
     plan = MixedPrecisionPlan(
         assignments={},
@@ -256,8 +306,24 @@ def search_mixed_precision(
         candidates=formats,
         group_bits=bits,
         total_weights=total,
+        counting=counting,
     )
     return plan.for_budget(effective_bits)
+
+
+def _batched(feeds: list[dict[str, np.ndarray]], model: ir.Model) -> list[dict[str, np.ndarray]]:
+    """The feeds as one batch (concatenated along axis 0) when they have the same shapes and every
+    graph input takes a free batch dimension; otherwise unchanged."""
+    if len(feeds) < 2:
+        return feeds
+    first = feeds[0]
+    same = all(f.keys() == first.keys() and all(f[k].shape == first[k].shape for k in first) for f in feeds)
+    inputs = {v.name: v for v in model.graph.inputs}
+    free = all(name in inputs and inputs[name].shape is not None and len(inputs[name].shape) >= 1
+               and not isinstance(inputs[name].shape[0], int) and first[name].ndim >= 1 for name in first)
+    if not (same and free):
+        return feeds
+    return [{name: np.concatenate([f[name] for f in feeds], axis=0) for name in first}]
 
 
 def _choose(sensitivity: list[list[float]], bits: list[list[float]], budget: float) -> tuple[list[int], float]:
@@ -283,47 +349,117 @@ def _choose(sensitivity: list[list[float]], bits: list[list[float]], budget: flo
         used += extra
 
 
-def _measure(model, groups, formats, fmt, feeds, output_name, loss_fn, progress, providers) -> list[list[float]]:
-    """``sensitivity[group][candidate]``: loss with only that group in that format (float: 0)."""
-    sources: dict[str, WeightSite] = {}
-    for group in groups:
-        for site in group:
-            sources.setdefault(site.source.name, site)
-    graph = model.graph
-    moved = [graph.initializers[name] for name in sources if name in graph.initializers]
-    if len(moved) != len(sources):
-        raise OnnxqError("mixed precision needs every weight as an initializer of the main graph "
-                         "(Constant-node or subgraph weights are not supported by the search)")
-    for value in moved:
-        graph.initializers.pop(value.name)
-        graph.inputs.append(value)
-    try:
-        probe = ActivationProbe(model, [output_name], providers=providers)
-        float_weights = {name: site.tensor.numpy() for name, site in sources.items()}
-        references = [probe.run({**feed, **float_weights})[output_name] for feed in feeds]
-    finally:
-        pass
-    try:
-        sensitivity: list[list[float]] = []
-        items = list(enumerate(groups))
-        wrapped = progress(items, desc="sensitivity", unit="group") if progress else items
-        for _, group in wrapped:
-            row = []
-            for candidate in formats:
-                if candidate.bits is None:
-                    row.append(0.0)
-                    continue
-                replaced = dict(float_weights)
-                for site in group:
-                    settings = candidate.settings_for(site, fmt)
-                    q = quantize_weight(site.weight(), settings.bits, settings.block_size, settings.symmetric,
-                                        scale_dtype=site.dtype.numpy())
-                    replaced[site.source.name] = _stored(site, q.dequantize())
-                losses = [loss_fn(ref, probe.run({**feed, **replaced})[output_name]) for feed, ref in zip(feeds, references)]
-                row.append(float(np.mean(losses)))
-            sensitivity.append(row)
-        return sensitivity
-    finally:
+class _Measurement:
+    """``sensitivity[group][candidate]``: the output loss with only that group in that format (float: 0).
+
+    The float model runs once on the (batched) feeds and keeps its output and the inputs of every
+    block that later blocks read (the residual stream). A group is then measured by running only
+    the model's suffix from its block, on those cached values, with the group's weights replaced.
+    """
+
+    def __init__(self, model, sites, groups, formats, fmt, output_name, loss_type, providers) -> None:
+        self.model, self.groups, self.formats, self.fmt = model, groups, formats, fmt
+        self.output_name, self.loss_type, self.providers = output_name, loss_type, providers
+        self.blocks = find_blocks(model, sites)
+        block_of = {id(site.node): block.index for block in self.blocks for site in block.sites}
+        self.group_block = [min(block_of[id(site.node)] for site in group) for group in groups]
+        produced: dict[str, int] = {}
+        for block in self.blocks:
+            for name in block.outputs:
+                produced.setdefault(name, block.index)
+        self.cuts = []  # per block: the values computed before it that it or later blocks read
+        for block in self.blocks:
+            later = {name for other in self.blocks[block.index:] for name in other.inputs}
+            self.cuts.append(sorted(name for name in later if produced.get(name, block.index) < block.index))
+
+    def run(self, feeds, measure: str, progress) -> list[list[float]]:
+        sources: dict[str, WeightSite] = {}
+        for group in self.groups:
+            for site in group:
+                sources.setdefault(site.source.name, site)
+        graph = self.model.graph
+        moved = [graph.initializers[name] for name in sources if name in graph.initializers]
+        if len(moved) != len(sources):
+            raise OnnxqError("mixed precision needs every weight as an initializer of the main graph "
+                             "(Constant-node or subgraph weights are not supported by the search)")
         for value in moved:
-            graph.inputs.remove(value)
-            graph.register_initializer(value)
+            graph.initializers.pop(value.name)
+            graph.inputs.append(value)
+        try:
+            return self._measure(feeds, {name: site.tensor.numpy() for name, site in sources.items()}, measure,
+                                 progress)
+        finally:
+            for value in moved:
+                graph.inputs.remove(value)
+                graph.register_initializer(value)
+
+    def _measure(self, feeds, float_weights, measure, progress) -> list[list[float]]:
+        cached = sorted({name for cut in self.cuts for name in cut})
+        reference = ActivationProbe(self.model, [self.output_name, *cached], providers=self.providers)
+        outputs = [reference.run({**feed, **float_weights}) for feed in feeds]
+        del reference
+        losses = [self.loss_type(values.pop(self.output_name)) for values in outputs]
+        probes: dict[int, ActivationProbe] = {}
+        order = sorted(range(len(self.groups)), key=lambda i: self.group_block[i])
+        sensitivity: list[list[float]] = [[] for _ in self.groups]
+        wrapped = progress(order, desc="sensitivity", unit="group") if progress else order
+        for i in wrapped:
+            group, block = self.groups[i], self.group_block[i]
+            activations = list(dict.fromkeys(site.activation.name for site in group))
+            if block not in probes:
+                probes.clear()  # one suffix session alive at a time
+                probes[block] = ActivationProbe(self.model, [self.output_name, *self._inputs_of(block)],
+                                                feed_names=self.cuts[block], providers=self.providers)
+            sensitivity[i] = self._group(group, probes[block], activations, feeds, outputs, losses, float_weights,
+                                         measure)
+        return sensitivity
+
+    def _inputs_of(self, block: int) -> list[str]:
+        return [name for group, b in zip(self.groups, self.group_block) if b == block
+                for name in dict.fromkeys(site.activation.name for site in group)]
+
+    def _group(self, group, probe, activations, feeds, outputs, loss_fns, float_weights, measure) -> list[float]:
+        quantized = [None if c.bits is None else self._fake_quantized(group, c) for c in self.formats]
+        measured = [c for c, q in enumerate(quantized) if q is not None]
+        if not measured:
+            return [0.0] * len(self.formats)
+        if measure == "proxy":  # the coarsest candidate: the largest perturbation, the best-resolved loss
+            measured = [min(measured, key=lambda c: (self.formats[c].bits, -self.formats[c].block_size))]
+        losses: dict[int, float] = {}
+        rows: dict[str, list[np.ndarray]] = {name: [] for name in activations}
+        for c in measured:
+            values = []
+            for feed, reference, loss_fn in zip(feeds, outputs, loss_fns):
+                replaced = {**float_weights, **{site.source.name: w for site, w in zip(group, quantized[c][1])}}
+                cut = {name: reference[name] for name in probe.input_names if name in reference}
+                result = probe.run({**feed, **replaced, **cut})
+                values.append(loss_fn(result[self.output_name]))
+                if len(losses) == 0 and measure == "proxy":
+                    for name in activations:
+                        rows[name].append(result[name].reshape(-1, result[name].shape[-1]))
+            losses[c] = float(np.mean(values))
+        if measure == "all":
+            return [losses.get(c, 0.0) for c in range(len(self.formats))]
+        (probe_c,) = measured
+        x = {name: np.concatenate(parts).astype(np.float32) for name, parts in rows.items()}
+        errors = [0.0 if q is None else _output_error(group, q[0], x) for q in quantized]
+        scale = losses[probe_c] / errors[probe_c] if errors[probe_c] > 0 else 0.0
+        return [e * scale for e in errors]
+
+    def _fake_quantized(self, group, candidate) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per site: the quantize-dequantize error ``W - Q(W)`` ``[K, N]`` and the stored weight."""
+        deltas, stored = [], []
+        for site in group:
+            settings = candidate.settings_for(site, self.fmt)
+            weight = site.weight()
+            q = quantize_weight(weight, settings.bits, settings.block_size, settings.symmetric,
+                                scale_dtype=site.dtype.numpy()).dequantize()
+            deltas.append(weight - q)
+            stored.append(_stored(site, q))
+        return deltas, stored
+
+
+def _output_error(group, deltas: list[np.ndarray], x: dict[str, np.ndarray]) -> float:
+    """``sum_i ||X_i (W_i - Q(W_i))||_F^2`` over the group's sites (``X_i``: the site's input rows)."""
+    return float(sum(np.sum((x[site.activation.name] @ delta) ** 2, dtype=np.float64)
+                     for site, delta in zip(group, deltas)))

