@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CANDIDATES = "int4,int8"
 COUNTINGS = ("nominal", "stored")
 MEASURES = ("proxy", "all")
+PROXY_ROWS = 256  # input rows per group for the proxy's output-error ratios
 _CANDIDATE = re.compile(r"^int(?P<bits>[248])(?:_b(?P<block>-1|\d+))?(?:_(?P<scheme>sym|asym))?$")
 
 
@@ -441,7 +442,7 @@ class _Measurement:
         if measure == "all":
             return [losses.get(c, 0.0) for c in range(len(self.formats))]
         (probe_c,) = measured
-        x = {name: np.concatenate(parts).astype(np.float32) for name, parts in rows.items()}
+        x = {name: _row_sample(np.concatenate(parts)) for name, parts in rows.items()}
         errors = [0.0 if q is None else _output_error(group, q[0], x) for q in quantized]
         scale = losses[probe_c] / errors[probe_c] if errors[probe_c] > 0 else 0.0
         return [e * scale for e in errors]
@@ -457,6 +458,13 @@ class _Measurement:
             deltas.append(weight - q)
             stored.append(_stored(site, q))
         return deltas, stored
+
+
+def _row_sample(x: np.ndarray, rows: int = PROXY_ROWS) -> np.ndarray:
+    """At most ``rows`` evenly spaced rows of ``x: [T, K]``, float32 (the proxy's error ratios need few)."""
+    if len(x) > rows:
+        x = x[np.linspace(0, len(x) - 1, rows).astype(np.int64)]
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _output_error(group, deltas: list[np.ndarray], x: dict[str, np.ndarray]) -> float:
