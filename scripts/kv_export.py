@@ -68,16 +68,17 @@ def _run(cmd: list, log: Path | None = None, env: dict | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def save_hf_tokenizer(tok, folder: Path) -> None:
+def save_hf_tokenizer(tok, folder: Path, tokenizer_class: str = TOKENIZER_CLASS) -> None:
     """``tok.save_pretrained(folder)`` with a compact tokenizer.json and ``tokenizer_class`` for transformers 4.
 
-    The compact file holds exactly the same JSON (1.6 MB instead of 3.5 MB).
+    The compact file holds exactly the same JSON (1.6 MB instead of 3.5 MB for SmolLM2).
+    ``tokenizer_class`` is the model's own (SmolLM2: GPT2Tokenizer, Gemma: GemmaTokenizer).
     """
     tok.save_pretrained(folder)
     compact_tokenizer_json(folder)
     cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = TOKENIZER_CLASS
+    cfg["tokenizer_class"] = tokenizer_class
     cfg.pop("backend", None)
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
@@ -143,10 +144,12 @@ def hf_greedy(hf_dir: Path, prompt: list[int], new_tokens: int) -> list[int]:
     return out[0].tolist()
 
 
-def run_genai_builder(hf_dir: Path, out: Path, precision: str, log: Path, extra: dict | None = None) -> float:
+def run_genai_builder(hf_dir: Path, out: Path, precision: str, log: Path, extra: dict | None = None,
+                      script: Path | None = None) -> float:
     """``python -m onnxruntime_genai.models.builder -i hf_dir -o out -p precision -e cpu``; seconds.
 
-    Its output goes to ``log``; ``extra`` adds ``--extra_options`` to ``hf_token=false``.
+    Its output goes to ``log``; ``extra`` adds ``--extra_options`` to ``hf_token=false``;
+    ``script`` runs instead of the module with the same arguments (``scripts/genai_builder.py``).
     """
     if out.exists():
         shutil.rmtree(out)
@@ -157,9 +160,9 @@ def run_genai_builder(hf_dir: Path, out: Path, precision: str, log: Path, extra:
     # at the repository root makes git fail there, and the builder falls back to its wheel's commit.
     env = {"GIT_CEILING_DIRECTORIES": str(REPO_ROOT)}
     with tempfile.TemporaryDirectory() as cache:
-        return _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf_dir, "-o", out,
-                     "-p", precision, "-e", "cpu", "-c", cache, "--extra_options",
-                     *(f"{k}={v}" for k, v in options.items())], log=log, env=env)
+        builder = [script] if script else ["-m", "onnxruntime_genai.models.builder"]
+        return _run([sys.executable, *builder, "-i", hf_dir, "-o", out, "-p", precision, "-e", "cpu", "-c", cache,
+                     "--extra_options", *(f"{k}={v}" for k, v in options.items())], log=log, env=env)
 
 
 def run_optimum(hf_dir: Path, out: Path, log: Path, dtype: str = "fp32") -> float:
@@ -231,19 +234,23 @@ def check_with_ort(model: Path, ids: np.ndarray, ref: np.ndarray | None, atol: f
     return result
 
 
-def genai_generate(folder: Path, prompt: list[int], new_tokens: int) -> dict:
-    """Greedy generation with onnxruntime_genai; the ids, or the error it raised."""
+def genai_generate(folder: Path, prompt: list[int], new_tokens: int, max_length: int | None = None) -> dict:
+    """Greedy generation of ``new_tokens`` with onnxruntime_genai; the ids, or the error it raised.
+
+    ``max_length`` (default: prompt + new tokens) sizes GenAI's KV cache; a windowed cache
+    (Gemma 3's sliding layers) needs at least the window.
+    """
     import onnxruntime_genai as og
 
     t0 = time.perf_counter()
     try:
         model = og.Model(str(folder))
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens,
-                                  do_sample=False)
+        params.set_search_options(max_length=max_length or len(prompt) + new_tokens,
+                                  min_length=len(prompt) + new_tokens, do_sample=False)
         gen = og.Generator(model, params)
         gen.append_tokens(np.array([prompt], dtype=np.int32))
-        while not gen.is_done():
+        for _ in range(new_tokens):
             gen.generate_next_token()
         ids = [int(x) for x in gen.get_sequence(0)]
         tokenizer = og.Tokenizer(model)
