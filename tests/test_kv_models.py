@@ -201,3 +201,39 @@ def test_inspect_and_summary_take_folders(tmp_path, capsys):
     capsys.readouterr()
     assert main(["summary", str(out)]) == 0
     assert "1 GatherBlockQuantized, 11 MatMulNBits" in capsys.readouterr().out
+
+
+def test_head_size_of_split_qkv_with_per_head_norms():
+    """Gemma 3 as the GenAI builder writes it: one packed QKV MatMul, Split into q / k / v, q and k
+    through per-head norms (Reshape -> SimplifiedLayerNormalization -> Reshape), GroupQueryAttention
+    with separate q, k, v and a symbolic head size in the past inputs."""
+    from onnx import TensorProto, helper
+
+    from onnxq.calibration.inputs import input_specs
+    heads, kv_heads, head, hidden = 4, 1, 16, 64
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["qkv"], name="qkv_proj"),
+             helper.make_node("Split", ["qkv", "sizes"], ["q0", "k0", "v"], axis=-1, name="split")]
+    for name in ("q", "k"):
+        nodes += [helper.make_node("Reshape", [f"{name}0", "heads_shape"], [f"{name}1"], name=f"{name}_r1"),
+                  helper.make_node("SimplifiedLayerNormalization", [f"{name}1", "gamma"], [f"{name}2"], axis=-1,
+                                   name=f"{name}_norm"),
+                  helper.make_node("Reshape", [f"{name}2", "flat_shape"], [name], name=f"{name}_r2")]
+    nodes.append(helper.make_node("GroupQueryAttention", ["q", "k", "v", "past_key_values.0.key",
+                                                          "past_key_values.0.value", "seqlens", "total"],
+                                  ["out", "present.0.key", "present.0.value"], domain="com.microsoft",
+                                  num_heads=heads, kv_num_heads=kv_heads, name="attn"))
+    past = [helper.make_tensor_value_info(f"past_key_values.0.{kind}", TensorProto.FLOAT,
+                                          ["batch", kv_heads, "past", "kv_cache_dim"]) for kind in ("key", "value")]
+    inits = [helper.make_tensor("W", TensorProto.FLOAT, [hidden, (heads + 2 * kv_heads) * head],
+                                np.zeros(hidden * (heads + 2 * kv_heads) * head, np.float32)),
+             helper.make_tensor("sizes", TensorProto.INT64, [3], [heads * head, kv_heads * head, kv_heads * head]),
+             helper.make_tensor("heads_shape", TensorProto.INT64, [4], [1, -1, heads, head]),
+             helper.make_tensor("flat_shape", TensorProto.INT64, [3], [1, -1, heads * head]),
+             helper.make_tensor("gamma", TensorProto.FLOAT, [head], np.ones(head, np.float32))]
+    graph = helper.make_graph(nodes, "gemma_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                  [1, "seq", hidden]), *past,
+                                                    helper.make_tensor_value_info("seqlens", TensorProto.INT32, [1]),
+                                                    helper.make_tensor_value_info("total", TensorProto.INT32, [])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    specs = {s.name: s for s in input_specs(helper.make_model(graph))}
+    assert specs["past_key_values.0.key"].shape[1:] == (kv_heads, "past", head)

@@ -118,14 +118,17 @@ def _with_past_dims(spec: InputSpec, dims: tuple[int, int] | None) -> InputSpec:
     return InputSpec(spec.name, spec.dtype, tuple(shape))
 
 
-_PASS_THROUGH = ("Add", "Mul", "Transpose", "Reshape", "RotaryEmbedding", "Cast")
-"""Ops between a K/V projection and the cache that keep its width (bias, RoPE, head split)."""
+_PASS_THROUGH = ("Add", "Mul", "Transpose", "Reshape", "RotaryEmbedding", "Cast", "SimplifiedLayerNormalization",
+                 "LayerNormalization", "RMSNormalization", "SkipSimplifiedLayerNormalization")
+"""Ops between a Q/K/V projection and attention that keep its width (bias, RoPE, head split, and the
+per-head q/k norms of Gemma 3 / Qwen 3)."""
 
 
-def _output_width(value: ir.Value | None) -> int | None:
+def _output_width(value: ir.Value | None, through_split: bool = False) -> int | None:
     """The output width (N) of the MatMul / MatMulNBits with a constant weight that ``value`` comes from,
-    through bias, rotary embedding, head-split Reshape / Transpose and Cast nodes."""
-    for _ in range(8):
+    through bias, rotary embedding, head-split Reshape / Transpose, per-head norms and Cast nodes (and,
+    with ``through_split``, the ``Split`` of a packed QKV projection)."""
+    for _ in range(12):
         node = None if value is None else value.producer()
         if node is None:
             return None
@@ -134,7 +137,7 @@ def _output_width(value: ir.Value | None) -> int | None:
             return None if attr is None else attr.as_int()
         if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].const_value is not None:
             return int(node.inputs[1].const_value.shape[-1])
-        if node.op_type not in _PASS_THROUGH:
+        if node.op_type not in _PASS_THROUGH and not (through_split and node.op_type == "Split"):
             return None
         value = next((v for v in node.inputs if v is not None and v.const_value is None and v.producer() is not None),
                      None)
@@ -168,6 +171,8 @@ def _past_dims(graph: ir.Graph) -> dict[str, tuple[int, int]]:
         heads, kv_heads = attrs.get("num_heads"), attrs.get("kv_num_heads")
         packed = len(node.inputs) < 2 or node.inputs[1] is None
         width = _output_width(node.inputs[0])
+        if width is None and not packed:  # q, k, v split from one packed projection (Gemma 3 builds)
+            width, packed = _output_width(node.inputs[0], through_split=True), True
         if not (heads and kv_heads and width):
             continue
         head_size = width // (heads + 2 * kv_heads) if packed else width // heads
