@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 _CHOLESKY_RETRIES = 4  # damping tried: d, 10 d, 100 d, 1000 d
 _TRIANGULAR_BASE = 128  # below this size a triangular inverse is done by LAPACK directly
+_PANEL = 16  # rows of a lazy batch whose mutual updates are matrix-vector products; the rest are GEMMs
 
 
 @dataclass(frozen=True)
@@ -119,25 +120,28 @@ def _inv_lower(lower: np.ndarray) -> np.ndarray:
     return out
 
 
-def _upper_cholesky_of_inverse(hessian: np.ndarray) -> np.ndarray:
-    """``U`` upper triangular with ``hessian^-1 = U^T U`` (raises ``LinAlgError`` if not SPD).
+def _reverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray:
+    """float32 ``M`` lower triangular with ``hessian + damp I = M^T M`` (``LinAlgError`` if not SPD).
 
-    With ``J`` the reversal permutation and ``J H J = L L^T``: ``H^-1 = (J L^-T J)(J L^-1 J)``
-    and ``J L^-1 J`` is upper triangular. One Cholesky and one triangular inverse,
-    instead of the reference's Cholesky, inverse and second Cholesky.
+    With ``J`` the reversal permutation and ``J H J = L L^T`` (one float64 LAPACK ``potrf``):
+    ``M = J L^T J``. ``M = U^-T`` for the reference's ``U = chol_upper(H^-1)``, so no inverse
+    is needed: the reference's inverse and second Cholesky disappear. (float32 ``potrf`` was
+    measured slower than float64 with this numpy's OpenBLAS, so nothing is gained by it.)
     """
-    lower = np.linalg.cholesky(np.ascontiguousarray(hessian[::-1, ::-1]))
-    return np.ascontiguousarray(_inv_lower(lower)[::-1, ::-1])
+    reversed_h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="C")
+    diagonal = np.arange(len(reversed_h))
+    reversed_h[diagonal, diagonal] += damp
+    lower = np.linalg.cholesky(reversed_h)
+    return np.array(lower.T[::-1, ::-1], dtype=np.float32, order="C")
 
 
 def _damped_factor(hessian: np.ndarray, percdamp: float) -> tuple[np.ndarray, float]:
     """Add ``percdamp * mean(diag H)`` to the diagonal and factor; retry with 10x damping on failure."""
     mean_diag = float(np.mean(np.diag(hessian)))  # > 0: the diagonal is >= 0 and dead entries are 1
-    eye = np.eye(hessian.shape[0])
     for attempt in range(_CHOLESKY_RETRIES):
         damp = percdamp * mean_diag * 10.0**attempt
         try:
-            return _upper_cholesky_of_inverse(hessian + damp * eye), damp
+            return _reverse_cholesky(hessian, damp), damp
         except np.linalg.LinAlgError:
             logger.warning("GPTQ: Hessian not positive definite with damping %g; retrying with 10x damping", damp)
     raise OnnxqError(
@@ -242,41 +246,47 @@ def gptq_solve(
         order = np.concatenate([order, np.arange(k, kp)])
     else:
         order = np.arange(kp)
-    upper_real, damp = _damped_factor(hessian, percdamp)
-    upper = np.eye(kp, dtype=np.float32)
-    upper[:k, :k] = upper_real
+    factor, damp = _damped_factor(hessian, percdamp)
+    if kp == k:
+        m = factor
+    else:  # padded rows: identity, decoupled from the real ones
+        m = np.eye(kp, dtype=np.float32)
+        m[:k, :k] = factor
+    diag = np.diag(m).copy()
+    inv_diag = np.float32(1) / diag
+    # Dynamic groups need the current value of rows not yet reached: -(M^-1)[rows, :i] @ E[:i].
+    m_inv = None if static_groups else _inv_lower(m.astype(np.float64)).astype(np.float32)
     position = np.empty(kp, dtype=np.int64)
     position[order] = np.arange(kp)
-    work = padded[order]  # row i of work is original row order[i]
+    work = padded[order]  # row i of work is original row order[i]; never modified
 
     codes_rows = np.empty((kp, n), dtype=np.uint8)
-    errors = np.empty((kp, n), dtype=np.float32)
+    diffs = np.empty((kp, n), dtype=np.float32)  # D = W - Q, processing order
+    errors = np.empty((kp, n), dtype=np.float32)  # E = M D
     for i1 in range(0, kp, lazy_batch):
         i2 = min(i1 + lazy_batch, kp)
-        for i in range(i1, i2):
-            row = int(order[i])
-            block = row // bs
-            if not have_params[block]:
-                # Current values of the block's rows: in-batch rows are up to date in `work`;
-                # rows after the batch still miss this batch's updates from rows i1..i-1.
-                pos = position[block * bs:(block + 1) * bs]
-                current = work[pos]
-                later = pos >= i2
-                if i > i1 and later.any():
-                    current[later] -= upper[i1:i, pos[later]].T @ errors[i1:i]
-                set_params(slice(block, block + 1), current)
-            sc = scales[:, block]
-            zp = zero_points[:, block]
-            w = work[i]
-            codes = quantize_with_params(w[:, None], sc, zp, bits)[:, 0]
-            q = (codes.astype(np.float32) - zp.astype(np.float32)) * sc  # as QuantizedWeight.dequantize
-            codes_rows[row] = codes
-            err = (w - q) / upper[i, i]
-            errors[i] = err
-            if i + 1 < i2:
-                work[i + 1:i2] -= upper[i, i + 1:i2, None] * err[None, :]
-        if i2 < kp:
-            work[i2:] -= upper[i1:i2, i2:].T @ errors[i1:i2]
+        # acc[r - i1] = M[r, :c] @ D[:c], c = i1, then the start of r's panel: one GEMM each
+        acc = m[i1:i2, :i1] @ diffs[:i1] if i1 else np.zeros((i2 - i1, n), np.float32)
+        for p1 in range(i1, i2, _PANEL):
+            p2 = min(p1 + _PANEL, i2)
+            if p1 > i1:
+                acc[p1 - i1:p2 - i1] += m[p1:p2, i1:p1] @ diffs[i1:p1]
+            for i in range(p1, p2):
+                row = int(order[i])
+                block = row // bs
+                if not have_params[block]:
+                    pos = position[block * bs:(block + 1) * bs]  # all >= i: the block is first reached now
+                    current = work[pos] - m_inv[pos, :i] @ errors[:i] if i else work[pos]
+                    set_params(slice(block, block + 1), current)
+                sc = scales[:, block]
+                zp = zero_points[:, block]
+                update = acc[i - i1] + m[i, p1:i] @ diffs[p1:i] if i > p1 else acc[i - i1]
+                w = work[i] + update * inv_diag[i]
+                codes = quantize_with_params(w[:, None], sc, zp, bits)[:, 0]
+                q = (codes.astype(np.float32) - zp.astype(np.float32)) * sc  # as QuantizedWeight.dequantize
+                codes_rows[row] = codes
+                diffs[i] = work[i] - q
+                errors[i] = (w - q) * diag[i]
 
     loss = np.einsum("kn,kn->n", errors, errors, dtype=np.float64)
     codes = np.ascontiguousarray(codes_rows.T).reshape(n, k_blocks, bs)
