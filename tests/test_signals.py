@@ -155,7 +155,15 @@ def test_interrupt_during_startup_imports(big_model, tmp_path):
     """Ctrl-C while ``python -m onnxq`` is still importing numpy / onnx: one line, exit 130, no traceback."""
     out = tmp_path / "q.onnx"
     run = _Run(big_model, out)
-    time.sleep(0.3)  # the imports take over a second
+    maps = Path(f"/proc/{run.proc.pid}/maps")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # inside onnxq's own imports (numpy loaded), not the interpreter's start
+        try:
+            if "numpy" in maps.read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.005)
     run.proc.send_signal(signal.SIGINT)
     code, err = run.finish()
     assert code == 130, err
