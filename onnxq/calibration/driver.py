@@ -217,7 +217,7 @@ class _Driver:
     def _accumulators(self, k: int, seed: int) -> dict[str, Accumulator]:
         """The statistics the algorithm declares, for one input tensor of ``k`` channels."""
         make = {
-            "hessian": lambda: HessianAccumulator(k),
+            "hessian": lambda: HessianAccumulator(k, dtype=np.float32),
             "abs_mean": lambda: AbsMeanAccumulator(k),
             "sq_mean": lambda: MeanSquareAccumulator(k),
             "rows": lambda: RowSampler(self.algorithm.sample_rows(self.options), seed=seed, k=k),
