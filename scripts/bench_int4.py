@@ -12,7 +12,10 @@ for every row. Each row is whole processes as a user runs them: quantize (wall t
   (pure weight error; the tied embedding table is int4, shared with the lm_head, as the builder does);
 * onnxruntime rows: ``scripts/ort_tool_quantize.py`` (``MatMulNBitsQuantizer``; HQQ through torch in
   ``.venv-export``); it leaves the Gather's float table beside its int4 lm_head;
-* the GenAI builder's own int4 (its defaults: block 32 sym RTN, accuracy_level 4).
+* the GenAI builder's own int4 (its defaults: block 32 sym RTN, accuracy_level 4);
+* "Optimum:" rows: the same model as Optimum's ``text-generation-with-past`` export
+  (``models/real/smollm2_kv/optimum-fp32``: the tied table read by ``Gather(E)`` and ``Transpose(E) -> MatMul``),
+  for what each tool does with a tied embedding.
 
     python scripts/bench_int4.py [--only NAME ...] [--windows 16] [--samples 32] [--seq-len 256] [--render]
 
@@ -63,8 +66,18 @@ RUNS: dict[str, tuple[str, list]] = {
     "onnxq gptq + presets lm_head8,mixed_layers8": ("onnxq", [*B128, "--algo", "gptq", "--mixed-preset",
                                                               "lm_head8,mixed_layers8", CALIB]),
     "onnxq gptq, mixed 4.8 effective bits": ("onnxq", [*B128, "--algo", "gptq", "--effective-bits", "4.8",
-                                                       "--mp-samples", "4", CALIB]),
+                                                       "--mp-samples", "2", CALIB]),
+    # the tied-table default on the torch / Optimum form, Gather(E) + Transpose(E) -> MatMul (int4 b128 sym)
+    "Optimum: onnxruntime default (RTN)": ("ort", ["--algo", "default", "--block-size", "128"]),
+    "Optimum: onnxq rtn (default: tied table shared, 8-bit)": ("onnxq", [*B128]),
+    "Optimum: onnxq rtn --quantize-embeddings (int4 shared)": ("onnxq", [*B128, "--quantize-embeddings"]),
+    "Optimum: onnxq rtn --no-quantize-embeddings": ("onnxq", [*B128, "--no-quantize-embeddings"]),
+    "Optimum: onnxq gptq (default)": ("onnxq", [*B128, "--algo", "gptq", CALIB]),
 }
+
+
+def _float_of(name: str) -> Path:
+    return REAL / "optimum-fp32" if name.startswith("Optimum:") else FLOAT
 
 
 def _run(cmd: list[str]) -> tuple[float, float, str, str]:
@@ -113,9 +126,9 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
     else:
         subprocess.run(["rm", "-rf", str(out)], check=True)
         if tool == "onnxq":
-            cmd = [PY, "-m", "onnxq", "quantize", str(FLOAT), str(out), "--quiet", *flags]
+            cmd = [PY, "-m", "onnxq", "quantize", str(_float_of(name)), str(out), "--quiet", *flags]
         else:
-            cmd = [TORCH_PY if tool == "ort-torch" else PY, ORT_TOOL, str(FLOAT), str(out), *flags]
+            cmd = [TORCH_PY if tool == "ort-torch" else PY, ORT_TOOL, str(_float_of(name)), str(out), *flags]
         wall, rss, stdout, stderr = _run(cmd)
         row |= {"quantize_s": round(wall, 1), "peak_rss_mib": None if rss != rss else round(rss),
                 "command": _command(cmd)}
@@ -124,7 +137,7 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
             row["error"] = tail.strip()[:300]
             return _record(row)
     report = out.with_name(out.name + ".eval.json")
-    _, rss, _, stderr = _run([PY, "-m", "onnxq", "eval", str(FLOAT), str(out), "--data", str(eval_text),
+    _, rss, _, stderr = _run([PY, "-m", "onnxq", "eval", str(_float_of(name)), str(out), "--data", str(eval_text),
                               "--context", "256", "--max-windows", str(args.windows), "--quiet", "--json",
                               str(report)])
     if rss != rss:
@@ -143,8 +156,10 @@ def _record(row: dict) -> dict:
     return row
 
 
-def _recovered(rows: dict, name: str, reference: str = "onnxq rtn") -> float | None:
-    row, rtn = rows.get(name), rows.get(reference)
+def _recovered(rows: dict, name: str) -> float | None:
+    row, rtn = rows.get(name), rows.get("onnxq rtn")
+    if name.startswith("Optimum:"):
+        return None
     if not row or not rtn or "ppl_quant" not in row or "ppl_quant" not in rtn:
         return None
     gap = rtn["ppl_quant"] - rtn["ppl_float"]

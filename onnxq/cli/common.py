@@ -59,7 +59,7 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quant-type", choices=BNB4_TYPES, help="bnb4 data type (default nf4)")
     group.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
                        help="quantize every Gather embedding table at the node settings (a tied lm_head "
-                            "shares the packed weight; the default for an ONNX Runtime GenAI folder); "
+                            "shares the packed weight: what the GenAI model builder writes); "
                             "--no-quantize-embeddings keeps tables and the MatMuls tied to them in float; "
                             "default otherwise: a tied table is packed once at --tied-embedding-bits, "
                             "untied tables stay in float")
@@ -141,7 +141,7 @@ def tokenizer_for(given: Path | None, model_path: Path, data: Path) -> Path:
                      "(a tokenizer.json, a folder holding one, or an ONNX tokenizer), or token ids as .npy")
 
 
-GENAI_DEFAULTS = {"accuracy_level": 4, "quantize_embeddings": True}
+GENAI_DEFAULTS = {"accuracy_level": 4}  # the tied table: the general default (8 bits, shared with the lm_head)
 """The ONNX Runtime GenAI model builder's CPU int4 defaults, taken for a GenAI folder unless set."""
 
 
