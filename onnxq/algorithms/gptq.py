@@ -13,9 +13,18 @@ not yet quantized:
     e_k = (w_k - q_k) / U[k, k]           q_k = Q(w_k) with the block's fixed scale / zero point
     w_j -= U[k, j] * e_k                  for every j processed after k
 
-Updates are applied lazily (``lazy_batch`` rows at a time, the rest with one matrix
-product per batch), which is the paper's "lazy batch" trick (sec. 4, step 2).
-Whatever the order and batching, the solver's loss has the closed form
+Here the same algorithm runs left-looking, at BLAS speed. With ``M = U^-T`` (lower
+triangular, ``H_damped = M^T M``, a Cholesky factor of ``H`` itself: no inverse is formed),
+``E = M D`` and the value row ``k`` has when it is quantized is
+
+    w'_k = w_k + (M[k, :k] @ D[:k]) / M[k, k]        e_k = (w'_k - q_k) * M[k, k]
+
+(the same numbers as above in exact arithmetic). Per lazy batch of ``lazy_batch`` rows (the
+paper's "lazy batch", sec. 4, step 2) ``M[batch, :start] @ D[:start]`` is one GEMM; inside the
+batch, each panel of ``_PANEL`` rows gathers the earlier rows of its batch with one more GEMM,
+and only the rows of its own panel are matrix-vector products. The factor is a blocked float64
+Cholesky (LAPACK per block, ``syrk`` updates); the products run in float32, like the reference
+implementation's on GPU. Whatever the order and batching, the solver's loss has the closed form
 ``(W - Q)[:, n]^T H_damped (W - Q)[:, n] = sum_k e_k[n]^2``: :class:`GPTQResult.loss`.
 
 Conventions kept from :mod:`onnxq.core.quantize`: scales are rounded to
@@ -33,8 +42,8 @@ the original K order, so the result needs no ``g_idx``:
   (after dead rows are zeroed).
 * ``static_groups=False``: the parameters of a block are computed when the first of
   its rows is reached in processing order, from the current, error-updated rows of
-  the whole block (the pending lazy updates are applied to them first). Without
-  ``act_order`` this is the classic GPTQ group quantization.
+  the whole block (``w - (M^-1)[rows, :i] @ E[:i]``, from the explicit ``M^-1``, which only
+  this mode computes). Without ``act_order`` this is the classic GPTQ group quantization.
 
 ``act_order=True`` processes rows by descending ``diag(H)`` (the paper's "desc_act"):
 large-activation inputs are quantized first, while many rows are still free to absorb
