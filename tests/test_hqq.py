@@ -1,7 +1,9 @@
 """HQQ (half-quadratic quantization, calibration-free) on real all-MiniLM-L6-v2 layers.
 
 References: round-to-nearest from :mod:`onnxq.core` (per-block squared errors recomputed here
-from the definition), and ONNX Runtime's MatMulNBits kernel for float zero points.
+from the definition), a numpy transcription of ONNX Runtime's HQQ (``HQQWeightOnlyQuantizer``,
+the reference algorithm; it needs torch, which the test environment lacks), and ONNX Runtime's
+MatMulNBits kernel for float zero points.
 """
 import ml_dtypes
 import numpy as np
@@ -34,6 +36,35 @@ def weight_error(weight, qweight):
     return float(np.sqrt(block_errors(weight, qweight).sum() / np.square(weight.astype(np.float64)).sum()))
 
 
+def lp_error(weight, approx, p=0.7):
+    """HQQ's objective ``sum |W - W_hat|**p`` (float64)."""
+    return float((np.abs(approx.astype(np.float64) - weight.astype(np.float64)) ** p).sum())
+
+
+def reference_hqq(weight, bits, block_size, iters=20, p=0.7, beta=10.0, kappa=1.01):
+    """ONNX Runtime's ``HQQWeightOnlyQuantizer.quantize_internal`` + ``optimize_weights`` (axis 1 of W^T,
+    round_zero), transcribed to numpy: the dequantized ``[K, N]`` weight (K a multiple of the block)."""
+    qmax = 2 ** bits - 1
+    w = weight.T.astype(np.float32).reshape(-1, block_size)
+    low, high = w.min(axis=1, keepdims=True), w.max(axis=1, keepdims=True)
+    inverse = qmax / (high - low)  # the reference works with 1 / scale
+    zero = np.round(-low * inverse)
+    best = np.inf
+    for _ in range(iters):
+        wq = np.clip(np.round(w * inverse + zero), 0, qmax)
+        wr = (wq - zero) / inverse
+        e = w - wr
+        we = np.sign(e) * np.maximum(np.abs(e) - np.power(np.abs(e) + 1e-8, p - 1) / beta, 0)
+        zero = np.mean(wq - (w - we) * inverse, axis=1, keepdims=True)
+        beta *= kappa
+        err = np.abs(w - wr).mean()
+        if err >= best:
+            break
+        best = err
+    wq = np.clip(np.round(w * inverse + zero), 0, qmax)
+    return ((wq - zero) / inverse).reshape(weight.shape[1], -1).T
+
+
 @pytest.mark.parametrize("zero_point", ["int", "float"])
 @pytest.mark.parametrize("layer", ["q", "fc1", "fc2"])
 @pytest.mark.parametrize("bits,block_size", SETTINGS)
@@ -47,7 +78,49 @@ def test_hqq_beats_rtn_asym(layer, bits, block_size, zero_point):
     assert np.all(hqq_blocks <= rtn_blocks * (1 + 1e-5) + 1e-12)
     assert res.error == pytest.approx(weight_error(w, res.qweight), rel=1e-5)
     assert res.error < 0.99 * weight_error(w, rtn)
+    assert lp_error(w, res.qweight.dequantize()) < 0.99 * lp_error(w, rtn.dequantize())  # the objective
     assert output_error(x, w, res.qweight.dequantize()) < 0.99 * output_error(x, w, rtn.dequantize())
+
+
+@pytest.mark.parametrize("layer", ["q", "fc1", "fc2"])
+@pytest.mark.parametrize("bits,block_size", SETTINGS)
+def test_float_zero_points_are_the_reference_algorithm(layer, bits, block_size):
+    """Float zero points are HQQ as the reference computes it: every block that HQQ (not the RTN
+    fallback) keeps has the min-max scale, only its zero point moves, and the objective, the
+    reference's stopping criterion (mean |error|) and the weight error match the reference's to 1%.
+    (A least-squares scale refit lowered the weight MSE further but raised SmolLM2's perplexity.)"""
+    w = layer_slice(layer)[0]
+    res = hqq_quantize_weight(w, bits, block_size, zero_point="float")
+    reference = reference_hqq(w, bits, block_size)
+    ours = res.qweight.dequantize()
+    blocks = weight_to_blocks(w, block_size)
+    minmax = (blocks.max(-1) - blocks.min(-1)) / (2**bits - 1)
+    rtn = quantize_weight(w, bits, block_size, symmetric=False)
+    kept = res.float_zero_points != rtn.zero_points  # HQQ's zero point, not the RTN fallback's
+    assert kept.mean() > 0.5
+    np.testing.assert_allclose(res.qweight.scales[kept], minmax[kept], rtol=1e-6)
+    np.testing.assert_array_equal(res.qweight.scales[~kept], rtn.scales[~kept])
+    assert lp_error(w, ours) <= 1.001 * lp_error(w, reference)
+    assert np.abs(ours - w).mean() <= 1.001 * np.abs(reference - w).mean()
+    assert np.linalg.norm(ours - w) <= 1.01 * np.linalg.norm(reference - w)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits,block_size", SETTINGS)
+def test_scale_steps_clip_no_weight_beyond_half_a_step(symmetric, bits, block_size):
+    """With integer (or implied) zero points HQQ moves the scale; it never shrinks it so far that a
+    block's largest weights clip: a block's largest error is at most half its step, or RTN's largest
+    error there (symmetric RTN clips the side opposite its extreme)."""
+    w = layer_slice("fc2")[0]
+    qw = hqq_quantize_weight(w, bits, block_size, symmetric=symmetric).qweight
+    rtn = quantize_weight(w, bits, block_size, symmetric=symmetric)
+    assert np.mean(qw.scales != rtn.scales) > 0.5
+
+    def largest_error(q):
+        return np.abs(weight_to_blocks(q.dequantize() - w, block_size)).max(axis=-1)
+
+    allowed = np.maximum(np.abs(qw.scales) / 2, largest_error(rtn))
+    assert np.all(largest_error(qw) <= allowed * (1 + 1e-5))
 
 
 @pytest.mark.parametrize("bits,block_size", SETTINGS)
@@ -58,6 +131,7 @@ def test_hqq_symmetric_beats_rtn_sym(bits, block_size):
     assert res.qweight.zero_points is None and res.float_zero_points is None
     assert np.all(block_errors(w, res.qweight) <= block_errors(w, rtn) * (1 + 1e-5) + 1e-12)
     assert res.error < weight_error(w, rtn)
+    assert lp_error(w, res.qweight.dequantize()) < lp_error(w, rtn.dequantize())
     assert output_error(x, w, res.qweight.dequantize()) < output_error(x, w, rtn.dequantize())
 
 

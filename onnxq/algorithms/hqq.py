@@ -1,55 +1,60 @@
 """HQQ: half-quadratic quantization (Badri & Shaji 2023, "Half-Quadratic Quantization of Large
-Machine Learning Models", reference code mobiusml/hqq); calibration-free.
+Machine Learning Models", reference code mobiusml/hqq ``optimize_weights_proximal_legacy``, the
+algorithm of ONNX Runtime's ``HQQWeightOnlyQuantizer``); calibration-free.
 
 Numpy only: a weight in, a :class:`~onnxq.core.QuantizedWeight` out, no data needed.
 
-For each block ``w`` (``block_size`` consecutive rows of K in one output column) HQQ keeps the
-min-max scale ``S`` and optimises the zero point ``z`` for a robust ``l_p`` (``p < 1``) error,
+For each block ``w`` (``block_size`` consecutive rows of K in one output column) HQQ fixes the
+min-max scale ``S`` and optimises the zero point ``z`` for a robust ``l_p`` error (``p < 1``),
 ``min_z ||w - Q_z(w)||_p^p`` with ``Q_z(w) = (clip(round(w / S + z), 0, 2**b - 1) - z) * S``,
 by half-quadratic splitting (an auxiliary ``W_e ~ w - Q_z(w)``) and alternating:
 
     q     = clip(round(w / S + z), 0, 2**b - 1)
-    W_e   = shrink_p(w - (q - z) * S, beta)          shrink_p(x) = sign(x) relu(|x| - |x|**(p-1) / beta)
-    z     = mean(q - (w - W_e) / S)                  (the exact minimiser of the quadratic part)
+    W_e   = shrink_p(w - (q - z) * S, beta)      shrink_p(x) = sign(x) relu(|x| - |x|**(p-1) / beta)
+    z     = mean(q - (w - W_e) / S)              (the exact minimiser of the quadratic part)
     beta *= kappa
 
-(the reference's ``optimize_weights_proximal_legacy`` with its scale written as ``1 / S``). A block
-stops as soon as its mean ``|w - Q_z(w)|`` (the reference's stopping criterion) stops decreasing.
+``z`` starts at ``round(-min(w) / S)`` (``round_zero``, as ONNX Runtime calls the reference; RTN's zero
+point when the block's range includes 0). A block stops when its mean ``|w - Q_z(w)|`` (the
+reference's criterion, which the reference applies to the whole tensor at once) stops decreasing,
+and keeps its iterate of lowest criterion. Unlike ONNX Runtime, which zero-pads K to a multiple of
+the block, the padding takes no part in a block's range, zero point or error.
+
+The work runs in the scaled domain ``w / S`` (one multiply per weight, then per iteration only an
+add, a rounding, a subtraction and row sums), on thousands of blocks at once; blocks that stopped
+leave the working set. ``shrink_p`` is zero wherever ``|x| <= beta**(-1 / (2 - p))``; since an
+unclipped error is at most ``S / 2``, only blocks whose clipped extremes overshoot that bound (known
+from the block's range, no pass over the data) evaluate the power.
 
 Zero points (asymmetric):
 
-* ``zero_point="float"``: ``S = (max(w) - min(w)) / (2**b - 1)``, ``z`` starts at ``-min(w) / S`` and
-  stays a float, rounded to ``scale_dtype`` (the dtype MatMulNBits wants for float zero points,
-  the activation's). ONNX Runtime's MatMulNBits accepts such zero points (input ``zero_points``
-  of type T3 = the scales' type, unpacked ``[N, k_blocks]``) and dequantizes
-  ``(q - z) * S`` exactly as for uint8 zero points; its CPU kernel (1.32) accepts them for 2 and
-  4 bits and rejects them for 8 bits.
-* ``zero_point="int"``: ``S`` is RTN's scale (the range includes 0, so ``z`` fits the codes
-  ``[0, 2**b - 1]``); every iterate's ``z`` is rounded to an integer and the codes recomputed,
-  which is what is stored as uint8 zero points.
+* ``zero_point="float"`` (the reference's and ONNX Runtime's HQQ): the above; ``z`` stays a float,
+  rounded to ``scale_dtype`` (the dtype MatMulNBits stores float zero points in: the activation's,
+  input T3 ``[N, k_blocks]``); its CPU kernel (1.32) runs them for 2 and 4 bits.
+* ``zero_point="int"``: an integer zero point cannot follow HQQ's zero step (rounded, it returns to
+  RTN's), so the splitting is applied to the scale instead, with ``z`` RTN's uint8 zero point (below).
 
-``symmetric=True`` keeps the implied zero point ``2**(b-1)`` and applies the same splitting to the
-scale instead: ``S = <q - z, w - W_e> / ||q - z||^2`` (the least-squares minimiser of the
-quadratic part; an extension, the reference only updates ``z``).
+``symmetric=True`` keeps the implied zero point ``2**(b-1)`` and, as for integer zero points, applies
+the splitting to the scale: ``S = <q - z, w - W_e> / ||q - z||^2`` (the least-squares minimiser of the
+quadratic part; an extension, the reference only updates ``z``), projected onto the scales that clip
+no weight by more than half a step (``|S| >= max(-min(w) / (z + 1/2), max(w) / (2**b - 1 - z + 1/2))``
+for the block's sign-adjusted range). Unprojected, the fit shrinks the scale and clips the block's
+largest weights: lower weight MSE, but on SmolLM2 int4 block 128 symmetric it raised the KL to the
+float model from 0.675 (RTN) to 0.760.
 
-Every iterate ``(S, z)`` (``z`` rounded in the integer mode) gives two candidates per block: itself,
-and the same ``z`` with the scale refitted by least squares to ``w`` for that iterate's codes,
-``S' = <q - z, w> / ||q - z||^2`` (then the codes are recomputed for ``S'``). Each block keeps,
-among RTN (:func:`~onnxq.core.quantize_weight`) and all candidates, the one of lowest squared
-error ``||w - Q(w)||^2``: the result is never worse than RTN on the weight MSE, block by block.
-(Without the refit, rounding ``z`` to an integer gives back RTN's zero point almost everywhere,
-so the integer mode would be RTN; the refit is what makes it pay.)
-
-Codes are computed by :func:`~onnxq.core.quantize_with_params` (RTN's rounding) for the scale,
-and float zero point, already rounded to ``scale_dtype``, so
-``qweight.dequantize()`` is what the runtime computes. Padded rows of K take no part in the
-statistics. Work is done on chunks of output columns that bound memory.
+Finally each block keeps, of RTN (:func:`~onnxq.core.quantize_weight`) and HQQ's result, the one of
+lower squared error ``||w - Q(w)||^2``: never worse than RTN on the weight MSE, block by block. Codes
+are computed by :func:`~onnxq.core.quantize_with_params` (RTN's rounding) for the scale and zero
+point as stored, so ``qweight.dequantize()`` is what the runtime computes. Padded rows of K take no
+part: the last, partial block of each column is solved as a shorter block. Column chunks run on
+up to 4 threads (numpy releases the GIL), one chunk's temporaries per thread.
 """
 from __future__ import annotations
 
-import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -59,9 +64,9 @@ from onnxq.errors import OnnxqError
 
 __all__ = ["HQQConfig", "HQQ", "HQQResult", "hqq_quantize_weight"]
 
-logger = logging.getLogger(__name__)
-
-_CHUNK_ELEMENTS = 3_000_000  # K * columns handled at once: ~8 float32 temporaries stay near 100 MB
+_COLUMN_ELEMENTS = 1 << 21  # weights per column chunk (8 MB in float32), one chunk per thread at a time
+_ITER_BLOCKS = 4096  # blocks iterated together: each working array (2 MB at block 128) stays in cache
+_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -103,11 +108,46 @@ class HQQResult:
     error: float
 
 
-def _shrink_lp(x: np.ndarray, beta: float, p: float) -> np.ndarray:
-    """Generalised soft thresholding ``sign(x) relu(|x| - |x|**(p-1) / beta)`` (the l_p proximal step)."""
+@dataclass(frozen=True)
+class _Params:
+    """The settings of one :func:`hqq_quantize_weight` call, checked."""
+
+    bits: int
+    symmetric: bool
+    float_zero: bool
+    iters: int
+    lp_norm: float
+    beta: float
+    kappa: float
+    scale_dtype: Any
+
+    @property
+    def qmax(self) -> np.float32:
+        return np.float32((1 << self.bits) - 1)
+
+    def outlier_bound(self, beta: float) -> float:
+        """``|x|`` above which ``shrink_p(x, beta)`` is not 0: ``beta**(-1 / (2 - p))``."""
+        return beta ** (-1.0 / (2.0 - self.lp_norm))
+
+
+def _to_dtype(values: np.ndarray, dtype) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32).astype(dtype).astype(np.float32)
+
+
+def _reciprocal(scale: np.ndarray) -> np.ndarray:
+    return np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale != 0)
+
+
+def _row_sum(values: np.ndarray) -> np.ndarray:
+    return np.einsum("ij->i", values)
+
+
+def _shrink(x: np.ndarray, beta: float, p: float) -> np.ndarray:
+    """``shrink_p(x, beta) = sign(x) relu(|x| - |x|**(p-1) / beta)``: the ``l_p`` proximal step
+    (``p = 1``: soft thresholding at ``1 / beta``)."""
     magnitude = np.abs(x)
     if p == 1:
-        threshold = np.full_like(magnitude, np.float32(1.0 / beta))
+        threshold = np.float32(1.0 / beta)
     else:
         with np.errstate(divide="ignore"):
             threshold = np.power(magnitude, np.float32(p - 1))  # inf at 0: the result is 0 there
@@ -117,130 +157,149 @@ def _shrink_lp(x: np.ndarray, beta: float, p: float) -> np.ndarray:
     return np.copysign(magnitude, x, out=magnitude)
 
 
-def _to_dtype(values: np.ndarray, dtype) -> np.ndarray:
-    return values.astype(dtype).astype(np.float32)
+def _squared_errors(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: np.float32) -> np.ndarray:
+    """float64 ``||x - Q(x)||^2`` per row of ``x: [m, L]`` for ``scale, zero: [m]``. The codes come from
+    ``rint``, which differs from the stored rounding only on exact ties, where ``|x - Q(x)|`` is the same."""
+    work = x * _reciprocal(scale)[:, None]
+    work += zero[:, None]
+    np.rint(work, out=work)
+    np.clip(work, 0, qmax, out=work)
+    work -= zero[:, None]
+    work *= scale[:, None]
+    np.subtract(x, work, out=work)
+    return np.einsum("ij,ij->i", work, work, dtype=np.float64)
 
 
-def _codes(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
-    """float32 codes of ``blocks: [..., bs]`` for fixed (float) scales and zero points, rounded exactly as
-    :func:`~onnxq.core.quantize_with_params` (and so as RTN) rounds them."""
-    return quantize_with_params(blocks, scale, zero, bits).astype(np.float32)
-
-
-def _reciprocal(scale: np.ndarray) -> np.ndarray:
-    return np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale != 0)
-
-
-def _masked_sum(values: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
-    if valid is not None:
-        values = values * valid
-    return values.sum(axis=-1, dtype=np.float64)
-
-
-def _candidates(
-    blocks: np.ndarray,
-    valid: np.ndarray | None,
-    scale: np.ndarray,
-    zero: np.ndarray,
-    centered: np.ndarray,
-    bits: int,
-    scale_dtype,
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``(scale, zero, squared error)`` of an iterate (``centered`` = its codes minus ``zero``), and of the
-    same zero with the scale refitted by least squares for those codes (``S = <q - z, w> / ||q - z||^2``)."""
-    diff = blocks - centered * scale[..., None]
-    out = [(scale, zero, _masked_sum(diff * diff, valid))]
-    numerator = _masked_sum(centered * blocks, valid)
-    denominator = _masked_sum(centered * centered, valid)
-    refit = np.divide(numerator, denominator, out=scale.astype(np.float64), where=denominator > 0)
-    refit = _to_dtype(refit, scale_dtype)
-    diff = blocks - (_codes(blocks, refit, zero, bits) - zero[..., None]) * refit[..., None]
-    out.append((refit, zero, _masked_sum(diff * diff, valid)))
-    return out
-
-
-def _hqq_blocks(
-    blocks: np.ndarray,
-    valid: np.ndarray | None,
-    bits: int,
-    symmetric: bool,
-    float_zero: bool,
-    iters: int,
-    lp_norm: float,
-    beta: float,
-    kappa: float,
-    scale_dtype,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """HQQ on ``blocks: [n, k_blocks, bs]``; ``valid: [k_blocks, bs]`` marks real (unpadded) rows.
-
-    Returns ``(codes uint8 [n, k_blocks, bs], scales [n, k_blocks], zero points float32 [n, k_blocks],
-    squared error float64 [n, k_blocks])``.
-    """
-    qmax = np.float32((1 << bits) - 1)
-    count = np.float32(blocks.shape[-1]) if valid is None else valid.sum(axis=-1).astype(np.float32)
-    rtn_codes, rtn_scales, rtn_zps = quantize_blocks(blocks, bits, symmetric, 1.0, scale_dtype)
-    best_scale, best_zero = rtn_scales, rtn_zps.astype(np.float32)
-    rtn_diff = blocks - (rtn_codes.astype(np.float32) - best_zero[..., None]) * best_scale[..., None]
-    best_err = _masked_sum(rtn_diff * rtn_diff, valid)
-    del rtn_codes, rtn_diff
-
-    if symmetric:
-        scale, zero = rtn_scales, best_zero.copy()
-    elif float_zero:
-        if valid is None:
-            vmin, vmax = blocks.min(axis=-1), blocks.max(axis=-1)
-        else:
-            vmin = np.where(valid, blocks, np.inf).min(axis=-1).astype(np.float32)
-            vmax = np.where(valid, blocks, -np.inf).max(axis=-1).astype(np.float32)
-        scale = _to_dtype((vmax - vmin) / qmax, scale_dtype)
-        zero = _to_dtype(-vmin * _reciprocal(scale), scale_dtype)
-    else:
-        scale = rtn_scales
-        zero = -np.minimum(blocks.min(axis=-1), np.float32(0)) * _reciprocal(scale)
-    previous = np.full(scale.shape, np.inf)
-    active = np.ones(scale.shape, dtype=bool)
-    for _ in range(iters):
-        recip = _reciprocal(scale)
-        codes = _codes(blocks, scale, zero, bits)
-        centered = codes - zero[..., None]
-        diff = blocks - centered * scale[..., None]  # w - W_r
-        if valid is not None:
-            diff *= valid
-        if float_zero or symmetric:
-            stored_zero, stored_centered = zero, centered
-        else:
-            stored_zero = np.clip(np.floor(zero + np.float32(0.5)), 0, qmax)
-            stored_centered = _codes(blocks, scale, stored_zero, bits) - stored_zero[..., None]
-        for candidate_scale, candidate_zero, candidate_err in _candidates(
-            blocks, valid, scale, stored_zero, stored_centered, bits, scale_dtype
-        ):
-            better = candidate_err < best_err
-            best_err = np.where(better, candidate_err, best_err)
-            best_scale = np.where(better, candidate_scale, best_scale)
-            best_zero = np.where(better, candidate_zero, best_zero)
-
-        criterion = np.abs(diff).sum(axis=-1, dtype=np.float64)
-        active &= criterion < previous
+def _zero_steps(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, prm: _Params) -> np.ndarray:
+    """HQQ's zero-point iterations on ``x: [m, L]`` for fixed ``scale: [m]``, from ``zero: [m]``; returns
+    each row's zero point of lowest mean ``|x - Q(x)|`` (float32 ``[m]``, in ``scale_dtype``'s values)."""
+    m, length = x.shape
+    beta = prm.beta
+    zero = _to_dtype(zero, prm.scale_dtype)
+    best_zero = zero.copy()
+    best_crit = np.full(m, np.inf, dtype=np.float32)
+    rows = np.arange(m)  # the working rows, as indices into x
+    scaled = x * _reciprocal(scale)[:, None]  # w / S
+    low, high = scaled.min(axis=1), scaled.max(axis=1)
+    step = scale.copy()
+    active = np.ones(m, dtype=bool)  # over the working rows
+    work, codes = np.empty_like(scaled), np.empty_like(scaled)
+    for _ in range(prm.iters):
+        np.add(scaled, zero[:, None], out=work)
+        np.rint(work, out=codes)  # a tie gives |d| = 0.5 either way: the criterion does not change
+        np.clip(codes, 0, prm.qmax, out=codes)
+        np.subtract(work, codes, out=work)  # d = (w - W_r) / S
+        np.abs(work, out=codes)
+        crit = _row_sum(codes)  # sum |w - W_r| / S: the row's criterion up to its constant S
+        active &= crit < best_crit[rows]
         if not active.any():
             break
-        previous = np.where(active, criterion, previous)
-        target = blocks - _shrink_lp(diff, beta, lp_norm)  # w - W_e
-        if symmetric:
-            numerator = _masked_sum(centered * target, valid)
-            denominator = _masked_sum(centered * centered, valid)
-            fitted = np.divide(numerator, denominator, out=scale.astype(np.float64), where=denominator > 0)
-            scale = np.where(active, _to_dtype(fitted, scale_dtype), scale)
-        else:
-            target *= recip[..., None]
-            np.subtract(codes, target, out=target)
-            updated = (_masked_sum(target, valid) / count).astype(np.float32)
-            if float_zero:
-                updated = _to_dtype(updated, scale_dtype)
-            zero = np.where(active, updated, zero)
-        beta *= kappa
+        best_crit[rows[active]] = crit[active]
+        best_zero[rows[active]] = zero[active]
+        # z <- mean(q - (w - W_e) / S) = z - mean(d) + mean(W_e / S)
+        update = _row_sum(work)
+        # |d| <= 1/2 where nothing is clipped and is the overshoot of a clipped extreme otherwise
+        overshoot = np.maximum(np.maximum(high + zero - prm.qmax, -(low + zero)), np.float32(0.5))
+        outliers = np.flatnonzero(active & (overshoot * step > prm.outlier_bound(beta)))
+        if outliers.size:
+            s = step[outliers, None]
+            update[outliers] -= _row_sum(_shrink(work[outliers] * s, beta, prm.lp_norm) / s)
+        zero = _to_dtype(zero - update / np.float32(length), prm.scale_dtype)
+        beta *= prm.kappa
+        if active.sum() < 0.75 * rows.size:  # stopped rows leave the working set
+            rows, scaled, zero, step = rows[active], scaled[active], zero[active], step[active]
+            low, high = low[active], high[active]
+            active = np.ones(rows.size, dtype=bool)
+            work, codes = np.empty_like(scaled), np.empty_like(scaled)
+    return best_zero
 
-    codes = quantize_with_params(blocks, best_scale, best_zero, bits)
-    return codes, best_scale.astype(np.float32), best_zero.astype(np.float32), best_err
+
+def _scale_bound(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: np.float32) -> np.ndarray:
+    """The least ``|S|`` per row at which no weight's code ``x / S + z`` leaves ``[-1/2, qmax + 1/2]``
+    (the sign of ``S`` as given: symmetric scales are negative when the extreme is positive)."""
+    sign = np.where(scale < 0, np.float32(-1), np.float32(1))
+    low = np.where(sign > 0, x.min(axis=1), -x.max(axis=1))
+    high = np.where(sign > 0, x.max(axis=1), -x.min(axis=1))
+    return np.maximum(np.maximum(-low, 0) / (zero + np.float32(0.5)),
+                      np.maximum(high, 0) / (qmax - zero + np.float32(0.5)))
+
+
+def _scale_steps(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, prm: _Params) -> np.ndarray:
+    """The splitting on the scale for fixed (integer) ``zero: [m]``, from ``scale: [m]``:
+    ``S = <q - z, x - W_e> / ||q - z||^2``, projected onto ``|S| >= _scale_bound``; returns each row's
+    scale of lowest mean ``|x - Q(x)|``."""
+    m = x.shape[0]
+    beta = prm.beta
+    best_scale = scale.copy()
+    best_crit = np.full(m, np.inf, dtype=np.float64)
+    rows = np.arange(m)
+    sign = np.where(scale < 0, np.float32(-1), np.float32(1))
+    bound = _scale_bound(x, scale, zero, prm.qmax)
+    active = np.ones(m, dtype=bool)
+    centered, work = np.empty_like(x), np.empty_like(x)
+    for _ in range(prm.iters):
+        np.multiply(x, _reciprocal(scale)[:, None], out=centered)
+        centered += zero[:, None]
+        np.rint(centered, out=centered)
+        np.clip(centered, 0, prm.qmax, out=centered)
+        centered -= zero[:, None]  # q - z
+        np.multiply(centered, scale[:, None], out=work)
+        np.subtract(x, work, out=work)  # w - W_r
+        crit = np.einsum("ij->i", np.abs(work), dtype=np.float64)
+        active &= crit < best_crit[rows]
+        if not active.any():
+            break
+        best_crit[rows[active]] = crit[active]
+        best_scale[rows[active]] = scale[active]
+        numerator = np.einsum("ij,ij->i", centered, x, dtype=np.float64)  # <q - z, w - W_e>, W_e sparse below
+        outlier_rows, outlier_cols = np.nonzero(np.abs(work) > prm.outlier_bound(beta))
+        if outlier_rows.size:
+            shrunk = _shrink(work[outlier_rows, outlier_cols], beta, prm.lp_norm)
+            numerator -= np.bincount(outlier_rows, weights=centered[outlier_rows, outlier_cols] * shrunk,
+                                     minlength=rows.size)
+        denominator = np.einsum("ij,ij->i", centered, centered, dtype=np.float64)
+        fitted = np.divide(numerator, denominator, out=scale.astype(np.float64), where=denominator > 0)
+        scale = _to_dtype(sign * np.maximum(np.abs(fitted), bound), prm.scale_dtype)
+        beta *= prm.kappa
+        if active.sum() < 0.75 * rows.size:
+            rows, x, scale, zero = rows[active], x[active], scale[active], zero[active]
+            sign, bound = sign[active], bound[active]
+            active = np.ones(rows.size, dtype=bool)
+            centered, work = np.empty_like(x), np.empty_like(x)
+    return best_scale
+
+
+def _solve(x: np.ndarray, prm: _Params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(scale, zero, squared error)`` float32/float32/float64 ``[m]`` for the blocks ``x: [m, L]``."""
+    _, rtn_scale, rtn_zero = quantize_blocks(x, prm.bits, prm.symmetric, 1.0, prm.scale_dtype)
+    rtn_zero = rtn_zero.astype(np.float32)
+    rtn_err = _squared_errors(x, rtn_scale, rtn_zero, prm.qmax)
+    if prm.iters == 0:
+        return rtn_scale, rtn_zero, rtn_err
+    if prm.float_zero:
+        vmin = x.min(axis=1)
+        scale = _to_dtype((x.max(axis=1) - vmin) / prm.qmax, prm.scale_dtype)
+        zero = _zero_steps(x, scale, np.rint(-vmin * _reciprocal(scale)), prm)
+    else:
+        scale, zero = _scale_steps(x, rtn_scale, rtn_zero, prm), rtn_zero
+    err = _squared_errors(x, scale, zero, prm.qmax)
+    better = err < rtn_err
+    return np.where(better, scale, rtn_scale), np.where(better, zero, rtn_zero), np.where(better, err, rtn_err)
+
+
+def _solve_blocks(x: np.ndarray, prm: _Params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_solve` on ``x: [m, L]`` in groups of ``_ITER_BLOCKS`` rows."""
+    parts = [_solve(x[i:i + _ITER_BLOCKS], prm) for i in range(0, x.shape[0], _ITER_BLOCKS)]
+    return tuple(np.concatenate(values) for values in zip(*parts))
+
+
+def _map_columns(work: Callable[[int, int], Any], n: int, chunk: int) -> list[Any]:
+    """``work(start, stop)`` on chunks of ``n`` columns, on up to ``_THREADS`` threads."""
+    spans = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+    if len(spans) == 1 or _THREADS == 1:
+        return [work(*span) for span in spans]
+    with ThreadPoolExecutor(max_workers=_THREADS) as pool:
+        return [future.result() for future in [pool.submit(work, *span) for span in spans]]
 
 
 def hqq_quantize_weight(
@@ -292,36 +351,40 @@ def hqq_quantize_weight(
         raise OnnxqError(f"HQQ expected a non-empty 2-D weight [K, N], got shape {weight.shape}")
     if not np.all(np.isfinite(weight)):
         raise OnnxqError("HQQ expected a finite weight, found NaN or inf")
+    prm = _Params(int(bits), bool(symmetric), zero_point == "float", int(iters), float(lp_norm), float(beta),
+                  float(kappa), scale_dtype)
     k, n = weight.shape
     bs = k if block_size == -1 else int(block_size)
-    k_blocks = -(-k // bs)
-    valid = None
-    if k_blocks * bs != k:
-        valid = (np.arange(k_blocks * bs) < k).reshape(k_blocks, bs)
-    float_zero = zero_point == "float"
+    k_blocks, full, tail = -(-k // bs), k // bs, k % bs
     codes = np.empty((n, k_blocks, bs), dtype=np.uint8)
     scales = np.empty((n, k_blocks), dtype=np.float32)
     zeros = np.empty((n, k_blocks), dtype=np.float32)
-    err = ref = 0.0
-    chunk = max(1, _CHUNK_ELEMENTS // (k_blocks * bs))
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        blocks = weight_to_blocks(weight[:, start:stop], bs)
-        codes[start:stop], scales[start:stop], zeros[start:stop], block_err = _hqq_blocks(
-            blocks, valid, bits, symmetric, float_zero, int(iters), float(lp_norm), float(beta), float(kappa),
-            scale_dtype,
-        )
-        err += float(block_err.sum())
-        ref += float(np.square(blocks).sum(dtype=np.float64))
+
+    def work(start: int, stop: int) -> tuple[float, float]:
+        blocks = weight_to_blocks(weight[:, start:stop], bs)  # [c, k_blocks, bs], K zero-padded
+        err = 0.0
+        for part, length in ((slice(0, full), bs), (slice(full, k_blocks), tail)):
+            if part.start == part.stop or length == 0:
+                continue
+            x = np.ascontiguousarray(blocks[:, part, :length]).reshape(-1, length)
+            scale, zero, block_err = _solve_blocks(x, prm)
+            scales[start:stop, part] = scale.reshape(stop - start, -1)
+            zeros[start:stop, part] = zero.reshape(stop - start, -1)
+            err += float(block_err.sum())
+        codes[start:stop] = quantize_with_params(blocks, scales[start:stop], zeros[start:stop], prm.bits)
+        return err, float(np.einsum("ijk,ijk->", blocks, blocks, dtype=np.float64))
+
+    sums = _map_columns(work, n, max(1, _COLUMN_ELEMENTS // (k_blocks * bs)))
+    err, ref = sum(s[0] for s in sums), sum(s[1] for s in sums)
     if symmetric:
         zero_points = None
-    elif float_zero:
+    elif prm.float_zero:
         zero_points = zeros
     else:
         zero_points = zeros.astype(np.uint8)
-    qweight = QuantizedWeight(codes, scales, zero_points, bits, bs, k)
+    qweight = QuantizedWeight(codes, scales, zero_points, prm.bits, bs, k)
     error = float(np.sqrt(err / ref)) if ref > 0 else float(np.sqrt(err))
-    return HQQResult(qweight=qweight, float_zero_points=zeros if float_zero else None, error=error)
+    return HQQResult(qweight=qweight, float_zero_points=zeros if prm.float_zero else None, error=error)
 
 
 @register_algorithm
