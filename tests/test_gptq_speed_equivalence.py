@@ -6,11 +6,12 @@ through the Cholesky factor ``M`` of ``H = M^T M`` instead of ``U = chol(H^-1)``
 in float32; the reference updates the remaining rows right after each row (Algorithm 1, with
 lazy batches) in float64. In exact arithmetic both give the same codes. In floating point a
 row value that lands next to a rounding boundary can round the other way; GPTQ then feeds that
-different error forward, so a flip changes later rows too. Measured on the real MiniLM layers
-below (every setting, act order and dynamic groups included): at most 0.1% of codes differ
-from the reference, and the objective ``tr((W - Q) H (W - Q)^T)`` moves by at most 0.07%, in
-either direction. The float32 solver this replaced was no closer (at most 0.1% of codes,
-0.05% of the objective on the same layers).
+different error forward, so a flip changes later rows too. Measured on the first 128 output
+columns of the real MiniLM layers below, over all 72 settings (q / fc1 / fc2 x int4/int3,
+block 32/128, sym/asym x act order on/off x static/dynamic groups): at most 0.037% of the codes
+differ from the reference and the objective ``tr((W - Q) H (W - Q)^T)`` is within +1.1e-4 /
+-2.6e-7 of it (relative). The float32 right-looking solver this replaced was further off on the
+same 72 settings: up to 0.26% of the codes, objective within +2.0e-3 / -9.8e-4.
 """
 import numpy as np
 import pytest
@@ -74,7 +75,7 @@ CASES = [
 @pytest.mark.parametrize("layer,bits,block_size,symmetric,act_order,static_groups", CASES)
 def test_solver_matches_algorithm1(layer, bits, block_size, symmetric, act_order, static_groups):
     """Codes and scales agree with Algorithm 1 up to a tiny fraction of rounding flips, and the
-    reconstruction objective is the same to 0.1%."""
+    reconstruction objective is the same to 3e-4 (relative)."""
     w, x = real_layer(layer)
     w = w[:, :128]  # output columns are solved independently: a slice keeps the reference fast
     x = x.astype(np.float64)
@@ -82,7 +83,7 @@ def test_solver_matches_algorithm1(layer, bits, block_size, symmetric, act_order
     res = gptq_solve(w, h, bits, block_size, symmetric, act_order=act_order, static_groups=static_groups)
     ref_codes, ref_scales, ref_zps = reference_algorithm1(w, h, bits, block_size, symmetric, act_order, static_groups)
     codes = res.qweight.codes.reshape(w.shape[1], -1)
-    assert np.mean(codes != ref_codes) < 2e-3
+    assert np.mean(codes != ref_codes) < 1e-3
     if static_groups:
         np.testing.assert_array_equal(res.qweight.scales, ref_scales)
     else:  # a block's scale comes from updated rows: equal up to float32 rounding of those rows
@@ -90,4 +91,4 @@ def test_solver_matches_algorithm1(layer, bits, block_size, symmetric, act_order
     ref_q = ((ref_codes.reshape(codes.shape[0], -1, block_size).astype(np.float32) - ref_zps[..., None])
              * ref_scales[..., None]).reshape(codes.shape).T
     hd = h + res.damp * np.eye(len(h))
-    assert objective(w, res.qweight.dequantize(), hd) == pytest.approx(objective(w, ref_q, hd), rel=1e-3)
+    assert objective(w, res.qweight.dequantize(), hd) == pytest.approx(objective(w, ref_q, hd), rel=3e-4)
