@@ -231,10 +231,12 @@ def _scale_steps(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, prm: _Param
     m = x.shape[0]
     beta = prm.beta
     best_scale = scale.copy()
-    best_crit = np.full(m, np.inf, dtype=np.float64)
+    best_crit = np.full(m, np.inf, dtype=np.float32)
     rows = np.arange(m)
     sign = np.where(scale < 0, np.float32(-1), np.float32(1))
     bound = _scale_bound(x, scale, zero, prm.qmax)
+    low = np.where(sign > 0, x.min(axis=1), -x.max(axis=1))  # the sign-adjusted range
+    high = np.where(sign > 0, x.max(axis=1), -x.min(axis=1))
     active = np.ones(m, dtype=bool)
     centered, work = np.empty_like(x), np.empty_like(x)
     for _ in range(prm.iters):
@@ -245,25 +247,30 @@ def _scale_steps(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, prm: _Param
         centered -= zero[:, None]  # q - z
         np.multiply(centered, scale[:, None], out=work)
         np.subtract(x, work, out=work)  # w - W_r
-        crit = np.einsum("ij->i", np.abs(work), dtype=np.float64)
+        crit = _row_sum(np.abs(work))
         active &= crit < best_crit[rows]
         if not active.any():
             break
         best_crit[rows[active]] = crit[active]
         best_scale[rows[active]] = scale[active]
-        numerator = np.einsum("ij,ij->i", centered, x, dtype=np.float64)  # <q - z, w - W_e>, W_e sparse below
-        outlier_rows, outlier_cols = np.nonzero(np.abs(work) > prm.outlier_bound(beta))
-        if outlier_rows.size:
-            shrunk = _shrink(work[outlier_rows, outlier_cols], beta, prm.lp_norm)
-            numerator -= np.bincount(outlier_rows, weights=centered[outlier_rows, outlier_cols] * shrunk,
-                                     minlength=rows.size)
-        denominator = np.einsum("ij,ij->i", centered, centered, dtype=np.float64)
-        fitted = np.divide(numerator, denominator, out=scale.astype(np.float64), where=denominator > 0)
+        numerator = np.einsum("ij,ij->i", centered, x)  # <q - z, w - W_e>, W_e sparse below
+        # |w - W_r| <= |S| / 2 where nothing is clipped, else the overshoot of a clipped extreme
+        magnitude = np.abs(scale)
+        recip = _reciprocal(magnitude)
+        overshoot = np.maximum(np.maximum(high * recip + zero - prm.qmax, -(low * recip + zero)), np.float32(0.5))
+        candidates = np.flatnonzero(active & (overshoot * magnitude > prm.outlier_bound(beta)))
+        if candidates.size:
+            hit_rows, cols = np.nonzero(np.abs(work[candidates]) > prm.outlier_bound(beta))
+            outlier_rows = candidates[hit_rows]
+            shrunk = _shrink(work[outlier_rows, cols], beta, prm.lp_norm)
+            numerator -= np.bincount(outlier_rows, weights=centered[outlier_rows, cols] * shrunk, minlength=rows.size)
+        denominator = np.einsum("ij,ij->i", centered, centered)
+        fitted = np.divide(numerator, denominator, out=scale.copy(), where=denominator > 0)
         scale = _to_dtype(sign * np.maximum(np.abs(fitted), bound), prm.scale_dtype)
         beta *= prm.kappa
         if active.sum() < 0.75 * rows.size:
             rows, x, scale, zero = rows[active], x[active], scale[active], zero[active]
-            sign, bound = sign[active], bound[active]
+            sign, bound, low, high = sign[active], bound[active], low[active], high[active]
             active = np.ones(rows.size, dtype=bool)
             centered, work = np.empty_like(x), np.empty_like(x)
     return best_scale
