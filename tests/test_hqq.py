@@ -68,18 +68,20 @@ def reference_hqq(weight, bits, block_size, iters=20, p=0.7, beta=10.0, kappa=1.
 @pytest.mark.parametrize("zero_point", ["int", "float"])
 @pytest.mark.parametrize("layer", ["q", "fc1", "fc2"])
 @pytest.mark.parametrize("bits,block_size", SETTINGS)
-def test_hqq_beats_rtn_asym(layer, bits, block_size, zero_point):
-    """Every block's squared weight error is <= RTN's; in total the weight error and the output
-    error on the layer's real inputs are clearly below RTN's."""
+def test_hqq_never_worse_than_rtn_asym(layer, bits, block_size, zero_point):
+    """Every block's squared weight error is <= RTN's, and so are the weight error, HQQ's objective
+    (``sum |error|**0.7``) and the output error on the layer's real inputs; with float zero points all
+    three are clearly below RTN's."""
     w, x = layer_slice(layer)
     res = hqq_quantize_weight(w, bits, block_size, zero_point=zero_point)
     rtn = quantize_weight(w, bits, block_size, symmetric=False)
     hqq_blocks, rtn_blocks = block_errors(w, res.qweight), block_errors(w, rtn)
     assert np.all(hqq_blocks <= rtn_blocks * (1 + 1e-5) + 1e-12)
     assert res.error == pytest.approx(weight_error(w, res.qweight), rel=1e-5)
-    assert res.error < 0.99 * weight_error(w, rtn)
-    assert lp_error(w, res.qweight.dequantize()) < 0.99 * lp_error(w, rtn.dequantize())  # the objective
-    assert output_error(x, w, res.qweight.dequantize()) < 0.99 * output_error(x, w, rtn.dequantize())
+    margin = 0.99 if zero_point == "float" else 1 + 1e-6
+    assert res.error < margin * weight_error(w, rtn)
+    assert lp_error(w, res.qweight.dequantize()) < margin * lp_error(w, rtn.dequantize())  # the objective
+    assert output_error(x, w, res.qweight.dequantize()) < margin * output_error(x, w, rtn.dequantize())
 
 
 @pytest.mark.parametrize("layer", ["q", "fc1", "fc2"])
@@ -107,32 +109,16 @@ def test_float_zero_points_are_the_reference_algorithm(layer, bits, block_size):
 
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits,block_size", SETTINGS)
-def test_scale_steps_clip_no_weight_beyond_half_a_step(symmetric, bits, block_size):
-    """With integer (or implied) zero points HQQ moves the scale; it never shrinks it so far that a
-    block's largest weights clip: a block's largest error is at most half its step, or RTN's largest
-    error there (symmetric RTN clips the side opposite its extreme)."""
+def test_integer_zero_points_keep_rtn_scales(symmetric, bits, block_size):
+    """With uint8 or implied zero points HQQ never refits the scale (a fitted scale lowered the weight
+    error but raised SmolLM2's KL): the scales are RTN's, symmetric weights are exactly RTN's."""
     w = layer_slice("fc2")[0]
     qw = hqq_quantize_weight(w, bits, block_size, symmetric=symmetric).qweight
     rtn = quantize_weight(w, bits, block_size, symmetric=symmetric)
-    assert np.mean(qw.scales != rtn.scales) > 0.5
-
-    def largest_error(q):
-        return np.abs(weight_to_blocks(q.dequantize() - w, block_size)).max(axis=-1)
-
-    allowed = np.maximum(np.abs(qw.scales) / 2, largest_error(rtn))
-    assert np.all(largest_error(qw) <= allowed * (1 + 1e-5))
-
-
-@pytest.mark.parametrize("bits,block_size", SETTINGS)
-def test_hqq_symmetric_beats_rtn_sym(bits, block_size):
-    w, x = layer_slice("fc1")
-    res = hqq_quantize_weight(w, bits, block_size, symmetric=True)
-    rtn = quantize_weight(w, bits, block_size, symmetric=True)
-    assert res.qweight.zero_points is None and res.float_zero_points is None
-    assert np.all(block_errors(w, res.qweight) <= block_errors(w, rtn) * (1 + 1e-5) + 1e-12)
-    assert res.error < weight_error(w, rtn)
-    assert lp_error(w, res.qweight.dequantize()) < lp_error(w, rtn.dequantize())
-    assert output_error(x, w, res.qweight.dequantize()) < output_error(x, w, rtn.dequantize())
+    np.testing.assert_array_equal(qw.scales, rtn.scales)
+    if symmetric:
+        np.testing.assert_array_equal(qw.codes, rtn.codes)
+        assert qw.zero_points is None
 
 
 @pytest.mark.parametrize("scale_dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
