@@ -133,7 +133,8 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
         row |= {"quantize_s": round(wall, 1), "peak_rss_mib": None if rss != rss else round(rss),
                 "command": _command(cmd)}
         if rss != rss or not (out / "model.onnx").exists():
-            tail = (stdout.strip().splitlines() or [""])[-1] + " " + (stderr.strip().splitlines() or [""])[-1]
+            said = [line for line in (stdout + stderr).splitlines() if line.strip() and not line.startswith("maxrss_kib")]
+            tail = said[-1] if said else "no output"
             row["error"] = tail.strip()[:300]
             return _record(row)
     report = out.with_name(out.name + ".eval.json")
