@@ -232,3 +232,13 @@ def test_head_size_of_split_qkv_with_per_head_norms():
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
     specs = {s.name: s for s in input_specs(helper.make_model(graph))}
     assert specs["past_key_values.0.key"].shape[1:] == (kv_heads, "past", head)
+
+
+def test_hqq_float_zero_points_with_the_tied_8bit_table(tmp_path, capsys):
+    """The tied table's 8 bits take uint8 zero points (MatMulNBits stores float ones at 2/4 bits only)."""
+    out = tmp_path / "q"
+    assert main(["quantize", str(KV / "genai"), str(out), "--quiet", "--algo", "hqq", "--asym",
+                 "--hqq-zero-point", "float"]) == 0, capsys.readouterr().err
+    nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    bits = {next(a.i for a in n.attribute if a.name == "bits") for n in nodes}
+    assert bits == {4, 8}

@@ -152,7 +152,8 @@ def plan_sites(
             if matmul is None:
                 tied_settings[key] = packed_before[key]
             else:
-                tied_settings[key] = _tied_settings(config, matmul) if mode is None else config.settings_for(matmul.name)
+                tied_settings[key] = (_tied_settings(config, matmul, fmt) if mode is None
+                                      else config.settings_for(matmul.name))
     wanted = mode if embeddings is None else embeddings
     if wanted and fmt.embedding_format is None:
         logger.warning("format %r has no quantized Gather; embeddings are left in float", config.format)
@@ -190,12 +191,15 @@ def plan_sites(
     return planned, skipped
 
 
-def _tied_settings(config: QuantConfig, matmul: WeightSite) -> NodeSettings | None:
-    """The settings a tied table and its MatMul share in the "auto" mode (None: both stay in float)."""
+def _tied_settings(config: QuantConfig, matmul: WeightSite, fmt: Format) -> NodeSettings | None:
+    """The settings a tied table and its MatMul share in the "auto" mode (None: both stay in float);
+    float zero points (HQQ) only where the format stores them at those bits."""
     settings = config.settings_for(matmul.name)
     if settings is None or config.override_for(matmul.name) is not None:
         return settings
-    return replace(settings, bits=config.tied_embedding_bits)
+    bits = config.tied_embedding_bits
+    return replace(settings, bits=bits,
+                   float_zero_points=settings.float_zero_points and bits in fmt.float_zero_point_bits)
 
 
 def solver_for(algorithm: Algorithm, options: Any) -> WeightSolver:
