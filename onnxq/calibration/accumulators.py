@@ -112,45 +112,43 @@ class HessianAccumulator(_ChannelStat):
         self.count += rows.shape[0]
 
 
-class AbsMeanAccumulator(_ChannelStat):
-    """Mean ``|x|`` per input channel, ``[K]`` float64: AWQ's activation scale ``s_x`` (arXiv 2306.00978)."""
+class _ChannelMean(_ChannelStat):
+    """The mean of a per-row, per-channel quantity ``[K]`` float64 (:meth:`_row_sums` of the rows)."""
 
     def __init__(self, k: int | None = None):
         super().__init__(k)
         self._sum: np.ndarray | None = None
+
+    def _row_sums(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def update(self, x: np.ndarray, mask: np.ndarray | None = None) -> None:
         rows = self._rows(x, mask)
-        partial = np.abs(rows).sum(axis=0, dtype=np.float64)
+        partial = self._row_sums(rows)
         self._sum = partial if self._sum is None else self._sum + partial
         self.count += rows.shape[0]
 
     def value(self) -> np.ndarray:
-        """``[K]`` mean ``|x|`` over all rows seen (zeros before any row)."""
+        """``[K]`` mean over all rows seen (zeros before any row)."""
         if self._sum is None or self.count == 0:
             return np.zeros(self.k or 0, np.float64)
         return self._sum / self.count
 
 
-class MeanSquareAccumulator(_ChannelStat):
+class AbsMeanAccumulator(_ChannelMean):
+    """Mean ``|x|`` per input channel, ``[K]`` float64: AWQ's activation scale ``s_x`` (arXiv 2306.00978)."""
+
+    def _row_sums(self, rows: np.ndarray) -> np.ndarray:
+        return np.abs(rows).sum(axis=0, dtype=np.float64)
+
+
+class MeanSquareAccumulator(_ChannelMean):
     """Mean ``x^2`` per input channel, ``[K]`` float64: ``diag(H) / 2`` of GPTQ's Hessian without the
     ``[K, K]`` product (k_quant's importance; llama.cpp's importance matrix)."""
 
-    def __init__(self, k: int | None = None):
-        super().__init__(k)
-        self._sum: np.ndarray | None = None
-
-    def update(self, x: np.ndarray, mask: np.ndarray | None = None) -> None:
-        rows = self._rows(x, mask).astype(np.float64)
-        partial = np.einsum("tk,tk->k", rows, rows)
-        self._sum = partial if self._sum is None else self._sum + partial
-        self.count += rows.shape[0]
-
-    def value(self) -> np.ndarray:
-        """``[K]`` mean ``x^2`` over all rows seen (zeros before any row)."""
-        if self._sum is None or self.count == 0:
-            return np.zeros(self.k or 0, np.float64)
-        return self._sum / self.count
+    def _row_sums(self, rows: np.ndarray) -> np.ndarray:
+        rows = rows.astype(np.float64)
+        return np.einsum("tk,tk->k", rows, rows)
 
 
 class AbsMaxAccumulator(_ChannelStat):
