@@ -420,22 +420,22 @@ class _Measurement:
                 for name in dict.fromkeys(site.activation.name for site in group)]
 
     def _group(self, group, probe, activations, feeds, outputs, loss_fns, float_weights, measure) -> list[float]:
-        quantized = [None if c.bits is None else self._fake_quantized(group, c) for c in self.formats]
-        measured = [c for c, q in enumerate(quantized) if q is not None]
-        if not measured:
+        candidates = [c for c, candidate in enumerate(self.formats) if candidate.bits is not None]
+        if not candidates:
             return [0.0] * len(self.formats)
-        if measure == "proxy":  # the coarsest candidate: the largest perturbation, the best-resolved loss
-            measured = [min(measured, key=lambda c: (self.formats[c].bits, -self.formats[c].block_size))]
+        dequantized = {c: self._dequantized(group, self.formats[c]) for c in candidates}
+        measured = candidates if measure == "all" else [  # proxy: the coarsest, the best-resolved loss
+            min(candidates, key=lambda c: (self.formats[c].bits, -self.formats[c].block_size))]
         losses: dict[int, float] = {}
         rows: dict[str, list[np.ndarray]] = {name: [] for name in activations}
         for c in measured:
+            replaced = {**float_weights, **{site.source.name: _stored(site, q) for site, q in zip(group, dequantized[c])}}
             values = []
             for feed, reference, loss_fn in zip(feeds, outputs, loss_fns):
-                replaced = {**float_weights, **{site.source.name: w for site, w in zip(group, quantized[c][1])}}
                 cut = {name: reference[name] for name in probe.input_names if name in reference}
                 result = probe.run({**feed, **replaced, **cut})
                 values.append(loss_fn(result[self.output_name]))
-                if len(losses) == 0 and measure == "proxy":
+                if measure == "proxy":
                     for name in activations:
                         rows[name].append(result[name].reshape(-1, result[name].shape[-1]))
             losses[c] = float(np.mean(values))
@@ -443,21 +443,18 @@ class _Measurement:
             return [losses.get(c, 0.0) for c in range(len(self.formats))]
         (probe_c,) = measured
         x = {name: _row_sample(np.concatenate(parts)) for name, parts in rows.items()}
-        errors = [0.0 if q is None else _output_error(group, q[0], x) for q in quantized]
+        errors = [_output_error(group, dequantized[c], x) if c in dequantized else 0.0 for c in range(len(self.formats))]
         scale = losses[probe_c] / errors[probe_c] if errors[probe_c] > 0 else 0.0
         return [e * scale for e in errors]
 
-    def _fake_quantized(self, group, candidate) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per site: the quantize-dequantize error ``W - Q(W)`` ``[K, N]`` and the stored weight."""
-        deltas, stored = [], []
+    def _dequantized(self, group, candidate) -> list[np.ndarray]:
+        """Per site: its weight ``[K, N]`` round-to-nearest quantized to ``candidate`` and dequantized."""
+        dequantized = []
         for site in group:
             settings = candidate.settings_for(site, self.fmt)
-            weight = site.weight()
-            q = quantize_weight(weight, settings.bits, settings.block_size, settings.symmetric,
-                                scale_dtype=site.dtype.numpy()).dequantize()
-            deltas.append(weight - q)
-            stored.append(_stored(site, q))
-        return deltas, stored
+            dequantized.append(quantize_weight(site.weight(), settings.bits, settings.block_size, settings.symmetric,
+                                               scale_dtype=site.dtype.numpy()).dequantize())
+        return dequantized
 
 
 def _row_sample(x: np.ndarray, rows: int = PROXY_ROWS) -> np.ndarray:
@@ -467,7 +464,7 @@ def _row_sample(x: np.ndarray, rows: int = PROXY_ROWS) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _output_error(group, deltas: list[np.ndarray], x: dict[str, np.ndarray]) -> float:
+def _output_error(group, dequantized: list[np.ndarray], x: dict[str, np.ndarray]) -> float:
     """``sum_i ||X_i (W_i - Q(W_i))||_F^2`` over the group's sites (``X_i``: the site's input rows)."""
-    return float(sum(np.sum((x[site.activation.name] @ delta) ** 2, dtype=np.float64)
-                     for site, delta in zip(group, deltas)))
+    return float(sum(np.sum((x[site.activation.name] @ (site.weight() - q)) ** 2, dtype=np.float64)
+                     for site, q in zip(group, dequantized)))
