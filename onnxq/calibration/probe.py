@@ -36,7 +36,7 @@ from onnxq.calibration.readers import iter_feeds
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model
 
-__all__ = ["ActivationProbe", "INLINE_LIMIT", "collect_statistics", "node_subgraphs"]
+__all__ = ["ActivationProbe", "INLINE_LIMIT", "ProbeSpec", "collect_statistics", "node_subgraphs"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,65 @@ def _outer_references(node: ir.Node, graph: ir.Graph) -> Iterator[ir.Value]:
             for value in sub_node.inputs:
                 if value is not None and value.graph is graph:
                     yield value
+
+
+class ProbeSpec:
+    """A probe model another process can run: serialized ONNX plus its large initializers as arrays.
+
+    Picklable (a Ray task argument): ``model`` is the probe's ``ModelProto`` bytes, whose large
+    initializers are placeholders filled from ``arrays`` (bfloat16 as ``uint16`` views) with
+    ``SessionOptions.add_external_initializers``. The session is built on the first :meth:`run`
+    in the process that runs it and kept there.
+    """
+
+    def __init__(self, model: bytes, arrays: dict[str, np.ndarray], tensor_names: tuple[str, ...],
+                 session_inputs: tuple[str, ...], passthrough: tuple[str, ...], outputs: tuple[str, ...],
+                 providers: tuple[str, ...], threads: int | None):
+        self.model, self.arrays = model, arrays
+        self.tensor_names, self.session_inputs = tensor_names, session_inputs
+        self.passthrough, self.outputs = passthrough, outputs
+        self.providers, self.threads = providers, threads
+        self._session = None
+        self._keep_alive: list = []
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_session": None, "_keep_alive": []}
+
+    def _build(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # fatal only: a failed run is raised as one OnnxqError line
+        # ORT fuses constant DequantizeLinear -> MatMul into MatMulNBits with int8 activations by
+        # default; calibration must see the exact float product the weights define
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        if self.arrays:
+            proto = onnx.ModelProto.FromString(self.model)
+            bf16 = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16}
+            ort_values = [ort.OrtValue.ortvalue_from_numpy_with_onnx_type(a, onnx.TensorProto.BFLOAT16)
+                          if name in bf16 else ort.OrtValue.ortvalue_from_numpy(a)
+                          for name, a in self.arrays.items()]
+            self._keep_alive = ort_values
+            options.add_external_initializers(list(self.arrays), ort_values)
+        try:
+            return ort.InferenceSession(self.model, options, providers=list(self.providers))
+        except Exception as exc:  # onnxruntime raises several types
+            raise OnnxqError(f"onnxruntime cannot run the probe model: {str(exc).splitlines()[0]}") from None
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``{tensor name: array}`` for one feed holding the session inputs and passed-through names."""
+        result = {name: np.asarray(feed[name]) for name in self.passthrough}
+        if self.outputs:
+            if self._session is None:
+                self._session = self._build()
+            try:
+                arrays = self._session.run(list(self.outputs), {n: feed[n] for n in self.session_inputs})
+            except Exception as exc:  # onnxruntime raises several types; e.g. token ids beyond the vocabulary
+                raise OnnxqError(f"onnxruntime failed on a calibration sample: {str(exc).splitlines()[0]}") from None
+            result.update(zip(self.outputs, arrays))
+        return {name: result[name] for name in self.tensor_names}
 
 
 class ActivationProbe:
@@ -127,8 +186,7 @@ class ActivationProbe:
         self._session_inputs = [v.name for v in graph.inputs if v.name in used_inputs]
         self._session_inputs += [n for n in self.feed_names if n in used_inputs]
         self.input_names = self._session_inputs + [n for n in self._passthrough if n not in self._session_inputs]
-        self._session = None
-        self._keep_alive: list = []
+        self._spec: ProbeSpec | None = None
 
     def _needed(self, graph: ir.Graph, outputs: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value], set[str]]:
         """Nodes (graph order), initializers and input names that ``outputs`` depend on."""
@@ -170,9 +228,10 @@ class ActivationProbe:
         elem = onnx.helper.np_dtype_to_tensor_dtype(sample.dtype)
         graph_proto.input.append(onnx.helper.make_tensor_value_info(value.name, elem, [None] * sample.ndim))
 
-    def _build(self, feed: Mapping[str, np.ndarray]):
-        import onnxruntime as ort
-
+    def spec(self, feed: Mapping[str, np.ndarray]) -> ProbeSpec:
+        """The probe model as a :class:`ProbeSpec` another process can run (``feed``: one sample,
+        for the types of undeclared inputs). Large initializers stay numpy arrays (memory-mapped
+        for external data), not protobuf bytes."""
         model, graph = self.model, self.model.graph
         proto = onnx.ModelProto(ir_version=model.ir_version, producer_name="onnxq-probe")
         for domain, version in model.opset_imports.items():
@@ -184,7 +243,7 @@ class ActivationProbe:
         values = _main_graph_values(graph)
         for name in self._session_inputs:
             self._declare_input(g, values[name], feed.get(name))
-        external_names, external_values = [], []
+        arrays: dict[str, np.ndarray] = {}
         for value in self._initializers:
             tensor = value.const_value
             if tensor is None:
@@ -192,18 +251,11 @@ class ActivationProbe:
             external = isinstance(tensor, ir.ExternalTensor)
             if tensor.dtype in _ORT_VALUE_TYPES and (external or tensor.nbytes >= INLINE_LIMIT):
                 array = np.ascontiguousarray(tensor.numpy())
-                if tensor.dtype == ir.DataType.BFLOAT16:
-                    ort_value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
-                        array.view(np.uint16), onnx.TensorProto.BFLOAT16)
-                else:
-                    ort_value = ort.OrtValue.ortvalue_from_numpy(array)
                 placeholder = g.initializer.add(name=value.name, data_type=tensor.dtype.value,
                                                 dims=list(tensor.shape.numpy()))
                 placeholder.data_location = onnx.TensorProto.EXTERNAL
                 placeholder.external_data.add(key="location", value=_PLACEHOLDER)
-                external_names.append(value.name)
-                external_values.append(ort_value)
-                self._keep_alive.extend((array, ort_value))
+                arrays[value.name] = array.view(np.uint16) if tensor.dtype == ir.DataType.BFLOAT16 else array
             else:
                 if external:  # its file is not beside the probe model: embed the data
                     tensor = ir.Tensor(tensor.numpy(), dtype=tensor.dtype)
@@ -213,38 +265,20 @@ class ActivationProbe:
             ir.serde.serialize_node_into(g.node.add(), node, model_ir_version=model.ir_version)
         for value in self._outputs:
             ir.serde.serialize_value_into(g.output.add(), value)
-        options = ort.SessionOptions()
-        options.log_severity_level = 4  # fatal only: a failed run is raised as one OnnxqError line
-        # ORT fuses constant DequantizeLinear -> MatMul into MatMulNBits with int8 activations by
-        # default; calibration must see the exact float product the weights define
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        if self.threads is not None:
-            options.intra_op_num_threads = self.threads
-        if external_names:
-            options.add_external_initializers(external_names, external_values)
         logger.debug("probe model: %d nodes, %d outputs, %d initializers passed as OrtValues",
-                     len(self._nodes), len(self._outputs), len(external_names))
-        try:
-            return ort.InferenceSession(proto.SerializeToString(), options, providers=self.providers)
-        except Exception as exc:  # onnxruntime raises several types
-            raise OnnxqError(f"onnxruntime cannot run the probe model: {str(exc).splitlines()[0]}") from None
+                     len(self._nodes), len(self._outputs), len(arrays))
+        return ProbeSpec(proto.SerializeToString(), arrays, tuple(self.tensor_names), tuple(self._session_inputs),
+                         tuple(self._passthrough), tuple(v.name for v in self._outputs), tuple(self.providers),
+                         self.threads)
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``{tensor name: array}`` for one feed (it must hold every name in :attr:`input_names`)."""
         missing = [n for n in self.input_names if n not in feed]
         if missing:
             raise OnnxqError(f"the probe needs {missing[0]!r} in the feed (got: {', '.join(feed) or 'nothing'})")
-        result = {name: np.asarray(feed[name]) for name in self._passthrough}
-        if self._outputs:
-            if self._session is None:
-                self._session = self._build(feed)
-            try:
-                arrays = self._session.run([v.name for v in self._outputs],
-                                           {n: feed[n] for n in self._session_inputs})
-            except Exception as exc:  # onnxruntime raises several types; e.g. token ids beyond the vocabulary
-                raise OnnxqError(f"onnxruntime failed on a calibration sample: {str(exc).splitlines()[0]}") from None
-            result.update(zip((v.name for v in self._outputs), arrays))
-        return {name: result[name] for name in self.tensor_names}
+        if self._spec is None:
+            self._spec = self.spec(feed)
+        return self._spec.run(feed)
 
     def iter_samples(self, source, max_samples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Run every feed of ``source`` (anything ``as_reader`` takes), one at a time."""
