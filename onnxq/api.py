@@ -38,6 +38,8 @@ def quantize(
     *,
     progress: Progress | None = None,
     providers: list[str] | None = None,
+    executor: Any = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> ir.Model:
     """Quantize the MatMul/Gemm (and, on request, Gather) weights of ``model`` into ``config.format``.
 
@@ -54,6 +56,12 @@ def quantize(
             any iterable of ``{graph input name: array}`` (see :mod:`onnxq.calibration`).
         progress: ``tqdm.tqdm``-like wrapper for progress (called with ``desc`` and ``unit``).
         providers: onnxruntime execution providers used for calibration (default CPU).
+        executor: where calibration runs: ``None`` (this process), ``"ray"`` (a local Ray instance,
+            started on demand: ``pip install 'onnxq[ray]'``), ``"ray://HOST:PORT"`` (a Ray cluster), or an
+            executor object such as ``onnxq.calibration.ray_executor.RayExecutor(workers=4)``; the
+            result is the same (docs/SCALING.md).
+        checkpoint: a folder where calibration saves each finished block; calling again with the same
+            model, settings and data resumes after the last saved block.
 
     Returns:
         The rewritten model. ``model.meta["onnxq.report"]`` holds ``(records, skipped)``
@@ -63,7 +71,8 @@ def quantize(
         OnnxqError: unreadable model, nothing to quantize, NaN/Inf weights, settings the format's
             kernel cannot run, calibration data missing or not matching the model's inputs.
     """
-    result = quantize_with_report(model, config, calibration_data_reader, progress=progress, providers=providers)
+    result = quantize_with_report(model, config, calibration_data_reader, progress=progress, providers=providers,
+                                  executor=executor, checkpoint=checkpoint)
     result.model.meta[REPORT_KEY] = (result.records, result.skipped)
     return result.model
 
@@ -76,6 +85,8 @@ def quantize_with_report(
     progress: Progress | None = None,
     providers: list[str] | None = None,
     solver: WeightSolver | None = None,
+    executor: Any = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> QuantizeResult:
     """:func:`quantize`, returning the :class:`QuantizeResult` (model, per-node records, skipped nodes).
 
@@ -90,12 +101,14 @@ def quantize_with_report(
             f"algorithm {config.algorithm!r} needs calibration data (calibration_data_reader, or --calib-data)"
         )
     calibrated = calibration_data_reader is not None and config.uses_calibration
+    if not calibrated and (executor is not None or checkpoint is not None):
+        logger.warning("executor and checkpoint apply to calibration; %r runs without it here", config.algorithm)
     if calibration_data_reader is not None and not calibrated:
         logger.warning("algorithm %r does not use calibration data; the reader is ignored", config.algorithm)
     ir_model = load_model(model)
     if calibrated:
         result = calibrate_and_quantize(ir_model, config, calibration_data_reader, progress=progress,
-                                        providers=providers)
+                                        providers=providers, executor=executor, checkpoint=checkpoint)
     else:
         result = QuantizeWeightsPass(config, solver, progress=progress)(ir_model)
     if not result.records:

@@ -14,6 +14,7 @@ from onnxq.calibration import (
     AbsMeanAccumulator,
     ActivationProbe,
     HessianAccumulator,
+    MeanSquareAccumulator,
     ListReader,
     NpzReader,
     RowSampler,
@@ -480,32 +481,73 @@ def test_mask_drops_rows_in_row_major_order():
         AbsMeanAccumulator().update(bad)
 
 
-def reservoir_reference(x, max_rows, seed):
-    """Algorithm R, one row at a time, one uniform draw per row."""
-    rng = np.random.default_rng(seed)
-    sample = []
-    for i, row in enumerate(x):
-        u = rng.random()
-        if i < max_rows:
-            sample.append(row)
-        else:
-            j = int(np.floor(u * (i + 1)))
-            if j < max_rows:
-                sample[j] = row
-    return np.array(sample)
+def bottom_k_reference(x, max_rows, seed):
+    """The rows with the ``max_rows`` smallest keys of one uniform stream, one draw per row, in row order."""
+    keys = np.random.default_rng(seed).random(len(x))
+    return x[np.sort(np.argsort(keys, kind="stable")[:max_rows])]
 
 
 @pytest.mark.parametrize("sizes", [[300], [1, 2, 297], [64] * 4 + [44], [20, 280]])
-def test_row_sampler_is_algorithm_r_for_any_chunking(sizes):
+def test_row_sampler_is_bottom_k_for_any_chunking(sizes):
     x = activations(seed=4)
     sampler = RowSampler(32, seed=9)
     for part in chunks(x, sizes):
         sampler.update(part)
-    np.testing.assert_array_equal(sampler.rows(), reservoir_reference(x, 32, 9))
+    np.testing.assert_array_equal(sampler.rows(), bottom_k_reference(x, 32, 9))
     assert sampler.count == 300
     small = RowSampler(500, seed=1)
     small.update(x)
     np.testing.assert_array_equal(small.rows(), x)
+
+
+def _shard_accumulators(samples, shards):
+    """Each accumulator kind fed per shard of sample indices, then merged in shard order."""
+    makers = [lambda: HessianAccumulator(8, dtype=np.float32), lambda: AbsMeanAccumulator(8),
+              lambda: MeanSquareAccumulator(8), lambda: AbsMaxAccumulator(8), lambda: RowSampler(24, seed=3, k=8)]
+    merged = []
+    for make in makers:
+        parts = []
+        for shard in shards:
+            part = make()
+            for i in shard:
+                part.update(samples[i], sample=i)
+            parts.append(part)
+        for part in parts[1:]:
+            parts[0].merge(part)
+        merged.append(parts[0])
+    return merged
+
+
+def _read(acc):
+    if isinstance(acc, HessianAccumulator):
+        return acc.hessian
+    return acc.rows() if isinstance(acc, RowSampler) else acc.value()
+
+
+@pytest.mark.parametrize("shards", [[[0, 2, 4], [1, 3, 5, 6]], [[6, 5], [0], [1, 2, 3, 4]], [[0, 1, 2, 3, 4, 5, 6], []]])
+def test_merged_shards_equal_one_accumulator(shards):
+    """Data-parallel calibration: statistics of disjoint shards of the samples, merged, equal those
+    of one accumulator that saw every sample (RowSampler exactly; sums up to float order)."""
+    rng = np.random.default_rng(0)
+    samples = [rng.standard_normal((int(rng.integers(3, 20)), 8)).astype(np.float32) for _ in range(7)]
+    whole = _shard_accumulators(samples, [list(range(7))])
+    for one, merged in zip(whole, _shard_accumulators(samples, shards)):
+        assert merged.count == one.count == sum(len(s) for s in samples)
+        if isinstance(one, RowSampler):
+            np.testing.assert_array_equal(_read(merged), _read(one))
+        else:
+            np.testing.assert_allclose(_read(merged), _read(one), rtol=1e-12, atol=1e-12)
+
+
+def test_merge_rejects_mismatched_accumulators():
+    with pytest.raises(OnnxqError, match="cannot merge"):
+        HessianAccumulator(4).merge(HessianAccumulator(5))
+    with pytest.raises(OnnxqError, match="cannot merge"):
+        AbsMeanAccumulator(4).merge(MeanSquareAccumulator(4))
+    streamed = RowSampler(4, k=2)
+    streamed.update(np.ones((3, 2), np.float32))
+    with pytest.raises(OnnxqError, match="sample indices"):
+        RowSampler(4, k=2).merge(streamed)
 
 
 def test_row_sampler_is_uniform():

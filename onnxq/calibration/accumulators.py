@@ -32,9 +32,19 @@ __all__ = [
 
 
 class Accumulator(Protocol):
-    """What the calibration loop calls for each sample."""
+    """What the calibration loop calls for each sample.
 
-    def update(self, x: np.ndarray, mask: np.ndarray | None = None) -> None: ...
+    ``update(x, mask, sample=i)``: ``sample`` is the calibration sample's index in the whole run
+    (only :class:`RowSampler` reads it). ``merge(other)`` adds what another accumulator of the same
+    kind saw (a shard of the samples, e.g. on another Ray worker): the result equals one
+    accumulator that saw both, up to float summation order.
+    """
+
+    count: int
+
+    def update(self, x: np.ndarray, mask: np.ndarray | None = None, sample: int | None = None) -> None: ...
+
+    def merge(self, other: "Accumulator") -> None: ...
 
 
 def rows_of(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -64,6 +74,11 @@ class _ChannelStat:
     def __init__(self, k: int | None):
         self.k = k
         self.count = 0
+
+    def _check_merge(self, other: "_ChannelStat") -> None:
+        if type(other) is not type(self) or (self.k is not None and other.k is not None and other.k != self.k):
+            raise OnnxqError(f"cannot merge {type(other).__name__}(K={other.k}) into {type(self).__name__}(K={self.k})")
+        self.k = self.k if self.k is not None else other.k
 
     def _rows(self, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         rows = rows_of(x, mask)
@@ -102,7 +117,7 @@ class HessianAccumulator(_ChannelStat):
         """``[K, K]`` float64 ``2/n * sum x^T x`` over the rows seen so far (zeros before any row; a new array)."""
         return self._sum * (2.0 / self.count) if self.count else self._sum.copy()
 
-    def update(self, x: np.ndarray, mask: np.ndarray | None = None) -> None:
+    def update(self, x: np.ndarray, mask: np.ndarray | None = None, sample: int | None = None) -> None:
         """Add the rows of ``x: [..., K]`` (masked rows dropped)."""
         rows = self._rows(x, mask)
         if rows.shape[0] == 0:
@@ -110,6 +125,12 @@ class HessianAccumulator(_ChannelStat):
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         self._sum += rows.T @ rows  # numpy: syrk for a matrix times its own transpose
         self.count += rows.shape[0]
+
+    def merge(self, other: "HessianAccumulator") -> None:
+        """Add another shard's sum and row count."""
+        self._check_merge(other)
+        self._sum += other._sum
+        self.count += other.count
 
 
 class _ChannelMean(_ChannelStat):
@@ -122,11 +143,18 @@ class _ChannelMean(_ChannelStat):
     def _row_sums(self, rows: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def update(self, x: np.ndarray, mask: np.ndarray | None = None) -> None:
+    def update(self, x: np.ndarray, mask: np.ndarray | None = None, sample: int | None = None) -> None:
         rows = self._rows(x, mask)
         partial = self._row_sums(rows)
         self._sum = partial if self._sum is None else self._sum + partial
         self.count += rows.shape[0]
+
+    def merge(self, other: "_ChannelMean") -> None:
+        """Add another shard's per-channel sum and row count."""
+        self._check_merge(other)
+        if other._sum is not None:
+            self._sum = other._sum.copy() if self._sum is None else self._sum + other._sum
+        self.count += other.count
 
     def value(self) -> np.ndarray:
         """``[K]`` mean over all rows seen (zeros before any row)."""
@@ -158,7 +186,7 @@ class AbsMaxAccumulator(_ChannelStat):
         super().__init__(k)
         self._max: np.ndarray | None = None
 
-    def update(self, x: np.ndarray, mask: np.ndarray | None = None) -> None:
+    def update(self, x: np.ndarray, mask: np.ndarray | None = None, sample: int | None = None) -> None:
         rows = self._rows(x, mask)
         if rows.shape[0] == 0:
             return
@@ -166,19 +194,29 @@ class AbsMaxAccumulator(_ChannelStat):
         self._max = partial if self._max is None else np.maximum(self._max, partial)
         self.count += rows.shape[0]
 
+    def merge(self, other: "AbsMaxAccumulator") -> None:
+        """Take the larger maximum of each channel."""
+        self._check_merge(other)
+        if other._max is not None:
+            self._max = other._max.copy() if self._max is None else np.maximum(self._max, other._max)
+        self.count += other.count
+
     def value(self) -> np.ndarray:
         """``[K]`` max ``|x|`` over all rows seen (zeros before any row)."""
         return np.zeros(self.k or 0, np.float64) if self._max is None else self._max.copy()
 
 
 class RowSampler(_ChannelStat):
-    """A uniform random sample of at most ``max_rows`` activation rows (reservoir sampling,
-    Vitter's Algorithm R), e.g. the inputs on which AWQ measures ``||x W - x Q(W)||``.
+    """A uniform random sample of at most ``max_rows`` activation rows, without replacement, e.g.
+    the inputs on which AWQ measures ``||x W - x Q(W)||``.
 
-    Row ``i`` (0-based over all rows seen) draws one ``u ~ U[0, 1)`` from
-    ``numpy.random.default_rng(seed)``; rows ``i < max_rows`` fill slot ``i``, later rows
-    replace slot ``floor(u * (i + 1))`` when it is ``< max_rows``. One draw per row makes
-    the sample independent of how rows are split into updates.
+    Bottom-k sampling: every row gets a key ``u ~ U[0, 1)`` and the sample is the ``max_rows``
+    rows with the smallest keys (a uniform sample; Vitter's reservoir sampling is the streaming
+    special case), returned in the order the rows were seen. Keys do not depend on how rows are
+    split into updates: with ``update(..., sample=i)`` row ``j`` of sample ``i`` takes the
+    ``j``-th draw of ``numpy.random.default_rng([seed, i])``, so samplers that saw disjoint sets of
+    samples :meth:`merge` into exactly the sampler that saw them all (data-parallel calibration);
+    without ``sample`` the keys are one stream ``numpy.random.default_rng(seed)`` over all rows.
     """
 
     def __init__(self, max_rows: int, seed: int = 0, k: int | None = None):
@@ -186,28 +224,57 @@ class RowSampler(_ChannelStat):
             raise OnnxqError(f"max_rows must be >= 1, got {max_rows}")
         super().__init__(k)
         self.max_rows = max_rows
+        self.seed = seed
         self._rng = np.random.default_rng(seed)
+        self._keys = np.zeros(0, np.float64)
+        self._order = np.zeros(0, np.int64)  # (sample << 32) + row, or the row's index in the stream
         self._buffer: np.ndarray | None = None
+        self._streamed = False
+        self._sampled = False
 
-    def update(self, x: np.ndarray, mask: np.ndarray | None = None) -> None:
+    def update(self, x: np.ndarray, mask: np.ndarray | None = None, sample: int | None = None) -> None:
         rows = self._rows(x, mask)
         t = rows.shape[0]
         if t == 0:
             return
-        if self._buffer is None:
-            self._buffer = np.zeros((self.max_rows, self.k), np.float32)
-        index = self.count + np.arange(t)
-        u = self._rng.random(t)
-        slots = np.where(index < self.max_rows, index, np.floor(u * (index + 1)).astype(np.int64))
-        taken = np.flatnonzero(slots < self.max_rows)
-        # several rows of this update may land in one slot: the last one wins, as in a sequential loop
-        last_first, unique_pos = np.unique(slots[taken][::-1], return_index=True)
-        winners = taken[len(taken) - 1 - unique_pos]
-        self._buffer[last_first] = rows[winners]
+        if sample is None:
+            self._streamed = True
+            keys, order = self._rng.random(t), self.count + np.arange(t, dtype=np.int64)
+        else:
+            self._sampled = True
+            keys = np.random.default_rng([self.seed, sample]).random(t)
+            order = (np.int64(sample) << 32) + np.arange(t, dtype=np.int64)
+        self._add(keys, order, rows)
         self.count += t
 
+    def _add(self, keys: np.ndarray, order: np.ndarray, rows: np.ndarray) -> None:
+        if self._buffer is None:
+            self._buffer = np.zeros((0, self.k), np.float32)
+        if self._keys.size == self.max_rows:  # full: only rows below the largest kept key can enter
+            entering = keys < self._keys.max()
+            keys, order, rows = keys[entering], order[entering], rows[entering]
+        keys = np.concatenate([self._keys, keys])
+        order = np.concatenate([self._order, order])
+        buffer = np.concatenate([self._buffer, rows.astype(np.float32, copy=False)])
+        if keys.size > self.max_rows:
+            kept = np.argpartition(keys, self.max_rows - 1)[: self.max_rows]
+            keys, order, buffer = keys[kept], order[kept], buffer[kept]
+        self._keys, self._order, self._buffer = keys, order, buffer
+
+    def merge(self, other: "RowSampler") -> None:
+        """Add the rows another sampler (same ``max_rows`` and ``seed``, other samples) kept."""
+        self._check_merge(other)
+        if other.max_rows != self.max_rows or other.seed != self.seed:
+            raise OnnxqError("cannot merge row samplers with different max_rows or seed")
+        if self._streamed or other._streamed:
+            raise OnnxqError("only row samplers updated with sample indices can be merged")
+        if other._buffer is not None:
+            self._add(other._keys, other._order, other._buffer)
+        self._sampled = self._sampled or other._sampled
+        self.count += other.count
+
     def rows(self) -> np.ndarray:
-        """``[min(count, max_rows), K]`` float32 sampled rows (a copy)."""
+        """``[min(count, max_rows), K]`` float32 sampled rows, in the order they were seen (a copy)."""
         if self._buffer is None:
             return np.zeros((0, self.k or 0), np.float32)
-        return self._buffer[: min(self.count, self.max_rows)].copy()
+        return self._buffer[np.argsort(self._order, kind="stable")].copy()

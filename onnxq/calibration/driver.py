@@ -16,6 +16,11 @@ AWQ arXiv 2306.00978): the weight sites are grouped into transformer blocks
    (:class:`~onnxq.passes.quantize_weights.QuantizeWeightsPass`);
 4. run the quantized block to produce what later blocks read, and cache it.
 
+Where the per-sample runs and the solves happen is the executor's business
+(:mod:`onnxq.calibration.executor`: in this process by default, or sharded over Ray workers,
+:mod:`onnxq.calibration.ray_executor`); with a checkpoint folder each finished block is saved
+and a rerun resumes after the last one (:mod:`onnxq.calibration.checkpoint`).
+
 Within a block all input tensors come from the float block (q/k/v and o, or
 up/gate and down, are calibrated together, not one after the other).
 One-pass mode runs the float model once and collects every input tensor's
@@ -31,6 +36,7 @@ quantized copy per node, since the best quantization depends on each node's inpu
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,14 +45,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.algorithms import SiblingGroup, get_algorithm
-from onnxq.calibration.accumulators import (
-    AbsMeanAccumulator,
-    Accumulator,
-    HessianAccumulator,
-    MeanSquareAccumulator,
-    RowSampler,
-)
+from onnxq.calibration.accumulators import Accumulator
 from onnxq.calibration.blocks import Block, find_blocks
+from onnxq.calibration.checkpoint import Checkpoint, GroupSolution, fingerprint
+from onnxq.calibration.executor import Executor, SolveJob, StatisticsPlan, make_executor
 from onnxq.calibration.probe import ActivationProbe
 from onnxq.calibration.readers import materialize
 from onnxq.config import QuantConfig
@@ -66,12 +68,19 @@ Feed = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class BlockReport:
-    """What calibration did for one block (for logs and the summary)."""
+    """What calibration did for one block (for logs and the summary).
+
+    ``stages``: seconds per stage: ``forward`` and ``statistics`` (onnxruntime runs and
+    accumulator updates, summed over the executor's shards), ``collect`` (their wall time),
+    ``solve``, ``write`` (folding and rewriting), ``advance`` (running the quantized block for the
+    next blocks' inputs), ``checkpoint``; empty for a block replayed from a checkpoint.
+    """
 
     index: int
     sites: tuple[str, ...]
     seconds: float
     notes: tuple[str, ...]  # e.g. AWQ's chosen alpha and where the scale was folded
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +103,8 @@ def calibrate_and_quantize(
     *,
     progress: Progress | None = None,
     providers: list[str] | None = None,
+    executor: "str | Executor | None" = None,
+    checkpoint: "str | os.PathLike | None" = None,
 ) -> CalibrationResult:
     """Quantize ``model`` in place with ``config.algorithm``, calibrated on ``calibration_data``.
 
@@ -105,12 +116,18 @@ def calibrate_and_quantize(
             iterable of feeds (dicts of graph input name -> array).
         progress: ``tqdm.tqdm``-like wrapper (called with ``desc`` and ``unit``).
         providers: onnxruntime execution providers for the calibration sessions.
+        executor: where samples and solves run: ``None``/``"local"`` (this process), ``"ray"`` (a
+            local Ray instance started on demand), ``"ray://HOST:PORT"`` or an
+            :class:`~onnxq.calibration.executor.Executor` (see :func:`make_executor`); an executor
+            made here is closed at the end, one passed in is not.
+        checkpoint: a folder where each finished block is saved; a rerun of the same model,
+            settings and data resumes after the last saved block.
 
     Raises:
         OnnxqError: calibration data missing or not matching the model's inputs, settings the
-            format cannot run.
+            format cannot run, the executor unavailable, a checkpoint of another run.
     """
-    return _Driver(config, progress, providers).run(model, calibration_data)
+    return _Driver(config, progress, providers).run(model, calibration_data, executor, checkpoint)
 
 
 class _Driver:
@@ -123,12 +140,16 @@ class _Driver:
         self.result: CalibrationResult | None = None
         self.settings: dict[int, WeightSettings] = {}
         self.site_nodes: list[ir.Node] = []
+        self.executor: Executor | None = None
+        self.checkpoint: Checkpoint | None = None
+        self.samples = 0
         self._warned_rows = False
 
-    def run(self, model: ir.Model, calibration_data) -> CalibrationResult:
+    def run(self, model: ir.Model, calibration_data, executor=None, checkpoint=None) -> CalibrationResult:
         config = self.config
         prepared = get_format(config.format).prepare(model)
         feeds = materialize(calibration_data, config.calibration.samples, model_inputs=model)
+        self.samples = len(feeds)
         planned, skipped = plan_sites(model, config, embeddings=False)
         self.result = result = CalibrationResult(model, prepared, skipped=skipped)
         self.settings = {id(plan.site.node): plan.settings for plan in planned}
@@ -137,12 +158,23 @@ class _Driver:
         nested = {id(plan.site.node) for plan in planned if plan.site.node.graph is not model.graph}
         if main:
             blocks = find_blocks(model, main)
-            logger.info("%s: %d calibration samples, %d sites in %d blocks (%s)", config.algorithm, len(feeds),
-                        len(main), len(blocks), "sequential" if config.calibration.sequential else "one pass")
-            if config.calibration.sequential:
-                self._sequential(model, blocks, feeds)
-            else:
-                self._one_pass(model, blocks, feeds)
+            if checkpoint is not None:
+                self.checkpoint = Checkpoint(checkpoint, fingerprint(model, config.to_dict(), feeds), len(blocks))
+            self.executor = make_executor(executor)
+            owned = self.executor is not executor
+            logger.info("%s: %d calibration samples, %d sites in %d blocks (%s, %s)", config.algorithm, len(feeds),
+                        len(main), len(blocks), "sequential" if config.calibration.sequential else "one pass",
+                        self.executor.name if self.executor.workers == 1 else
+                        f"{self.executor.name}, {self.executor.workers} workers")
+            try:
+                self.executor.load(feeds)
+                if config.calibration.sequential:
+                    self._sequential(model, blocks)
+                else:
+                    self._one_pass(model, blocks)
+            finally:
+                if owned:
+                    self.executor.close()
         uncalibrated = self.algorithm if not self.algorithm.calibrated else get_algorithm("rtn")
         if nested:
             logger.warning("%d weight sites inside subgraphs cannot be calibrated; they get %s", len(nested),
@@ -177,69 +209,95 @@ class _Driver:
         desc = f"{self.config.algorithm} calibration"
         return self.progress(blocks, desc=desc, unit="block") if self.progress else blocks
 
-    def _sequential(self, model: ir.Model, blocks: list[Block], feeds: list[Feed]) -> None:
+    def _probe(self, model: ir.Model, names: list[str], feed_names: list[str]):
+        return ActivationProbe(model, names, feed_names=feed_names, providers=self.providers).spec(
+            self.executor.example())
+
+    def _plan(self, names: list[str]) -> StatisticsPlan:
+        statistics = tuple(self.algorithm.collected_statistics)
+        rows = self.algorithm.sample_rows(self.options) if "rows" in statistics else 0
+        return StatisticsPlan(tuple(names), statistics, rows)
+
+    def _replayed(self, block: Block) -> list[GroupSolution]:
+        groups = self.checkpoint.load_block(block.index)
+        for entry in groups:
+            sites = block.input_groups.get(entry.input_name, [])
+            if tuple(s.name for s in sites) != entry.site_names:
+                raise OnnxqError(f"checkpoint {self.checkpoint.directory} does not match block {block.index}: "
+                                 f"remove it or give another --checkpoint folder")
+        return groups
+
+    def _report(self, block: Block, seconds: float, notes: list[str], stages: dict[str, float]) -> None:
+        self.result.blocks.append(BlockReport(block.index, tuple(s.name for s in block.sites), seconds, tuple(notes),
+                                              stages))
+        timing = ", ".join(f"{stage} {value:.2f}" for stage, value in stages.items())
+        logger.info("block %d (%s): %d sites in %.1f s%s%s", block.index, block.start, len(block.sites), seconds,
+                    f" ({timing})" if timing else " (from the checkpoint)", "; " + "; ".join(notes) if notes else "")
+
+    def _sequential(self, model: ir.Model, blocks: list[Block]) -> None:
         last_use: dict[str, int] = {}
         for block in blocks:
             for name in block.inputs:
                 last_use[name] = block.index
-        cached: list[Feed] = [{} for _ in feeds]
+        done = set(self.checkpoint.done) if self.checkpoint else set()
+        if done and not self.checkpoint.complete:
+            self.executor.restore(self.checkpoint.load_cache(self.samples))
         for block in self._iterate(blocks):
             start = time.perf_counter()
-            stats = self._collect(model, list(block.input_groups), block.inputs, feeds, cached)
-            solved, notes = self._solve(block.input_groups, stats, editable=block.nodes)
+            if block.index in done:
+                solved, notes = self._apply(block, self._replayed(block), editable=block.nodes)
+                self._rewrite_solved(model, solved)
+                self._report(block, time.perf_counter() - start, notes, {})
+                continue
+            names = list(block.input_groups)
+            stats, stages = self.executor.collect(self._probe(model, names, block.inputs), self._plan(names))
+            stages["collect"] = time.perf_counter() - start
+            mark = time.perf_counter()
+            groups = self._solve(block.input_groups, stats)
             del stats
+            stages["solve"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            solved, notes = self._apply(block, groups, editable=block.nodes)
             self._rewrite_solved(model, solved)
+            stages["write"] = time.perf_counter() - mark
+            mark = time.perf_counter()
             needed = [name for name in block.outputs if last_use.get(name, -1) > block.index]
-            if needed:
-                probe = ActivationProbe(model, needed, feed_names=block.inputs, providers=self.providers)
-                for i, feed in enumerate(feeds):
-                    cached[i].update(probe.run({**feed, **cached[i]}))
-            for values in cached:
-                for name in [n for n in values if last_use.get(n, -1) <= block.index]:
-                    del values[name]
-            seconds = time.perf_counter() - start
-            names = tuple(s.name for s in block.sites)
-            self.result.blocks.append(BlockReport(block.index, names, seconds, tuple(notes)))
-            logger.info("block %d (%s): %d sites in %.1f s%s", block.index, block.start, len(block.sites), seconds,
-                        "; " + "; ".join(notes) if notes else "")
+            keep = frozenset(name for name, last in last_use.items() if last > block.index)
+            self.executor.advance(self._probe(model, needed, block.inputs) if needed else None, keep)
+            stages["advance"] = time.perf_counter() - mark
+            if self.checkpoint is not None:
+                mark = time.perf_counter()
+                self.checkpoint.save_block(block.index, groups, self.executor.cache())
+                stages["checkpoint"] = time.perf_counter() - mark
+            self._report(block, time.perf_counter() - start, notes, stages)
 
-    def _one_pass(self, model: ir.Model, blocks: list[Block], feeds: list[Feed]) -> None:
+    def _one_pass(self, model: ir.Model, blocks: list[Block]) -> None:
         start = time.perf_counter()
-        groups = {name: sites for block in blocks for name, sites in block.input_groups.items()}
-        stats = self._collect(model, list(groups), [], feeds, [{} for _ in feeds])
-        solved, notes = self._solve(groups, stats, editable=None)
+        done = set(self.checkpoint.done) if self.checkpoint else set()
+        by_block = {block.index: self._replayed(block) for block in blocks if block.index in done}
+        todo = [block for block in blocks if block.index not in done]
+        if todo:
+            groups = {name: sites for block in todo for name, sites in block.input_groups.items()}
+            stats, stages = self.executor.collect(self._probe(model, list(groups), []), self._plan(list(groups)))
+            logger.info("one-pass statistics: %.1f s (forward %.1f s, statistics %.1f s)", time.perf_counter() - start,
+                        stages["forward"], stages["statistics"])
+            solutions = self._solve(groups, stats, lazily=True)
+            for block in self._iterate(todo):  # the solves of all blocks run at once; saved block by block
+                by_block[block.index] = [next(solutions) for _ in block.input_groups]
+                if self.checkpoint is not None:
+                    self.checkpoint.save_block(block.index, by_block[block.index], None)
+            del stats
+        all_notes: list[str] = []
+        solved: dict[int, tuple[QuantizedWeight, float]] = {}
+        for block in blocks:  # every fold first, then one rewrite: as if solved in one go
+            block_solved, notes = self._apply(block, by_block[block.index], editable=None)
+            solved.update(block_solved)
+            all_notes += notes
+            self.result.blocks.append(BlockReport(block.index, tuple(s.name for s in block.sites), 0.0, tuple(notes)))
         self._rewrite_solved(model, solved)
-        for block in blocks:
-            self.result.blocks.append(BlockReport(block.index, tuple(s.name for s in block.sites), 0.0, ()))
-        logger.info("one-pass calibration and solve: %.1f s; %s", time.perf_counter() - start, "; ".join(notes))
+        logger.info("one-pass calibration and solve: %.1f s; %s", time.perf_counter() - start, "; ".join(all_notes))
 
     # -- statistics ---------------------------------------------------------------
-    def _accumulators(self, k: int, seed: int) -> dict[str, Accumulator]:
-        """The statistics the algorithm declares, for one input tensor of ``k`` channels."""
-        make = {
-            "hessian": lambda: HessianAccumulator(k, dtype=np.float32),
-            "abs_mean": lambda: AbsMeanAccumulator(k),
-            "sq_mean": lambda: MeanSquareAccumulator(k),
-            "rows": lambda: RowSampler(self.algorithm.sample_rows(self.options), seed=seed, k=k),
-        }
-        return {name: make[name]() for name in self.algorithm.collected_statistics}
-
-    def _collect(self, model, names: list[str], feed_names: list[str], feeds: list[Feed],
-                 cached: list[Feed]) -> dict[str, dict[str, Accumulator]]:
-        probe = ActivationProbe(model, names, feed_names=feed_names, providers=self.providers)
-        stats: dict[str, dict[str, Accumulator]] = {}
-        for i, feed in enumerate(feeds):
-            activations = probe.run({**feed, **cached[i]})
-            mask = feed.get("attention_mask")
-            for name in names:
-                x = activations[name]
-                if name not in stats:
-                    stats[name] = self._accumulators(x.shape[-1], seed=i)
-                rows_mask = mask if mask is not None and mask.size * x.shape[-1] == x.size else None
-                for accumulator in stats[name].values():
-                    accumulator.update(x, rows_mask)
-        return stats
-
     def _values(self, name: str, accumulators: dict[str, Accumulator], k: int) -> dict[str, Any]:
         """The accumulated statistics as the algorithm reads them (``count``: rows seen)."""
         values: dict[str, Any] = {"count": next(iter(accumulators.values())).count}
@@ -254,14 +312,26 @@ class _Driver:
         return values
 
     # -- solve and rewrite -------------------------------------------------------------
-    def _solve(self, groups: dict[str, list[WeightSite]], stats: dict, editable) -> tuple[dict, list[str]]:
-        """``{id(site.node): (qweight, error)}`` for every site of ``groups``, and one note per group."""
+    def _solve(self, groups: dict[str, list[WeightSite]], stats: dict, lazily: bool = False):
+        """One :class:`GroupSolution` per group of ``groups``, in order, from the executor (a list, or
+        with ``lazily`` an iterator yielding each as it is needed)."""
+        def jobs():
+            for name, sites in groups.items():
+                group = SiblingGroup(name, tuple(s.name for s in sites), [finite_weight(s) for s in sites],
+                                     [self.settings[id(s.node)] for s in sites], sites[0].dtype.numpy())
+                yield SolveJob(self.algorithm.name, group, self._values(name, stats[name], sites[0].k), self.options)
+
+        solutions = (GroupSolution(name, tuple(s.name for s in sites), solution)
+                     for (name, sites), solution in zip(groups.items(), self.executor.solve(jobs())))
+        return solutions if lazily else list(solutions)
+
+    def _apply(self, block: Block, groups: list[GroupSolution], editable) -> tuple[dict, list[str]]:
+        """Fold each group's input scale (in order) and return ``{id(site.node): (qweight, error)}``
+        and one note per group."""
         solved: dict[int, tuple[QuantizedWeight, float]] = {}
         notes: list[str] = []
-        for name, sites in groups.items():
-            group = SiblingGroup(name, tuple(s.name for s in sites), [finite_weight(s) for s in sites],
-                                 [self.settings[id(s.node)] for s in sites], sites[0].dtype.numpy())
-            solution = self.algorithm.solve(group, self._values(name, stats[name], sites[0].k), self.options)
+        for entry in groups:
+            sites, solution = block.input_groups[entry.input_name], entry.solution
             for site, qweight, error in zip(sites, solution.qweights, solution.errors):
                 solved[id(site.node)] = (qweight, error)
             if solution.input_scale is not None:

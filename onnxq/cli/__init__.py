@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _error(_os_error_message(exc))
         except KeyboardInterrupt as exc:
             signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-            print(f"onnxq: {_interrupted(signum, output, before)}", file=sys.stderr)
+            print(f"onnxq: {_interrupted(signum, output, before)}{_checkpoint_note(args)}", file=sys.stderr)
             return 128 + signum
 
 
@@ -119,6 +119,20 @@ def _interrupted(signum: int, output: Path | None, before: tuple[int, int] | Non
     if after is not None:
         return f"{how}; nothing was written ({output} is as it was)"
     return f"{how}; nothing was written"
+
+
+def _checkpoint_note(args: argparse.Namespace) -> str:
+    """``; K of N blocks are saved in DIR: ...`` when the run had a ``--checkpoint`` with finished blocks."""
+    directory = getattr(args, "checkpoint", None)
+    if directory is None:
+        return ""
+    from onnxq.calibration.checkpoint import saved_blocks
+
+    saved = saved_blocks(directory)
+    if saved is None:
+        return ""
+    done, total = saved
+    return f"; {done} of {total} calibration blocks are saved in {directory}: the same command resumes there"
 
 
 def _error(message: str) -> int:

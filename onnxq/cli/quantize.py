@@ -56,6 +56,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     calib.add_argument("--seq-len", type=int, default=512, help="tokens per sample for text/token-id data (default 512)")
     calib.add_argument("--one-pass", action="store_true", default=None,
                        help="calibrate every layer on the float model in one pass (faster) instead of block by block")
+    calib.add_argument("--executor", default="local", metavar="local|ray|ray://HOST:PORT",
+                       help="where calibration runs: this process (default), a local Ray instance started on "
+                            "demand (pip install 'onnxq[ray]'), or a Ray cluster; the result is the same")
+    calib.add_argument("--workers", type=int, help="--executor ray: worker processes (default: the cluster's CPUs)")
+    calib.add_argument("--checkpoint", type=Path, metavar="DIR",
+                       help="save each finished calibration block in DIR; the same command resumes there after "
+                            "an interruption")
     calib.add_argument("--act-order", action="store_true", default=None, help="GPTQ: descending diag(H) order")
     calib.add_argument("--percdamp", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
     calib.add_argument("--awq-grid", type=int, help="AWQ: alphas tried in [0, 1] (default 20)")
@@ -123,7 +130,13 @@ def _run(args: argparse.Namespace) -> int:
         config = _mixed_precision_plan(args, config, model, reader, progress)
         if hasattr(reader, "rewind"):
             reader.rewind()
-    result = quantize_with_report(model, config, reader, progress=progress)
+    executor = _executor(args) if calibrated else None
+    try:
+        result = quantize_with_report(model, config, reader, progress=progress, executor=executor,
+                                      checkpoint=args.checkpoint)
+    finally:
+        if executor is not None:
+            executor.close()
     clamped = _clamped_blocks(config, result.records)
     if clamped:
         print(f"onnxq: {clamped}", file=sys.stderr)
@@ -142,6 +155,17 @@ def _run(args: argparse.Namespace) -> int:
         print(summary_line(records, skipped, (weights_before, model_weight_bytes(result.model))))
         print(f"wrote {written} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _executor(args: argparse.Namespace):
+    """``--executor`` / ``--workers`` as the API's ``executor`` argument (Ray is imported only when asked for)."""
+    if args.workers is not None and args.executor == "local":
+        raise OnnxqError("--workers needs --executor ray or ray://HOST:PORT")
+    if args.executor == "local":
+        return None
+    from onnxq.calibration.executor import make_executor
+
+    return make_executor(args.executor, workers=args.workers)
 
 
 def _speed_hint(folder: ModelFolder | None, config: QuantConfig) -> str | None:
