@@ -129,7 +129,7 @@ class HessianAccumulator(_ChannelStat):
     def merge(self, other: "HessianAccumulator") -> None:
         """Add another shard's sum and row count."""
         self._check_merge(other)
-        self._sum += other._sum
+        self._sum = self._sum + other._sum  # a new array: a shard's arrays from Ray's object store are read-only
         self.count += other.count
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -114,16 +115,7 @@ class RayExecutor:
         self._ray = ray
         self._started = False
         if not ray.is_initialized():
-            where = address or os.environ.get("RAY_ADDRESS") or "a local Ray instance"
-            try:
-                if address is None and not os.environ.get("RAY_ADDRESS"):
-                    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                             configure_logging=False)
-                else:
-                    ray.init(address=address, log_to_driver=False, configure_logging=False)
-            except Exception as exc:  # Ray raises ConnectionError, RuntimeError, grpc errors, ...
-                raise OnnxqError(f"cannot start or reach {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-            self._started = True
+            self._connect(address, workers)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = workers or max(cpus, 1)
         options = {"num_cpus": 1, "max_retries": TASK_RETRIES, "retry_exceptions": False}
@@ -135,6 +127,21 @@ class RayExecutor:
         self._cache: list[Any] = []
         self._indices: list[list[int]] = []
         logger.info("ray executor: %d workers on a cluster of %d CPUs", self.workers, cpus)
+
+    def _connect(self, address: str | None, workers: int | None) -> None:
+        ray = self._ray
+        where = address or os.environ.get("RAY_ADDRESS") or "a local Ray instance"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Ray Client's timeout warning: the error line says it
+                if address is None and not os.environ.get("RAY_ADDRESS"):
+                    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+                else:
+                    ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, grpc errors, ...
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OnnxqError(f"cannot start or reach {where}: {reason}") from None
+        self._started = True
 
     def _get(self, refs):
         try:
