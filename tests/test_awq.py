@@ -1,7 +1,7 @@
 """AWQ solvers (arXiv 2306.00978) on real all-MiniLM-L6-v2 layers and their recorded inputs.
 
 Losses are recomputed here directly (``x @ W - (x / s) @ Q(s W)``, per-block products with
-the raw ``x``) and compared with the solvers' numbers, which go through QR factors; the
+the raw ``x``) and compared with the solvers' numbers, which go through Gram matrices; the
 quantized result is compared with round-to-nearest from :mod:`onnxq.core`.
 """
 import numpy as np
@@ -71,8 +71,8 @@ def test_awq_beats_rtn_on_mlp(layer, bits, block_size, symmetric):
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_search_losses_match_direct_computation(symmetric):
-    """loss_by_alpha (computed through a factor of x) equals the definition, for T < K and
-    for T > K (QR path); alpha = 0 is plain RTN; the chosen alpha has the lowest loss."""
+    """loss_by_alpha (computed through x or its Gram matrix) equals the definition, for T < K and
+    for T > K (Gram path); alpha = 0 is plain RTN; the chosen alpha has the lowest loss."""
     weights, x = real_siblings()
     act = np.abs(x).mean(0)
     tall = np.concatenate([x, 0.5 * x[::-1] + 0.1 * x])  # T = 512 > K = 384

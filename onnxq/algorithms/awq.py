@@ -18,28 +18,32 @@ layers ``y_i = x @ W_i`` (``W_i: [K, N_i]``, e.g. the q/k/v projections):
    ``||x_blk @ (w_blk - Q_r(w_blk))||^2``. For asymmetric blocks both ends of the range
    are scaled by the ratio.
 
-Both losses are computed through a factor ``R`` with ``R^T R = x^T x`` (``R = x`` when
-it is the smaller one, else the ``[K, K]`` QR factor), and the clip search uses one
-``[min(T, bs), bs]`` factor per block, so the cost is ``O(min(T, K) K N)`` per alpha and
-``O(min(T, bs) K N)`` per clip ratio. Output columns are processed in chunks so memory
-stays bounded by a few ``[K, chunk]`` arrays.
+Both losses are quadratic forms of the input's Gram matrix: ``||x D||_F^2 = tr(D^T G D)`` with
+``G = x^T x`` (float32 ``[K, K]``, one ``syrk``), used when ``T > K``, ``x`` itself otherwise; the
+clip search uses the ``[bs, bs]`` diagonal blocks of ``G`` (or the ``[T, bs]`` column blocks of
+``x`` when ``T <= bs``). ``G`` is formed once per sibling group and serves both searches (the
+scaled input ``x / s`` has the Gram matrix ``G / (s s^T)``). Candidates are evaluated together:
+the errors ``D`` of several alphas (siblings' columns side by side), or of all clip ratios of a
+column chunk, are stacked into one ``[K, candidates * columns]`` array and multiplied by ``G`` in
+one matrix product (one batched product over K-blocks for the clip search), at most
+``2**24`` float32 elements at a time. The cost is ``2 min(T, K) K N`` flops per alpha and
+``2 min(T, bs) K N`` per clip ratio, plus elementwise round-to-nearest; there is no per-candidate
+ONNX Runtime run. A weight with more than ``max_columns`` output columns (an lm_head with a large
+vocabulary) is scored on evenly spaced columns in the scale search, so that search costs the same
+for any vocabulary; its clip search is linear in the number of columns.
 """
 from __future__ import annotations
 
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from onnxq.algorithms.registry import Algorithm, SiblingGroup, Solution, effective_error, register_algorithm
-from onnxq.core import (
-    QuantizedWeight,
-    check_quant_params,
-    dequantize_blocks,
-    quantize_blocks,
-    quantize_weight,
-    weight_to_blocks,
-)
+from onnxq.core import QuantizedWeight, check_quant_params, pad_tensor, quantize_blocks, quantize_weight
 from onnxq.errors import OnnxqError
 
 __all__ = [
@@ -56,7 +60,10 @@ __all__ = [
 
 AWQ_CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.00, 0.95, ..., 0.50
 _MIN_SCALE = 1e-4  # the reference clamps a**alpha from below before normalising
-_COLUMN_CHUNK = 512  # output columns handled at once
+_BATCH_ELEMENTS = 1 << 24  # float32 elements of stacked candidate errors multiplied at once (64 MiB)
+_THREADS = min(4, os.cpu_count() or 1)  # candidates rounded in parallel (numpy releases the GIL)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -140,11 +147,121 @@ def _as_weight(weight: np.ndarray, k: int | None = None) -> np.ndarray:
     return weight.astype(np.float32, copy=False)
 
 
-def _row_factor(x: np.ndarray) -> np.ndarray:
-    """``R: [min(T, K), K]`` with ``R^T R = x^T x`` (``x`` itself when ``T <= K``)."""
-    if x.shape[0] <= x.shape[1]:
-        return x
-    return np.linalg.qr(x.astype(np.float64), mode="r").astype(np.float32)
+def _k_major(weight: np.ndarray, bs: int) -> np.ndarray:
+    """``weight: [K, N]`` -> float32 ``[k_blocks, bs, N]``, K zero-padded (a view when possible)."""
+    k_blocks = -(-weight.shape[0] // bs)
+    return pad_tensor(weight, bs, k_blocks).reshape(k_blocks, bs, weight.shape[1])
+
+
+def _round_half_up(x: np.ndarray) -> np.ndarray:
+    """C's ``roundf`` for ``x >= 0`` in place, exactly (the rounding of :func:`~onnxq.core.quantize_blocks`)."""
+    floor = np.floor(x)
+    np.subtract(x, floor, out=x)
+    np.add(floor, x >= np.float32(0.5), out=x)
+    return x
+
+
+def _map(work, items) -> None:
+    """``work(item)`` for every item, on up to ``_THREADS`` threads (numpy releases the GIL)."""
+    items = list(items)
+    if _THREADS == 1 or len(items) == 1:
+        for item in items:
+            work(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(_THREADS, len(items))) as pool:
+        for future in [pool.submit(work, item) for item in items]:
+            future.result()
+
+
+def _fake_quant(blocks: np.ndarray, bits: int, symmetric: bool, ratio, scale_dtype) -> np.ndarray:
+    """``dequantize(quantize_blocks(blocks, ..., axis=1))`` for K-major ``blocks: [k_blocks, bs, N]``.
+
+    The arithmetic of :func:`~onnxq.core.quantize_blocks` (scale rounded to ``scale_dtype`` first,
+    reciprocal multiply, round half up, zero point from the unrounded scale) without the uint8
+    round trip: float32 ``[k_blocks, bs, N]``, bit-identical (tested). ``ratio``: a scalar or
+    ``[k_blocks, N]``.
+    """
+    qmax = np.float32((1 << bits) - 1)
+    ratio = np.asarray(ratio, dtype=np.float32)
+    vmin = blocks.min(axis=1)
+    vmax = blocks.max(axis=1)
+    if symmetric:
+        extreme = np.where(np.abs(vmax) > np.abs(vmin), vmax, vmin) * ratio
+        raw = (extreme / np.float32(-(1 << (bits - 1)))).astype(np.float32)
+        zero = np.full(raw.shape, 1 << (bits - 1), dtype=np.float32)
+    else:
+        lo = np.minimum(vmin * ratio, np.float32(0))
+        hi = np.maximum(vmax * ratio, np.float32(0))
+        raw = ((hi - lo) / qmax).astype(np.float32)
+        zero = np.clip(_round_half_up(np.divide(-lo, raw, out=np.zeros_like(raw), where=raw != 0)), 0, qmax)
+    scale = raw.astype(scale_dtype).astype(np.float32)
+    recip = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale != 0)
+    out = blocks * recip[:, None, :]
+    out += zero[:, None, :]
+    np.clip(_round_half_up(out), 0, qmax, out=out)
+    out -= zero[:, None, :]
+    out *= scale[:, None, :]
+    return out
+
+
+class _OutputError:
+    """``||x d||^2`` per output column of ``d: [K, n]`` for an input sample ``x: [T, K]``.
+
+    Through ``G = x^T x`` (float32 ``[K, K]``, ``d^T G d``) when ``T > K``, else through ``x``
+    (``||x d||^2``); per K-block (clip search) through the ``[bs, bs]`` diagonal blocks of ``G``
+    when ``T > bs``, else the ``[T, bs]`` column blocks of ``x``. The cheaper form is used each time.
+    """
+
+    def __init__(self, x: np.ndarray, gram: np.ndarray | None = None):
+        self.x = x
+        t, k = x.shape
+        self.gram = gram if gram is not None or t <= k else x.T @ x  # numpy computes x^T x with syrk
+        self._blocks: dict[int, tuple[np.ndarray, bool]] = {}
+
+    def scaled(self, s: np.ndarray) -> _OutputError:
+        """The same for the input ``x / s`` (Gram matrix ``G / (s s^T)``)."""
+        inv = np.float32(1) / s
+        return _OutputError(self.x * inv, None if self.gram is None else self.gram * inv[:, None] * inv[None, :])
+
+    def column_losses(self, d: np.ndarray) -> np.ndarray:
+        """float64 ``[n]``: ``||x d[:, j]||^2`` for ``d: [K, n]`` (one matrix product)."""
+        if self.gram is not None:
+            out = self.gram @ d
+            out *= d
+        else:
+            out = self.x @ d
+            np.square(out, out=out)
+        return out.sum(axis=0, dtype=np.float64)
+
+    def block_losses(self, d: np.ndarray) -> np.ndarray:
+        """float32 ``[k_blocks, n]``: ``||x_b d[b]||^2`` for K-major ``d: [k_blocks, bs, n]`` (K zero-padded;
+        one batched matrix product)."""
+        operators, is_gram = self._block_operators(d.shape[0], d.shape[1])
+        out = operators @ d
+        if is_gram:
+            out *= d
+        else:
+            np.square(out, out=out)
+        return out.sum(axis=1)
+
+    def _block_operators(self, k_blocks: int, bs: int) -> tuple[np.ndarray, bool]:
+        """``([k_blocks, bs, bs] Gram blocks, True)`` or ``([k_blocks, T, bs] blocks of x, False)``."""
+        if bs not in self._blocks:
+            t, k = self.x.shape
+            if t > bs:
+                ops = np.zeros((k_blocks, bs, bs), dtype=np.float32)
+                for b in range(k_blocks):
+                    lo, hi = b * bs, min(k, (b + 1) * bs)
+                    if self.gram is not None:
+                        ops[b, :hi - lo, :hi - lo] = self.gram[lo:hi, lo:hi]
+                    else:
+                        ops[b, :hi - lo, :hi - lo] = self.x[:, lo:hi].T @ self.x[:, lo:hi]
+                self._blocks[bs] = ops, True
+            else:
+                padded = np.zeros((t, k_blocks * bs), dtype=np.float32)
+                padded[:, :k] = self.x
+                self._blocks[bs] = np.ascontiguousarray(padded.reshape(t, k_blocks, bs).transpose(1, 0, 2)), False
+        return self._blocks[bs]
 
 
 def awq_scales(act_mean_abs: np.ndarray, alpha: float) -> np.ndarray:
@@ -157,17 +274,31 @@ def awq_scales(act_mean_abs: np.ndarray, alpha: float) -> np.ndarray:
     return (powered / np.sqrt(powered.max() * powered.min())).astype(np.float32)
 
 
-def _scaled_loss(
-    factor: np.ndarray, weight: np.ndarray, s: np.ndarray, bits: int, block_size: int, symmetric: bool, scale_dtype
-) -> float:
-    """``||R (W - Q(s W) / s)||_F^2`` = ``||x W - (x / s) Q(s W)||_F^2``, chunked over N."""
-    total = 0.0
-    for start in range(0, weight.shape[1], _COLUMN_CHUNK):
-        chunk = weight[:, start:start + _COLUMN_CHUNK]
-        deq = quantize_weight(s[:, None] * chunk, bits, block_size, symmetric, scale_dtype=scale_dtype).dequantize()
-        out = factor @ (chunk - deq / s[:, None])
-        total += float(np.vdot(out, out))
-    return total
+def _scaled_error(weight: np.ndarray, s: np.ndarray, bits: int, bs: int, symmetric: bool, scale_dtype,
+                  out: np.ndarray) -> None:
+    """``out[:] = W - Q(s W) / s`` for ``weight: [K, n]`` (``out``: a ``[K, n]`` view)."""
+    k, n = weight.shape
+    deq = _fake_quant(_k_major(s[:, None] * weight, bs), bits, symmetric, 1.0, scale_dtype)
+    deq = deq.reshape(-1, n)[:k]
+    np.divide(deq, s[:, None], out=deq)
+    np.subtract(weight, deq, out=out)
+
+
+def _check_search(weights: Sequence[np.ndarray], x: np.ndarray, act_mean_abs: np.ndarray,
+                  bits: int, block_size: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    _check(bits, block_size)
+    if not weights:
+        raise OnnxqError("AWQ expected at least one weight sharing the input, got none")
+    first = _as_weight(weights[0])
+    k = first.shape[0]
+    weights = [first] + [_as_weight(w, k) for w in weights[1:]]
+    x = _as_input(x, k)
+    act_mean_abs = np.asarray(act_mean_abs)
+    if act_mean_abs.shape != (k,) or not np.all(np.isfinite(act_mean_abs)) or np.any(act_mean_abs < 0):
+        raise OnnxqError(
+            f"AWQ expected act_mean_abs of shape [K={k}] with finite values >= 0, got shape {act_mean_abs.shape}"
+        )
+    return weights, x, act_mean_abs
 
 
 def awq_search_scale(
@@ -198,35 +329,45 @@ def awq_search_scale(
     Returns:
         :class:`AWQScaleResult` with the scales of the alpha of lowest loss (the first on a tie).
     """
-    _check(bits, block_size)
-    if not weights:
-        raise OnnxqError("AWQ expected at least one weight sharing the input, got none")
+    weights, x, act_mean_abs = _check_search(weights, x, act_mean_abs, bits, block_size)
+    return _search_scale(weights, _OutputError(x), act_mean_abs, bits, block_size, symmetric, grid, scale_dtype,
+                         max_columns)
+
+
+def _search_scale(weights: list[np.ndarray], objective: _OutputError, act_mean_abs: np.ndarray, bits: int,
+                  block_size: int, symmetric: bool, grid: int, scale_dtype, max_columns: int | None) -> AWQScaleResult:
+    """:func:`awq_search_scale` on checked inputs, the objective given."""
     if not isinstance(grid, (int, np.integer)) or grid < 1:
         raise OnnxqError(f"AWQ grid must be a positive integer, got {grid!r}")
-    first = _as_weight(weights[0])
-    k = first.shape[0]
-    weights = [first] + [_as_weight(w, k) for w in weights[1:]]
-    x = _as_input(x, k)
-    act_mean_abs = np.asarray(act_mean_abs)
-    if act_mean_abs.shape != (k,) or not np.all(np.isfinite(act_mean_abs)) or np.any(act_mean_abs < 0):
-        raise OnnxqError(
-            f"AWQ expected act_mean_abs of shape [K={k}] with finite values >= 0, got shape {act_mean_abs.shape}"
-        )
-    factor = _row_factor(x)
-    scored = []  # (columns scored, weight of their loss)
+    k = weights[0].shape[0]
+    bs = k if block_size == -1 else int(block_size)
+    columns, column_weight = [], []  # the scored columns of all siblings side by side, and their loss weights
     for w in weights:
         n = w.shape[1]
         if max_columns is not None and n > max_columns:
-            columns = np.linspace(0, n - 1, max_columns).round().astype(np.int64)
-            scored.append((w[:, columns], n / max_columns))
+            logger.info("AWQ: a [K=%d, N=%d] weight: scale search on %d evenly spaced columns (loss scaled by "
+                        "%.1f), clip search on all", k, n, max_columns, n / max_columns)
+            columns.append(w[:, np.linspace(0, n - 1, max_columns).round().astype(np.int64)])
+            column_weight.append(np.full(max_columns, n / max_columns))
         else:
-            scored.append((w, 1.0))
+            columns.append(w)
+            column_weight.append(np.ones(n))
+    scored = columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1)
+    column_weight = np.concatenate(column_weight)
+    n = scored.shape[1]
     alphas = np.linspace(0.0, 1.0, grid) if grid > 1 else np.zeros(1)
     losses = np.empty(len(alphas), dtype=np.float64)
-    for j, alpha in enumerate(alphas):
-        s = awq_scales(act_mean_abs, float(alpha))
-        losses[j] = sum(factor_weight * _scaled_loss(factor, w, s, bits, block_size, symmetric, scale_dtype)
-                        for w, factor_weight in scored)
+    per_product = max(1, _BATCH_ELEMENTS // scored.size)
+    for first in range(0, len(alphas), per_product):
+        batch = alphas[first:first + per_product]
+        errors = np.empty((k, len(batch) * n), dtype=np.float32)  # D of each alpha, side by side
+
+        def fill(j: int, batch=batch, errors=errors) -> None:
+            s = awq_scales(act_mean_abs, float(batch[j]))
+            _scaled_error(scored, s, bits, bs, symmetric, scale_dtype, errors[:, j * n:(j + 1) * n])
+
+        _map(fill, range(len(batch)))
+        losses[first:first + len(batch)] = objective.column_losses(errors).reshape(len(batch), n) @ column_weight
     best = int(np.argmin(losses))
     return AWQScaleResult(
         scales=awq_scales(act_mean_abs, float(alphas[best])),
@@ -234,17 +375,6 @@ def awq_search_scale(
         loss_by_alpha=losses,
         loss_rtn=float(losses[0]),
     )
-
-
-def _block_factors(x: np.ndarray, bs: int, k_blocks: int) -> np.ndarray:
-    """``[k_blocks, min(T, bs), bs]`` factors with ``R_b^T R_b = x_b^T x_b`` for each K-block of ``x``."""
-    t, k = x.shape
-    padded = np.zeros((t, k_blocks * bs), dtype=np.float32)
-    padded[:, :k] = x
-    blocks = padded.reshape(t, k_blocks, bs).transpose(1, 0, 2)  # [k_blocks, T, bs]
-    if t <= bs:
-        return np.ascontiguousarray(blocks)
-    return np.linalg.qr(blocks.astype(np.float64), mode="r").astype(np.float32)
 
 
 def awq_clip_search(
@@ -271,33 +401,59 @@ def awq_clip_search(
     """
     _check(bits, block_size)
     weight = _as_weight(weight)
-    k, n = weight.shape
-    x = _as_input(x, k)
+    x = _as_input(x, weight.shape[0])
+    return _clip_search(weight, _OutputError(x), bits, block_size, symmetric, ratios, scale_dtype)
+
+
+def _clip_search(weight: np.ndarray, objective: _OutputError, bits: int, block_size: int, symmetric: bool,
+                 ratios: Sequence[float], scale_dtype) -> QuantizedWeight:
+    """:func:`awq_clip_search` on checked inputs, the objective given."""
     ratios = [float(r) for r in ratios]
     if not ratios or any(not 0.0 < r <= 1.0 for r in ratios):
         raise OnnxqError(f"AWQ clip ratios must be a non-empty list of values in (0, 1], got {ratios}")
+    k, n = weight.shape
     bs = k if block_size == -1 else int(block_size)
     k_blocks = -(-k // bs)
-    factors = _block_factors(x, bs, k_blocks)  # [k_blocks, r, bs]
     codes = np.empty((n, k_blocks, bs), dtype=np.uint8)
     scales = np.empty((n, k_blocks), dtype=np.float32)
     zero_points = np.empty((n, k_blocks), dtype=np.uint8)
-    for start in range(0, n, _COLUMN_CHUNK):
-        stop = min(start + _COLUMN_CHUNK, n)
-        blocks = weight_to_blocks(weight[:, start:stop], bs)  # [chunk, k_blocks, bs]
-        best_err = np.full((stop - start, k_blocks), np.inf, dtype=np.float32)
-        best_ratio = np.ones((stop - start, k_blocks), dtype=np.float32)
-        for ratio in ratios:
-            diff = dequantize_blocks(*quantize_blocks(blocks, bits, symmetric, ratio, scale_dtype)) - blocks
-            out = factors @ diff.transpose(1, 2, 0)  # [k_blocks, r, chunk]
-            err = np.einsum("brc,brc->cb", out, out)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_ratio = np.where(better, np.float32(ratio), best_ratio)
-        codes[start:stop], scales[start:stop], zero_points[start:stop] = quantize_blocks(
-            blocks, bits, symmetric, best_ratio, scale_dtype
-        )
+    ratio_values = np.asarray(ratios, dtype=np.float32)
+    chunk = max(1, _BATCH_ELEMENTS // (len(ratios) * k_blocks * bs))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        c = stop - start
+        blocks = _k_major(weight[:, start:stop], bs)  # [k_blocks, bs, c]
+        diff = np.empty((k_blocks, bs, len(ratios) * c), dtype=np.float32)  # every ratio's error, side by side
+
+        def fill(j: int, blocks=blocks, diff=diff, c=c) -> None:
+            np.subtract(_fake_quant(blocks, bits, symmetric, ratios[j], scale_dtype), blocks,
+                        out=diff[:, :, j * c:(j + 1) * c])
+
+        _map(fill, range(len(ratios)))
+        err = objective.block_losses(diff).reshape(k_blocks, len(ratios), c)
+        best_ratio = ratio_values[np.argmin(err, axis=1)]  # [k_blocks, c], the first ratio on a tie
+        chunk_codes, chunk_scales, chunk_zps = quantize_blocks(blocks, bits, symmetric, best_ratio, scale_dtype, 1)
+        codes[start:stop] = chunk_codes.transpose(2, 0, 1)
+        scales[start:stop] = chunk_scales.T
+        zero_points[start:stop] = chunk_zps.T
     return QuantizedWeight(codes, scales, None if symmetric else zero_points, bits, bs, k)
+
+
+def _quantize_scaled(weights: list[np.ndarray], settings: Sequence[tuple[int, int, bool]],
+                     objective: _OutputError, s: np.ndarray, clip: bool, clip_ratios: Sequence[float],
+                     scale_dtype) -> list[QuantizedWeight]:
+    """Each ``s[:, None] * W_i`` quantized with its ``(bits, block_size, symmetric)``: clip search on ``x / s``
+    (the objective scaled once for all siblings), or RTN."""
+    scaled_objective = objective.scaled(s) if clip else None
+    qweights = []
+    for weight, (bits, block_size, symmetric) in zip(weights, settings):
+        scaled = s[:, None] * weight
+        if clip:
+            qweights.append(_clip_search(scaled, scaled_objective, bits, block_size, symmetric, clip_ratios,
+                                         scale_dtype))
+        else:
+            qweights.append(quantize_weight(scaled, bits, block_size, symmetric, scale_dtype=scale_dtype))
+    return qweights
 
 
 def awq_quantize_weights(
@@ -317,6 +473,7 @@ def awq_quantize_weights(
 
     Runs :func:`awq_search_scale`, scales every ``W_i`` to ``s[:, None] * W_i`` and quantizes it
     with :func:`awq_clip_search` on the scaled input ``x / s`` (plain RTN when ``clip`` is False).
+    The input's Gram matrix is formed once for both searches.
     The caller must divide the layers' input by ``result.scales`` (e.g. fold it into the
     preceding LayerNorm / Mul) for ``result.qweights`` to compute ``x @ W_i``.
 
@@ -328,22 +485,12 @@ def awq_quantize_weights(
         clip: run the clip search (the reference skips it for q/k projections).
         clip_ratios: ratios tried by the clip search.
     """
-    search = awq_search_scale(
-        weights, x, act_mean_abs, bits, block_size, symmetric, grid=grid, scale_dtype=scale_dtype
-    )
-    s = search.scales
-    scaled_x = np.asarray(x, dtype=np.float32) / s
-    qweights = []
-    for weight in weights:
-        scaled = s[:, None] * np.asarray(weight, dtype=np.float32)
-        if clip:
-            qw = awq_clip_search(
-                scaled, scaled_x, bits, block_size, symmetric, ratios=clip_ratios, scale_dtype=scale_dtype
-            )
-        else:
-            qw = quantize_weight(scaled, bits, block_size, symmetric, scale_dtype=scale_dtype)
-        qweights.append(qw)
-    return AWQResult(scales=s, qweights=tuple(qweights), search=search)
+    weights, x, act_mean_abs = _check_search(weights, x, act_mean_abs, bits, block_size)
+    objective = _OutputError(x)
+    search = _search_scale(weights, objective, act_mean_abs, bits, block_size, symmetric, grid, scale_dtype, 8192)
+    qweights = _quantize_scaled(weights, [(bits, block_size, symmetric)] * len(weights), objective, search.scales,
+                                clip, clip_ratios, scale_dtype)
+    return AWQResult(scales=search.scales, qweights=tuple(qweights), search=search)
 
 
 @register_algorithm
@@ -356,21 +503,16 @@ class AWQ(Algorithm):
     options_type = AWQConfig
 
     def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: Any) -> Solution:
-        x, first = stats["rows"], group.settings[0]
-        search = awq_search_scale(group.weights, x, stats["abs_mean"], first.bits, first.block_size, first.symmetric,
-                                  grid=options.grid if options.scale_search else 1, scale_dtype=group.scale_dtype)
+        first = group.settings[0]
+        weights, x, act_mean_abs = _check_search(group.weights, stats["rows"], stats["abs_mean"], first.bits,
+                                                 first.block_size)
+        objective = _OutputError(x)
+        search = _search_scale(weights, objective, act_mean_abs, first.bits, first.block_size, first.symmetric,
+                               options.grid if options.scale_search else 1, group.scale_dtype, 8192)
         scale = search.scales if search.alpha > 0 else None
         s = np.ones_like(search.scales) if scale is None else scale
-        scaled_x = x / s
-        qweights = []
-        for weight, st in zip(group.weights, group.settings):
-            scaled = s[:, None] * weight
-            if options.clip:
-                qweights.append(awq_clip_search(scaled, scaled_x, st.bits, st.block_size, st.symmetric,
-                                                scale_dtype=group.scale_dtype))
-            else:
-                qweights.append(quantize_weight(scaled, st.bits, st.block_size, st.symmetric,
-                                                scale_dtype=group.scale_dtype))
+        settings = [(st.bits, st.block_size, st.symmetric) for st in group.settings]
+        qweights = _quantize_scaled(weights, settings, objective, s, options.clip, AWQ_CLIP_RATIOS, group.scale_dtype)
         errors = [effective_error(w, q, s) for w, q in zip(group.weights, qweights)]
         gain = 1 - search.loss_by_alpha.min() / search.loss_rtn if search.loss_rtn > 0 else 0.0
         note = f"{group.input_name}: alpha {search.alpha:.2f} (loss -{gain:.1%} vs RTN)"
