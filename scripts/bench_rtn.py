@@ -1,11 +1,12 @@
 """RTN speed and memory: onnxq vs onnxruntime's MatMulNBitsQuantizer on the same model, in one run.
 
 Builds a synthetic model of ``--layers`` MatMuls ``--dim x --dim`` (fp32, weights in
-external data), then quantizes it with each tool in its own fresh subprocess
-(load + quantize + save, int4 block 32 symmetric unless told otherwise) and
-prints the best and median wall time over ``--repeat`` interleaved runs, peak RSS (the child's VmHWM, imports included; the RSS
-right after imports is shown too), output size, and whether the two tools wrote
-identical packed weights.
+external data), then quantizes it with each tool as a user runs it, one whole fresh process
+per run (interpreter start, imports, load, quantize, save; int4 block 32 symmetric unless told
+otherwise): onnxq's CLI with its defaults, ORT's ``MatMulNBitsQuantizer`` through its Python
+API. Prints the best and median wall time over ``--repeat`` interleaved runs, how much of it a
+bare import of each tool takes, the peak RSS (the child's VmHWM at exit), the output size,
+whether the two tools wrote identical packed weights, and the load average.
 
     python scripts/bench_rtn.py                       # 8 x 4096x4096 fp32 (512 MiB)
     python scripts/bench_rtn.py --layers 40           # 2.5 GiB: the >2 GB external-data case
@@ -14,8 +15,7 @@ identical packed weights.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -50,52 +50,58 @@ def build_model(path: Path, layers: int, dim: int, seed: int = 0) -> None:
               size_threshold=0)
 
 
-def _rss_mib() -> float:
-    """This process's peak resident set (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+_PEAK_RSS = "BENCH_PEAK_RSS_KIB="
+
+_CHILD = """
+import atexit, sys
+def _peak():  # VmHWM at exit: this process's own peak (ru_maxrss of a vfork child carries the parent's)
+    for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print("%s" + line.split()[1], file=sys.stderr)
+atexit.register(_peak)
+tool, src, dst, bits, block_size, symmetric = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "sym"
+if tool == "onnxq":
+    from onnxq.cli import main
+    sys.exit(main(["quantize", src, dst, "--bits", str(bits), "--block-size", str(block_size),
+                   "--sym" if symmetric else "--asym", "--quiet"]))
+import onnx
+from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
+quantizer = MatMulNBitsQuantizer(onnx.load(src), bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                 algo_config=config)
+quantizer.process()
+quantizer.model.save_model_to_file(dst, use_external_data_format=True)
+""" % _PEAK_RSS
+"""One whole process per run. onnxq: its CLI with its defaults (``python -m onnxq quantize SRC DST --quiet``,
+``--external-data auto``); ORT: ``onnx.load`` + ``MatMulNBitsQuantizer`` + ``save_model_to_file`` with
+external data. Imports are part of the wall time."""
 
-
-def child(tool: str, src: str, dst: str, bits: int, block_size: int, symmetric: bool) -> None:
-    """Runs in a fresh interpreter: import, load, quantize, save; prints a JSON line."""
-    if tool == "onnxq":
-        import onnxq
-
-        rss_imports = _rss_mib()
-        start = time.perf_counter()
-        model = onnxq.quantize(src, onnxq.QuantConfig(bits=bits, block_size=block_size, symmetric=symmetric))
-        onnxq.save(model, dst, external_data=True)
-    else:
-        import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-        rss_imports = _rss_mib()
-        start = time.perf_counter()
-        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
-        quantizer = MatMulNBitsQuantizer(onnx.load(src), bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                         algo_config=config)
-        quantizer.process()
-        quantizer.model.save_model_to_file(dst, use_external_data_format=True)
-    wall = time.perf_counter() - start
-    print(json.dumps({"tool": tool, "wall_s": wall, "peak_rss_mib": _rss_mib(), "rss_after_imports_mib": rss_imports}))
+_IMPORTS = {"onnxq": "import onnxq.cli",
+            "ort": "import onnx; from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer"}
 
 
 def run_child(tool: str, src: Path, dst: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", tool, str(src), str(dst), "--bits", str(args.bits),
-           "--block-size", str(args.block_size)] + ([] if args.symmetric else ["--asym"])
+    """Run one tool in a fresh interpreter; wall time from spawn to exit, peak RSS from the child's VmHWM."""
+    cmd = [sys.executable, "-c", _CHILD, tool, str(src), str(dst), str(args.bits), str(args.block_size),
+           "sym" if args.symmetric else "asym"]
+    start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env())
+    wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{tool} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["output_mib"] = sum(p.stat().st_size for p in dst.parent.glob(dst.name + "*")) / 2**20
-    return result
+    peak = [line for line in proc.stderr.splitlines() if line.startswith(_PEAK_RSS)]
+    output = sum(p.stat().st_size for p in dst.parent.glob(dst.name + "*")) / 2**20
+    return {"tool": tool, "wall_s": wall, "peak_rss_mib": int(peak[-1][len(_PEAK_RSS):]) / 1024, "output_mib": output}
+
+
+def import_seconds(tool: str) -> float:
+    """Wall time of a fresh interpreter that only imports what ``tool``'s run imports first."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", _IMPORTS[tool]], check=True, cwd=ROOT, env=_env())
+    return time.perf_counter() - start
 
 
 def _env() -> dict:
-    import os
-
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     return env
@@ -114,6 +120,10 @@ def packed_weights_identical(a: Path, b: Path) -> bool:
     return packed(a) == packed(b)
 
 
+def _load(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
@@ -124,11 +134,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool; the best wall time is reported")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxq_bench_rtn"))
     parser.add_argument("--markdown", type=Path, help="also write the result table here")
-    parser.add_argument("--child", nargs=3, metavar=("TOOL", "SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(*args.child, args.bits, args.block_size, args.symmetric)
-        return
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     src = args.workdir / f"float_{args.layers}x{args.dim}.onnx"
@@ -137,26 +143,32 @@ def main() -> None:
         build_model(src, args.layers, args.dim)
         print(f"built {src} ({args.layers} x {args.dim}x{args.dim} fp32) in {time.perf_counter() - start:.1f} s",
               file=sys.stderr)
+    load_start = os.getloadavg()
     runs: dict[str, list[dict]] = {"onnxq": [], "ort": []}
+    imports: dict[str, list[float]] = {"onnxq": [], "ort": []}
     for _ in range(args.repeat):  # interleaved, so background load hits both tools alike
         for tool in runs:
             dst = args.workdir / tool / "model.onnx"
             shutil.rmtree(dst.parent, ignore_errors=True)  # ORT appends to an existing .data file
             dst.parent.mkdir()
             runs[tool].append(run_child(tool, src, dst, args))
-            print(f"{tool}: {runs[tool][-1]}", file=sys.stderr)
+            imports[tool].append(import_seconds(tool))
+            print(f"{tool}: {runs[tool][-1]} imports {imports[tool][-1]:.2f} s, load {os.getloadavg()}", file=sys.stderr)
+    load_end = os.getloadavg()
     results = {tool: min(rs, key=lambda r: r["wall_s"]) | {"median_s": float(np.median([r["wall_s"] for r in rs])),
-                                                            "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)}
+                                                            "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+                                                            "imports_s": float(np.median(imports[tool]))}
                for tool, rs in runs.items()}
     same = packed_weights_identical(args.workdir / "onnxq" / "model.onnx", args.workdir / "ort" / "model.onnx")
     scheme = "sym" if args.symmetric else "asym"
     float_mib = args.layers * args.dim * args.dim * 4 / 2**20
     rows = [
-        f"| tool | wall time, best of {args.repeat} (s) | median (s) | peak RSS (MiB) | RSS after imports (MiB) | output (MiB) |",
+        (f"| tool | whole process, best of {args.repeat} (s) | median (s) | of which imports, median (s) "
+         "| peak RSS (MiB) | output (MiB) |"),
         "|---|---:|---:|---:|---:|---:|",
     ]
     for tool, r in results.items():
-        rows.append(f"| {tool} | {r['wall_s']:.2f} | {r['median_s']:.2f} | {r['peak_rss_mib']:.0f} | {r['rss_after_imports_mib']:.0f} "
+        rows.append(f"| {tool} | {r['wall_s']:.2f} | {r['median_s']:.2f} | {r['imports_s']:.2f} | {r['peak_rss_mib']:.0f} "
                     f"| {r['output_mib']:.1f} |")
     o, t = results["onnxq"], results["ort"]
     table = "\n".join(rows) + (
@@ -164,7 +176,8 @@ def main() -> None:
         f"int{args.bits} block {args.block_size} {scheme}. onnxq is {t['wall_s'] / o['wall_s']:.1f}x faster (best of {args.repeat}; "
         f"{t['median_s'] / o['median_s']:.1f}x on medians) and uses "
         f"{o['peak_rss_mib'] / t['peak_rss_mib']:.2f}x the peak RSS of ORT's MatMulNBitsQuantizer. "
-        f"Identical packed weights: {'yes' if same else 'NO'}.\n"
+        f"Identical packed weights: {'yes' if same else 'NO'}. Load average {_load(load_start)} at the start, "
+        f"{_load(load_end)} at the end ({os.cpu_count()} cores).\n"
     )
     print(table)
     if args.markdown:

@@ -17,9 +17,10 @@ from onnxq.core.quantize import (
     relative_error,
     search_clip,
 )
-from onnxq.core.weight import QuantizedWeight
+from onnxq.core.weight import PackedQuantizedWeight, QuantizedWeight
 
 __all__ = [
+    "PackedQuantizedWeight",
     "QuantizedWeight",
     "blocks_to_weight",
     "check_quant_params",

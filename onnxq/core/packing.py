@@ -22,7 +22,9 @@ def _check_bits(bits: int) -> int:
 def pack_bits(codes: np.ndarray, bits: int, fill: int = 0) -> np.ndarray:
     """Pack unsigned codes ``[..., L]`` (values < 2**bits) into bytes ``[..., ceil(L*bits/8)]``.
 
-    The last axis is padded with ``fill`` codes up to a multiple of ``8 // bits``.
+    The last axis is padded with ``fill`` codes up to a multiple of ``8 // bits``. The
+    ``8 // bits`` codes of one byte are read as one little-endian integer ``v`` and folded into its
+    low byte (``v | v >> 4`` for 4 bits): two integer passes instead of one per code.
     """
     per_byte = _check_bits(bits)
     codes = np.asarray(codes, dtype=np.uint8)
@@ -33,11 +35,14 @@ def pack_bits(codes: np.ndarray, bits: int, fill: int = 0) -> np.ndarray:
     if padded != length:
         pad = [(0, 0)] * (codes.ndim - 1) + [(0, padded - length)]
         codes = np.pad(codes, pad, constant_values=fill)
-    grouped = codes.reshape(*codes.shape[:-1], padded // per_byte, per_byte)
-    packed = np.zeros(grouped.shape[:-1], dtype=np.uint8)
-    for i in range(per_byte):
-        packed |= grouped[..., i] << np.uint8(i * bits)
-    return packed
+    words = np.ascontiguousarray(codes).view(np.uint16 if per_byte == 2 else np.uint32)
+    if words.dtype.byteorder == ">" or (words.dtype.byteorder == "=" and np.little_endian is False):
+        words = words.byteswap()  # the codes of one byte, lowest first, whatever the host's order
+    folded = words >> np.uint8(8 - bits)
+    folded |= words
+    for i in range(2, per_byte):
+        folded |= words >> np.uint8(i * (8 - bits))
+    return folded.astype(np.uint8)
 
 
 def unpack_bits(packed: np.ndarray, bits: int, length: int) -> np.ndarray:

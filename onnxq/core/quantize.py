@@ -25,8 +25,9 @@ from typing import Callable
 
 import numpy as np
 
+from onnxq.core.packing import SUPPORTED_BITS
 from onnxq.core.padding import pad_tensor, weight_to_blocks
-from onnxq.core.weight import QuantizedWeight
+from onnxq.core.weight import PackedQuantizedWeight, QuantizedWeight
 
 __all__ = [
     "DEFAULT_CLIP_RATIOS",
@@ -157,13 +158,13 @@ def _best_block_ratios(blocks, bits, symmetric, ratios, scale_dtype, axis: int =
     return best_ratio
 
 
-def _for_column_chunks(n: int, work: Callable[[int, int], None]) -> None:
-    """Call ``work(start, stop)`` on chunks of ``n`` output columns, on up to ``_THREADS`` threads.
+def _for_column_chunks(n: int, work: Callable[[int, int], None], chunk: int = _COLUMN_CHUNK) -> None:
+    """Call ``work(start, stop)`` on chunks of ``chunk`` of ``n`` output columns, on up to ``_THREADS`` threads.
 
     numpy releases the GIL inside its loops, so chunks run in parallel; each
     chunk writes a disjoint slice of the outputs.
     """
-    chunks = [(start, min(start + _COLUMN_CHUNK, n)) for start in range(0, n, _COLUMN_CHUNK)]
+    chunks = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
     if len(chunks) == 1 or _THREADS == 1:
         for start, stop in chunks:
             work(start, stop)
@@ -213,7 +214,16 @@ def quantize_weight_with_error(
     clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS,
     scale_dtype: np.dtype | type = np.float32,
 ) -> tuple[QuantizedWeight, float]:
-    """:func:`quantize_weight` plus its :func:`relative_error`, computed while each chunk is in cache."""
+    """:func:`quantize_weight` plus its :func:`relative_error`, computed in the same pass over each tile.
+
+    ``weight: [K, N]`` (float32, float16 or bfloat16; a memory-mapped view is read once, tile by
+    tile). Without ``mse_clip`` the weight is cut into tiles of whole blocks along K and
+    :data:`_TILE_COLUMNS` output columns (about :data:`_TILE_ELEMENTS` values, so a tile and its
+    temporaries stay in a core's L2 cache); each tile is quantized, its codes written to their
+    place in ``codes: [N, k_blocks, block_size]`` and its share of ``||W - dequant(Q)||^2`` taken
+    from the rounding residual it already holds (``scale^2 * (q - x / scale - zp)^2`` per value).
+    Codes and scales equal :func:`quantize_blocks` on the whole weight, bit for bit.
+    """
     check_quant_params(bits, block_size)
     weight = np.asarray(weight)
     if weight.ndim != 2:
@@ -221,14 +231,140 @@ def quantize_weight_with_error(
     k, n = weight.shape
     bs = k if block_size == -1 else block_size
     k_blocks = -(-k // bs)
-    codes = np.empty((n, k_blocks, bs), dtype=np.uint8)
     scales = np.empty((n, k_blocks), dtype=np.float32)
     zero_points = np.empty((n, k_blocks), dtype=np.uint8)
     sums: list[tuple[float, float]] = []
+    if mse_clip:
+        codes = np.empty((n, k_blocks, bs), dtype=np.uint8)
+        _mse_clip_chunks(weight, bits, bs, symmetric, clip_ratios, scale_dtype, codes, scales, zero_points, sums)
+        return QuantizedWeight(codes, scales, None if symmetric else zero_points, bits, bs, k), _relative(sums)
+    packed = bits in SUPPORTED_BITS and (bs * bits) % 8 == 0
+    out = np.empty((n, k_blocks, bs * bits // 8 if packed else bs), dtype=np.uint8)
+    rows, cols = _tile_shape(k, n, bs)
+
+    def quantize_strip(start: int, stop: int) -> None:
+        sums.append(_quantize_strip(weight[:, start:stop], bits, bs, symmetric, ratio, scale_dtype, rows, packed,
+                                    out[start:stop], scales[start:stop], zero_points[start:stop]))
+
+    _for_column_chunks(n, quantize_strip, cols)
+    zps = None if symmetric else zero_points
+    qweight = PackedQuantizedWeight(out, scales, zps, bits, bs, k) if packed else QuantizedWeight(out, scales, zps, bits, bs, k)
+    return qweight, _relative(sums)
+
+
+_TILE_ELEMENTS = 128 * 1024
+"""Values of one tile (512 KiB of float32): the tile, its float temporary and its codes fit in L2."""
+_TILE_COLUMNS = 1024
+"""At most this many output columns per tile: rows of 4 KiB, long enough for the prefetcher."""
+_HALF_DOWN = np.nextafter(np.float32(0.5), np.float32(0))
+"""``floor(v + 0.49999997f)`` equals C's ``roundf(v)`` for every float32 ``v >= 0`` (and is
+<= 0 for ``v < 0``): a value just below ``n + 0.5`` cannot round up into ``n + 1``, and an exact
+half still reaches it. :func:`_round_half_up` needs four passes for the same result."""
+
+
+def _tile_shape(k: int, n: int, block_size: int) -> tuple[int, int]:
+    """``(rows, cols)`` of a tile: whole blocks along K, about :data:`_TILE_ELEMENTS` values."""
+    cols = min(n, _TILE_COLUMNS, max(16, _TILE_ELEMENTS // block_size))
+    blocks = max(1, _TILE_ELEMENTS // (cols * block_size))
+    return blocks * block_size, cols
+
+
+def _pack_k_major(codes: np.ndarray, bits: int, out: np.ndarray) -> np.ndarray:
+    """Codes ``[t, bs, c]`` -> bytes ``out: [t, bs * bits / 8, c]``, LSB-first along ``bs`` (:func:`pack_bits`
+    on the K axis, done on whole rows of ``c`` columns)."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return codes
+    np.left_shift(codes[:, per_byte - 1::per_byte], np.uint8(bits * (per_byte - 1)), out=out)
+    for i in range(per_byte - 2, 0, -1):
+        out |= codes[:, i::per_byte] << np.uint8(bits * i)
+    out |= codes[:, 0::per_byte]
+    return out
+
+
+def _quantize_strip(
+    strip: np.ndarray,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    ratio: float,
+    scale_dtype: np.dtype | type,
+    rows: int,
+    packed: bool,
+    out: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray,
+) -> tuple[float, float]:
+    """Quantize ``strip: [K, cols]`` tile by tile (``rows`` of K at a time); returns
+    ``(||W - dequant||^2, ||W||^2)``.
+
+    Writes ``scales`` and ``zero_points: [cols, k_blocks]`` and ``out``: the packed codes
+    ``[cols, k_blocks, block_size * bits / 8]`` (:meth:`QuantizedWeight.packed_codes`: padded codes 0)
+    when ``packed``, else the codes ``[cols, k_blocks, block_size]`` (padded codes those of 0, as
+    :func:`quantize_blocks` writes them). The K tail of a ``K % block_size`` weight is quantized from
+    a zero-padded copy.
+    """
+    k, cols = strip.shape
+    qmax = np.float32((1 << bits) - 1)
+    ratio = np.float32(ratio)
+    buffer = np.empty(rows * cols, dtype=np.float32)
+    rounded = np.empty(rows * cols, dtype=np.float32)
+    tile_codes = np.empty(rows * cols, dtype=np.uint8)
+    tile_bytes = np.empty(rows * cols * bits // 8 if packed else 0, dtype=np.uint8)
+    err = ref = 0.0
+    for row in range(0, k, rows):
+        x = strip[row:row + rows]
+        valid = x.shape[0]
+        if x.dtype != np.float32 or valid % block_size:
+            padded = np.zeros((-(-valid // block_size) * block_size, cols), dtype=np.float32)
+            padded[:valid] = x
+            x = padded
+        t = x.shape[0] // block_size
+        first = row // block_size
+        blocks = x.reshape(t, block_size, cols)
+        vmin = blocks.min(axis=1)
+        vmax = blocks.max(axis=1)
+        if symmetric:
+            extreme = np.where(np.abs(vmax) > np.abs(vmin), vmax, vmin) * ratio
+            tile_scales = (extreme / np.float32(-(1 << (bits - 1)))).astype(np.float32)
+            zp = np.float32(1 << (bits - 1))
+        else:
+            lo = np.minimum(vmin * ratio, np.float32(0))
+            tile_scales = ((np.maximum(vmax * ratio, np.float32(0)) - lo) / qmax).astype(np.float32)
+            zps = np.divide(-lo, tile_scales, out=np.zeros_like(tile_scales), where=tile_scales != 0)
+            zps = np.clip(_round_half_up(zps), 0, qmax)
+            zero_points[:, first:first + t] = zps.T
+            zp = zps[:, None, :]
+        tile_scales = tile_scales.astype(scale_dtype).astype(np.float32)
+        recip = np.divide(np.float32(1), tile_scales, out=np.zeros_like(tile_scales), where=tile_scales != 0)
+        values = np.multiply(blocks, recip[:, None, :], out=buffer[:blocks.size].reshape(blocks.shape))
+        values += zp  # v = x / scale + zp, rounded as quantize_blocks rounds it
+        q = np.add(values, _HALF_DOWN, out=rounded[:blocks.size].reshape(blocks.shape))
+        np.floor(q, out=q)
+        np.clip(q, 0, qmax, out=q)  # the codes, as floats
+        codes = tile_codes[:blocks.size].reshape(blocks.shape)
+        np.copyto(codes, q, casting="unsafe")
+        values -= q  # v - q: the rounding residual in units of the scale
+        err += float(np.vdot(np.einsum("tbc,tbc->tc", values, values), tile_scales * tile_scales))
+        ref += float(np.einsum("tbc,tbc->tc", blocks, blocks).sum(dtype=np.float64))
+        if packed:
+            if valid < x.shape[0]:
+                codes.reshape(-1, cols)[valid:] = 0  # the padded tail of K is stored as code 0
+            codes = _pack_k_major(codes, bits, tile_bytes[:blocks.size * bits // 8].reshape(t, -1, cols))
+        out[:, first:first + t] = codes.transpose(2, 0, 1)
+        scales[:, first:first + t] = tile_scales.T
+    if symmetric:
+        zero_points[...] = 1 << (bits - 1)
+    return err, ref
+
+
+def _mse_clip_chunks(weight, bits, bs, symmetric, clip_ratios, scale_dtype, codes, scales, zero_points, sums) -> None:
+    """The per-block clip search (``mse_clip``) on chunks of :data:`_COLUMN_CHUNK` output columns."""
+    k = weight.shape[0]
 
     def quantize_chunk(start: int, stop: int) -> None:
         blocks = _k_major_blocks(weight[:, start:stop], bs)  # [k_blocks, bs, chunk]; padded rows are 0
-        chunk_ratio = _best_block_ratios(blocks, bits, symmetric, clip_ratios, scale_dtype, 1) if mse_clip else ratio
+        chunk_ratio = _best_block_ratios(blocks, bits, symmetric, clip_ratios, scale_dtype, 1)
         chunk_codes, chunk_scales, chunk_zps = quantize_blocks(blocks, bits, symmetric, chunk_ratio, scale_dtype, 1)
         codes[start:stop] = chunk_codes.transpose(2, 0, 1)
         scales[start:stop] = chunk_scales.T
@@ -240,9 +376,7 @@ def quantize_weight_with_error(
         diff = diff.reshape(-1, stop - start)[:k]  # padded rows are not part of the weight
         sums.append((float(np.vdot(diff, diff)), float(np.vdot(blocks, blocks))))
 
-    _for_column_chunks(n, quantize_chunk)
-    qweight = QuantizedWeight(codes, scales, None if symmetric else zero_points, bits, bs, k)
-    return qweight, _relative(sums)
+    _for_column_chunks(weight.shape[1], quantize_chunk)
 
 
 def _relative(sums: list[tuple[float, float]]) -> float:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
+from onnxq.core.packing import pack_bits, unpack_bits
 from onnxq.core.padding import blocks_to_weight
 
-__all__ = ["QuantizedWeight"]
+__all__ = ["PackedQuantizedWeight", "QuantizedWeight"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,17 @@ class QuantizedWeight:
     def symmetric(self) -> bool:
         return self.zero_points is None
 
+    def packed_codes(self) -> np.ndarray:
+        """uint8 ``[N, k_blocks, block_size * bits / 8]``: the codes packed LSB-first along K
+        (:func:`~onnxq.core.packing.pack_bits`), the padded tail of K set to code 0 as ORT's packer
+        writes it (the MatMulNBits ``B`` layout). ``bits`` must be 2, 4 or 8."""
+        codes = self.codes
+        tail = self.k % self.block_size
+        if tail:
+            codes = codes.copy()
+            codes[:, -1, tail:] = 0
+        return pack_bits(codes, self.bits)
+
     def effective_zero_points(self) -> np.ndarray:
         """Zero points ``[N, k_blocks]`` with the implied symmetric value filled in."""
         if self.zero_points is not None:
@@ -60,3 +73,39 @@ class QuantizedWeight:
     def dequantize(self) -> np.ndarray:
         """float32 ``[K, N]``: the weight the quantized op computes with."""
         return blocks_to_weight(self.dequantize_blocks(), self.k)
+
+
+class PackedQuantizedWeight(QuantizedWeight):
+    """A :class:`QuantizedWeight` whose quantizer wrote its codes packed (:meth:`packed_codes`'s
+    layout), so a format storing that layout takes the bytes as they are; ``codes`` unpacks them
+    on first use (the padded tail of K gets its block's zero point back: the code of 0).
+
+    Args:
+        packed: uint8 ``[N, k_blocks, block_size * bits / 8]``, padded codes 0.
+        scales, zero_points, bits, block_size, k: as :class:`QuantizedWeight`.
+    """
+
+    def __init__(self, packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+                 block_size: int, k: int) -> None:
+        for name, value in (("scales", scales), ("zero_points", zero_points), ("bits", bits),
+                            ("block_size", block_size), ("k", k), ("_packed", packed)):
+            object.__setattr__(self, name, value)
+
+    @cached_property
+    def codes(self) -> np.ndarray:  # type: ignore[override]
+        codes = unpack_bits(self._packed, self.bits, self.block_size)
+        tail = self.k % self.block_size
+        if tail:
+            codes[:, -1, tail:] = self.effective_zero_points()[:, -1:]
+        return codes
+
+    @property
+    def n(self) -> int:
+        return self._packed.shape[0]
+
+    @property
+    def k_blocks(self) -> int:
+        return self._packed.shape[1]
+
+    def packed_codes(self) -> np.ndarray:
+        return self._packed

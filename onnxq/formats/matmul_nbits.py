@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.core import QuantizedWeight, pack_bits, pack_zero_points, unpack_bits, unpack_zero_points
+from onnxq.core import QuantizedWeight, pack_zero_points, unpack_bits, unpack_zero_points
 from onnxq.errors import OnnxqError
 from onnxq.formats.base import (
     MS_DOMAIN,
@@ -107,22 +107,12 @@ def nbits_block_size_reason(bits: int, block_size: int) -> str | None:
     return None
 
 
-def _zero_padding(qweight: QuantizedWeight) -> np.ndarray:
-    """Codes with the padded tail of K (never read by the kernel) set to 0, as ORT's packer writes."""
-    tail = qweight.k % qweight.block_size
-    if not tail:
-        return qweight.codes
-    codes = qweight.codes.copy()
-    codes[:, -1, tail:] = 0
-    return codes
-
-
 def make_matmul_nbits_initializers(
     qweight: QuantizedWeight, scale_dtype: ir.DataType, name_prefix: str
 ) -> MatMulNBitsInitializers:
     """Pack ``qweight`` into B / scales / zero_points initializer values named ``name_prefix + ...``."""
     bits = qweight.bits
-    packed = pack_bits(_zero_padding(qweight), bits)  # [N, k_blocks, block_size*bits/8]
+    packed = qweight.packed_codes()  # [N, k_blocks, block_size*bits/8]; the padded tail of K (never read) is 0
     scales = qweight.scales.astype(scale_dtype.numpy())
     zero_points = None
     if qweight.zero_points is not None and qweight.zero_points.dtype.kind == "f":
