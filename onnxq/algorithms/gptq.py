@@ -354,6 +354,8 @@ def gptq_quantize_weight(
 class GPTQ(Algorithm):
     """GPTQ (arXiv 2210.17323) on each weight of the group, from its input's Hessian."""
 
+    separable = True
+
     name = "gptq"
     statistics = ("hessian",)
     options_field = "gptq"

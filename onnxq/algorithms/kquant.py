@@ -331,6 +331,8 @@ def kquant_quantize_weight(
 class KQuant(Algorithm):
     """``k_quant``: llama.cpp's weighted least-squares scale search per weight; calibration optional."""
 
+    separable = True
+
     name = "k_quant"
     optional_statistics = ("sq_mean",)
     options_field = "k_quant"

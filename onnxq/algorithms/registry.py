@@ -83,6 +83,9 @@ class Algorithm(ABC):
             without, from ``{}``, when not).
         options_field: the :class:`~onnxq.config.QuantConfig` field holding its options, or "".
         options_type: the frozen dataclass of those options (validated on construction).
+        separable: each weight of a group is solved on its own from the group's statistics (no
+            shared input scale), so the calibration driver may run one solve per weight, in
+            parallel on an executor's workers (GPTQ, k_quant).
     """
 
     name: ClassVar[str]
@@ -90,6 +93,7 @@ class Algorithm(ABC):
     optional_statistics: ClassVar[tuple[str, ...]] = ()
     options_field: ClassVar[str] = ""
     options_type: ClassVar[type | None] = None
+    separable: ClassVar[bool] = False
 
     @property
     def calibrated(self) -> bool:

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.algorithms import SiblingGroup, get_algorithm
+from onnxq.algorithms import SiblingGroup, Solution, get_algorithm
 from onnxq.calibration.accumulators import Accumulator
 from onnxq.calibration.blocks import Block, find_blocks
 from onnxq.calibration.checkpoint import Checkpoint, GroupSolution, fingerprint
@@ -314,16 +314,28 @@ class _Driver:
     # -- solve and rewrite -------------------------------------------------------------
     def _solve(self, groups: dict[str, list[WeightSite]], stats: dict, lazily: bool = False):
         """One :class:`GroupSolution` per group of ``groups``, in order, from the executor (a list, or
-        with ``lazily`` an iterator yielding each as it is needed)."""
+        with ``lazily`` an iterator yielding each as it is needed). A separable algorithm's group is
+        one job per weight (the jobs of a group share one statistics dict), so an executor with
+        several workers solves q/k/v or gate/up side by side."""
+        separable = self.algorithm.separable
+
         def jobs():
             for name, sites in groups.items():
-                group = SiblingGroup(name, tuple(s.name for s in sites), [finite_weight(s) for s in sites],
-                                     [self.settings[id(s.node)] for s in sites], sites[0].dtype.numpy())
-                yield SolveJob(self.algorithm.name, group, self._values(name, stats[name], sites[0].k), self.options)
+                values = self._values(name, stats[name], sites[0].k)
+                for part in ([[site] for site in sites] if separable else [sites]):
+                    group = SiblingGroup(name, tuple(s.name for s in part), [finite_weight(s) for s in part],
+                                         [self.settings[id(s.node)] for s in part], part[0].dtype.numpy())
+                    yield SolveJob(self.algorithm.name, group, values, self.options)
 
-        solutions = (GroupSolution(name, tuple(s.name for s in sites), solution)
-                     for (name, sites), solution in zip(groups.items(), self.executor.solve(jobs())))
-        return solutions if lazily else list(solutions)
+        def solutions():
+            results = self.executor.solve(jobs())
+            for name, sites in groups.items():
+                parts = [next(results) for _ in (sites if separable else [None])]
+                yield GroupSolution(name, tuple(s.name for s in sites), parts[0] if len(parts) == 1 else Solution(
+                    [q for p in parts for q in p.qweights], [e for p in parts for e in p.errors], None,
+                    "; ".join(dict.fromkeys(p.note for p in parts if p.note))))
+
+        return solutions() if lazily else list(solutions())
 
     def _apply(self, block: Block, groups: list[GroupSolution], editable) -> tuple[dict, list[str]]:
         """Fold each group's input scale (in order) and return ``{id(site.node): (qweight, error)}``

@@ -81,9 +81,9 @@ def _advance_task(spec: ProbeSpec | None, feeds: list[Feed], cache: list[Feed], 
     return advance_shard(_one_thread(spec), feeds, cache, keep)
 
 
-def _solve_task(job: SolveJob):
+def _solve_task(algorithm: str, group, values: dict, options):
     _fault_point("solve")
-    return run_solve(job)
+    return run_solve(SolveJob(algorithm, group, values, options))
 
 
 def _first_task(feeds: list[Feed], cache: list[Feed]) -> Feed:
@@ -184,7 +184,13 @@ class RayExecutor:
 
     def solve(self, jobs: Iterable[SolveJob]) -> Iterator:
         """Every job submitted at once; the solutions in job order, each waited for when asked for."""
-        refs = [self._solve.remote(job) for job in jobs]
+        shared: dict[int, tuple[dict, Any]] = {}  # id(values) -> (values, its object-store copy): put once
+        refs = []
+        for job in jobs:
+            if id(job.values) not in shared:
+                shared[id(job.values)] = (job.values, self._ray.put(job.values))
+            refs.append(self._solve.remote(job.algorithm, job.group, shared[id(job.values)][1], job.options))
+        del shared
         return (self._get(ref) for ref in refs)
 
     def cache(self) -> Iterator[tuple[int, Feed]]:
