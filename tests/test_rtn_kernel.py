@@ -104,3 +104,12 @@ def test_half_down_rounding_is_round_half_up():
     halves = np.arange(0, 256, dtype=np.float32) + np.float32(0.5)
     near = np.concatenate([halves, np.nextafter(halves, 0), np.nextafter(halves, 300), np.float32([0.0, 1e-30])])
     np.testing.assert_array_equal(np.floor(near + _HALF_DOWN), _round_half_up(near.copy()))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_non_finite_weight_gives_nan_error(bad, symmetric):
+    """The pass skips its separate finiteness pass for RTN and relies on this."""
+    w = _weight(np.random.default_rng(9), 96, 40, np.float32)
+    w[70, 33] = bad
+    assert np.isnan(quantize_weight_with_error(w, 4, 32, symmetric)[1])

@@ -222,7 +222,9 @@ def quantize_weight_with_error(
     temporaries stay in a core's L2 cache); each tile is quantized, its codes written to their
     place in ``codes: [N, k_blocks, block_size]`` and its share of ``||W - dequant(Q)||^2`` taken
     from the rounding residual it already holds (``scale^2 * (q - x / scale - zp)^2`` per value).
-    Codes and scales equal :func:`quantize_blocks` on the whole weight, bit for bit.
+    Codes and scales equal :func:`quantize_blocks` on the whole weight, bit for bit. A weight
+    holding NaN or Inf gets a NaN error (its blocks' min/max carry them): callers that skip a
+    separate finiteness pass check the error instead.
     """
     check_quant_params(bits, block_size)
     weight = np.asarray(weight)
@@ -324,6 +326,8 @@ def _quantize_strip(
         blocks = x.reshape(t, block_size, cols)
         vmin = blocks.min(axis=1)
         vmax = blocks.max(axis=1)
+        if not (np.isfinite(vmin).all() and np.isfinite(vmax).all()):  # min/max carry any NaN/Inf of the tile
+            return float("nan"), float("nan")
         if symmetric:
             extreme = np.where(np.abs(vmax) > np.abs(vmin), vmax, vmin) * ratio
             tile_scales = (extreme / np.float32(-(1 << (bits - 1)))).astype(np.float32)
@@ -346,7 +350,7 @@ def _quantize_strip(
         np.copyto(codes, q, casting="unsafe")
         values -= q  # v - q: the rounding residual in units of the scale
         err += float(np.vdot(np.einsum("tbc,tbc->tc", values, values), tile_scales * tile_scales))
-        ref += float(np.einsum("tbc,tbc->tc", blocks, blocks).sum(dtype=np.float64))
+        ref += float(np.einsum("ij,ij->j", x, x).sum(dtype=np.float64))
         if packed:
             if valid < x.shape[0]:
                 codes.reshape(-1, cols)[valid:] = 0  # the padded tail of K is stored as code 0

@@ -24,6 +24,7 @@ with the per-node records, the skipped nodes with their reasons and the packed w
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
@@ -306,9 +307,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def _quantize(self, plan: PlannedSite, solver: WeightSolver, taken: set[str], names: set[str]) -> PackedSource:
         site, fmt, settings = plan.site, plan.format, plan.settings
-        weight = finite_weight(site)
+        # RTN's kernel finds NaN/Inf itself (its block min/max carry them into a NaN error): no separate pass
+        checked_by_solver = fmt.int_codes and self.solver is None and self.config.algorithm == "rtn" and not settings.mse_clip
+        weight = site.weight() if checked_by_solver else finite_weight(site)
         if fmt.int_codes:
             payload, error = solver(site, weight, settings)
+            if checked_by_solver and not math.isfinite(error):
+                finite_weight(site)  # raises the one-line error naming the node and the count
         else:
             payload = fmt.quantize(weight, settings, site.dtype)
             error = float(np.linalg.norm(payload.dequantize() - weight) / max(np.linalg.norm(weight), 1e-30))
