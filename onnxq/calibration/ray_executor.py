@@ -166,14 +166,20 @@ class RayExecutor:
         return self._get(self._first.remote(self._feeds[0], self._cache[0]))
 
     def collect(self, spec: ProbeSpec, plan: StatisticsPlan):
+        """Every shard's statistics, merged here in shard order as they are fetched (this process
+        holds the merged sums and one shard's partial sums at a time)."""
         spec_ref = self._ray.put(spec)
-        parts = self._get([self._collect.remote(spec_ref, plan, feeds, cache, indices)
-                           for feeds, cache, indices in zip(self._feeds, self._cache, self._indices)])
+        refs = [self._collect.remote(spec_ref, plan, feeds, cache, indices)
+                for feeds, cache, indices in zip(self._feeds, self._cache, self._indices)]
         seconds = {"forward": 0.0, "statistics": 0.0}
-        for _, part_seconds in parts:
+        merged: dict = {}
+        for i in range(len(refs)):
+            stats, part_seconds = self._get(refs[i])
+            refs[i] = None  # the shard's partial sums leave the object store once merged
+            merged = merge_statistics([merged, stats])
             for key in seconds:
                 seconds[key] += part_seconds[key]
-        return merge_statistics([stats for stats, _ in parts]), seconds
+        return merged, seconds
 
     def advance(self, spec: ProbeSpec | None, keep: frozenset[str]) -> None:
         spec_ref = self._ray.put(spec)
