@@ -113,3 +113,17 @@ def test_non_finite_weight_gives_nan_error(bad, symmetric):
     w = _weight(np.random.default_rng(9), 96, 40, np.float32)
     w[70, 33] = bad
     assert np.isnan(quantize_weight_with_error(w, 4, 32, symmetric)[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_transposed_view_equals_contiguous(small_tiles, dtype):
+    """A ``[K, N]`` view of an ``[N, K]`` array (Gemm transB=1, Transpose->MatMul) gives the same bytes."""
+    w = _weight(np.random.default_rng(3), 200, 131, dtype)
+    view = np.ascontiguousarray(w.T).T
+    assert not view.flags.c_contiguous
+    a, err_a = quantize_weight_with_error(view, 4, 32, False)
+    b, err_b = quantize_weight_with_error(w, 4, 32, False)
+    np.testing.assert_array_equal(a.packed_codes(), b.packed_codes())
+    np.testing.assert_array_equal(a.scales, b.scales)
+    np.testing.assert_array_equal(a.zero_points, b.zero_points)
+    assert err_a == err_b

@@ -303,8 +303,9 @@ def _quantize_strip(
     Writes ``scales`` and ``zero_points: [cols, k_blocks]`` and ``out``: the packed codes
     ``[cols, k_blocks, block_size * bits / 8]`` (:meth:`QuantizedWeight.packed_codes`: padded codes 0)
     when ``packed``, else the codes ``[cols, k_blocks, block_size]`` (padded codes those of 0, as
-    :func:`quantize_blocks` writes them). The K tail of a ``K % block_size`` weight is quantized from
-    a zero-padded copy.
+    :func:`quantize_blocks` writes them). A tile that is not float32 rows (float16/bfloat16, a
+    transposed view) is first copied into a float32 buffer; the K tail of a ``K % block_size``
+    weight is quantized from a zero-padded copy.
     """
     k, cols = strip.shape
     qmax = np.float32((1 << bits) - 1)
@@ -313,14 +314,19 @@ def _quantize_strip(
     rounded = np.empty(rows * cols, dtype=np.float32)
     tile_codes = np.empty(rows * cols, dtype=np.uint8)
     tile_bytes = np.empty(rows * cols * bits // 8 if packed else 0, dtype=np.uint8)
+    staging = None  # a float32 copy of the tile when the strip is not float32 rows, or for the padded tail
     err = ref = 0.0
     for row in range(0, k, rows):
         x = strip[row:row + rows]
         valid = x.shape[0]
-        if x.dtype != np.float32 or valid % block_size:
-            padded = np.zeros((-(-valid // block_size) * block_size, cols), dtype=np.float32)
-            padded[:valid] = x
-            x = padded
+        if x.dtype != np.float32 or valid % block_size or x.strides[1] != x.itemsize:
+            if staging is None:
+                staging = np.empty(rows * cols, dtype=np.float32)
+            padded_rows = -(-valid // block_size) * block_size
+            tile = staging[:padded_rows * cols].reshape(padded_rows, cols)
+            tile[:valid] = x  # a transposed view (Gemm transB, Transpose->MatMul) is read once, in its own order
+            tile[valid:] = 0
+            x = tile
         t = x.shape[0] // block_size
         first = row // block_size
         blocks = x.reshape(t, block_size, cols)
