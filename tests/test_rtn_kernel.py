@@ -65,7 +65,7 @@ def test_tiled_equals_one_shot(small_tiles, bits, k, n, block_size, symmetric, d
     if not symmetric:
         np.testing.assert_array_equal(got.zero_points, ref.zero_points)
     assert (got.n, got.k_blocks, got.k, got.block_size) == (ref.n, ref.k_blocks, ref.k, ref.block_size)
-    packs = bits in (2, 4, 8) and (got.block_size * bits) % 8 == 0
+    packs = bits in (2, 4, 8) and (got.block_size * bits) % 16 == 0  # whole uint16 words per block
     assert isinstance(got, PackedQuantizedWeight) == packs
     if bits in (2, 4, 8):  # the MatMulNBits bytes: packed along K, padded tail codes 0
         np.testing.assert_array_equal(got.packed_codes(), ref.packed_codes())

@@ -240,7 +240,7 @@ def quantize_weight_with_error(
         codes = np.empty((n, k_blocks, bs), dtype=np.uint8)
         _mse_clip_chunks(weight, bits, bs, symmetric, clip_ratios, scale_dtype, codes, scales, zero_points, sums)
         return QuantizedWeight(codes, scales, None if symmetric else zero_points, bits, bs, k), _relative(sums)
-    packed = bits in SUPPORTED_BITS and (bs * bits) % 8 == 0
+    packed = bits in SUPPORTED_BITS and (bs * bits) % 16 == 0 and np.little_endian  # whole uint16 words per block
     out = np.empty((n, k_blocks, bs * bits // 8 if packed else bs), dtype=np.uint8)
     rows, cols = _tile_shape(k, n, bs)
 
@@ -271,16 +271,19 @@ def _tile_shape(k: int, n: int, block_size: int) -> tuple[int, int]:
     return blocks * block_size, cols
 
 
-def _pack_k_major(codes: np.ndarray, bits: int, out: np.ndarray) -> np.ndarray:
-    """Codes ``[t, bs, c]`` -> bytes ``out: [t, bs * bits / 8, c]``, LSB-first along ``bs`` (:func:`pack_bits`
-    on the K axis, done on whole rows of ``c`` columns)."""
-    per_byte = 8 // bits
-    if per_byte == 1:
-        return codes
-    np.left_shift(codes[:, per_byte - 1::per_byte], np.uint8(bits * (per_byte - 1)), out=out)
-    for i in range(per_byte - 2, 0, -1):
-        out |= codes[:, i::per_byte] << np.uint8(bits * i)
-    out |= codes[:, 0::per_byte]
+def _pack_words(codes: np.ndarray, bits: int, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Float codes ``[t, bs, c]`` -> uint16 words ``out: [t, bs * bits / 16, c]``: the ``16 // bits`` codes
+    of one word, lowest K first (``sum_i codes[:, w * per_word + i] << bits * i``, exact in float32),
+    so on a little-endian host a word is two bytes of :func:`pack_bits`' layout. ``scratch``: float32,
+    at least ``out.size`` values."""
+    per_word = 16 // bits
+    words = np.multiply(codes[:, per_word - 1::per_word], np.float32(1 << bits),
+                        out=scratch[:out.size].reshape(out.shape))
+    for i in range(per_word - 2, 0, -1):
+        words += codes[:, i::per_word]
+        words *= np.float32(1 << bits)
+    words += codes[:, 0::per_word]
+    np.copyto(out, words, casting="unsafe")
     return out
 
 
@@ -312,8 +315,9 @@ def _quantize_strip(
     ratio = np.float32(ratio)
     buffer = np.empty(rows * cols, dtype=np.float32)
     rounded = np.empty(rows * cols, dtype=np.float32)
-    tile_codes = np.empty(rows * cols, dtype=np.uint8)
-    tile_bytes = np.empty(rows * cols * bits // 8 if packed else 0, dtype=np.uint8)
+    tile_codes = np.empty(0 if packed else rows * cols, dtype=np.uint8)
+    tile_words = np.empty(rows * cols * bits // 16 if packed else 0, dtype=np.uint16)
+    out_words = out.view(np.uint16) if packed else None  # [cols, k_blocks, block_size * bits / 16]
     staging = None  # a float32 copy of the tile when the strip is not float32 rows, or for the padded tail
     err = ref = 0.0
     for row in range(0, k, rows):
@@ -352,16 +356,17 @@ def _quantize_strip(
         q = np.add(values, _HALF_DOWN, out=rounded[:blocks.size].reshape(blocks.shape))
         np.floor(q, out=q)
         np.clip(q, 0, qmax, out=q)  # the codes, as floats
-        codes = tile_codes[:blocks.size].reshape(blocks.shape)
-        np.copyto(codes, q, casting="unsafe")
         values -= q  # v - q: the rounding residual in units of the scale
         err += float(np.vdot(np.einsum("tbc,tbc->tc", values, values), tile_scales * tile_scales))
         ref += float(np.einsum("ij,ij->j", x, x).sum(dtype=np.float64))
         if packed:
-            if valid < x.shape[0]:
-                codes.reshape(-1, cols)[valid:] = 0  # the padded tail of K is stored as code 0
-            codes = _pack_k_major(codes, bits, tile_bytes[:blocks.size * bits // 8].reshape(t, -1, cols))
-        out[:, first:first + t] = codes.transpose(2, 0, 1)
+            q.reshape(-1, cols)[valid:] = 0  # the padded tail of K is stored as code 0
+            words = _pack_words(q, bits, tile_words[:blocks.size * bits // 16].reshape(t, -1, cols), buffer)
+            out_words[:, first:first + t] = words.transpose(2, 0, 1)
+        else:
+            codes = tile_codes[:blocks.size].reshape(blocks.shape)
+            np.copyto(codes, q, casting="unsafe")
+            out[:, first:first + t] = codes.transpose(2, 0, 1)
         scales[:, first:first + t] = tile_scales.T
     if symmetric:
         zero_points[...] = 1 << (bits - 1)
