@@ -7,7 +7,9 @@ fixed-length segments of a corpus). The model's other inputs (attention mask, po
 an empty KV cache) are filled by :class:`~onnxq.calibration.inputs.InputFiller`.
 
 Windows: the token stream is cut into ``len(stream) // seq_len`` non-overlapping,
-aligned windows (the tail shorter than ``seq_len`` is dropped); ``samples`` of them
+aligned windows (the tail shorter than ``seq_len`` is dropped); with a BOS id (the
+tokenizer's, :func:`~onnxq.calibration.tokenizer.bos_token`, e.g. Gemma's ``<bos>``) each
+window is that id and ``seq_len - 1`` stream tokens, as every training text began; ``samples`` of them
 are drawn without replacement with ``numpy.random.default_rng(seed)`` and fed in
 stream order. If there are fewer windows than ``samples``, all are used (logged).
 Same text, tokenizer, ``seq_len``, ``samples`` and ``seed`` give the same feeds.
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxq.calibration.inputs import Feed, InputFiller, InputSpec, input_specs, validate_feed
-from onnxq.calibration.tokenizer import tokenize
+from onnxq.calibration.tokenizer import bos_token, tokenize
 from onnxq.errors import OnnxqError
 
 __all__ = ["TextReader", "read_text"]
@@ -77,6 +79,8 @@ class TextReader:
         token_ids: instead of text and tokenizer: a 1-D integer array or ``.npy`` path.
         seq_len, samples, seed: window length, number of windows, RNG seed.
         chunk_chars: characters per tokenizer call.
+        bos: the id each window starts with; ``"auto"``: the tokenizer's BOS when text is
+            tokenized by a ``tokenizer.json`` that adds one (:func:`bos_token`), else none.
 
     Raises:
         OnnxqError: the model needs an input the reader cannot fill, the stream is
@@ -94,6 +98,7 @@ class TextReader:
         samples: int = 128,
         seed: int = 0,
         chunk_chars: int = 4096,
+        bos: int | str | None = "auto",
     ):
         if seq_len < 1 or samples < 1:
             raise OnnxqError(f"seq_len and samples must be >= 1, got seq_len={seq_len}, samples={samples}")
@@ -107,8 +112,18 @@ class TextReader:
             self.tokens = _load_token_ids(token_ids)
         else:
             self.tokens = tokenize(read_text(text), tokenizer, chunk_chars)
+        if bos == "auto":
+            bos = bos_token(tokenizer) if token_ids is None else None
+        self.bos = None if bos is None else int(bos)
+        if self.bos is not None:
+            if seq_len < 2:
+                raise OnnxqError(f"seq_len must be >= 2 with a BOS token, got {seq_len}")
+            if len(self.tokens) and self.tokens[0] == self.bos:  # the tokenizer's own, at the text's start
+                self.tokens = self.tokens[1:]
+            logger.info("calibration windows start with BOS id %d", self.bos)
         self.seq_len = seq_len
-        num_windows = len(self.tokens) // seq_len
+        self._body = seq_len - (self.bos is not None)
+        num_windows = len(self.tokens) // self._body
         if num_windows == 0:
             raise OnnxqError(
                 f"the calibration text has {len(self.tokens)} tokens, fewer than seq_len={seq_len}; "
@@ -117,16 +132,19 @@ class TextReader:
         if num_windows < samples:
             logger.warning("calibration text has only %d windows of %d tokens; using all of them (asked for %d)",
                            num_windows, seq_len, samples)
-            self.starts = np.arange(num_windows) * seq_len
+            self.starts = np.arange(num_windows) * self._body
         else:
             chosen = np.random.default_rng(seed).choice(num_windows, size=samples, replace=False)
-            self.starts = np.sort(chosen) * seq_len
+            self.starts = np.sort(chosen) * self._body
         self._next = 0
         validate_feed(self._feed(0), self.specs)
 
     def _feed(self, index: int) -> Feed:
         start = int(self.starts[index])
-        return self.filler.feed(self.tokens[None, start:start + self.seq_len])
+        window = self.tokens[start:start + self._body]
+        if self.bos is not None:
+            window = np.concatenate([np.array([self.bos], np.int64), window])
+        return self.filler.feed(window[None, :])
 
     def __len__(self) -> int:
         return len(self.starts)

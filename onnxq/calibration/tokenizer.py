@@ -18,7 +18,7 @@ import numpy as np
 
 from onnxq.errors import OnnxqError
 
-__all__ = ["find_tokenizer", "tokenize"]
+__all__ = ["bos_token", "find_tokenizer", "tokenize"]
 
 TOKENIZER_JSON = "tokenizer.json"
 
@@ -46,6 +46,23 @@ def tokenize(text: str, tokenizer: str | os.PathLike, chunk_chars: int = 4096) -
     if path.suffix == ".onnx":
         return _tokenize_onnx(text, path, chunk_chars)
     return _tokenize_json(text, path)
+
+
+def bos_token(tokenizer: str | os.PathLike) -> int | None:
+    """The id a ``tokenizer.json``'s post-processor puts before every text and nothing after it
+    (a decoder LM's BOS: Gemma's ``<bos>``, Llama's ``<s>``); None when it adds none, adds
+    tokens after the text too (an encoder's ``[CLS] ... [SEP]``), or for an ONNX tokenizer.
+
+    Language-model windows cut from a long token stream start with this id, as each text the
+    model was trained on did (:class:`~onnxq.calibration.TextReader`, ``onnxq eval``).
+    """
+    path = find_tokenizer(tokenizer)
+    if path.suffix == ".onnx":
+        return None
+    encoder = _json_tokenizer(str(path), path.stat().st_mtime_ns)
+    plain = encoder.encode("a b", add_special_tokens=False).ids
+    special = encoder.encode("a b", add_special_tokens=True).ids
+    return int(special[0]) if len(special) == len(plain) + 1 and special[1:] == plain else None
 
 
 def _tokenize_json(text: str, path: Path) -> np.ndarray:

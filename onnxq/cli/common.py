@@ -124,10 +124,33 @@ def calibration_reader(args: argparse.Namespace, config: QuantConfig, model: ir.
     if path.suffix == ".npz":
         return NpzReader(path)
     samples = config.calibration.samples
+    bos = bos_option(getattr(args, "bos", "auto"))
     if path.suffix == ".npy":
-        return TextReader(None, model, token_ids=path, seq_len=args.seq_len, samples=samples)
+        return TextReader(None, model, token_ids=path, seq_len=args.seq_len, samples=samples,
+                          bos=None if bos == "auto" else bos)
     tokenizer = tokenizer_for(args.tokenizer, args.input, path)
-    return TextReader(path, model, tokenizer=tokenizer, seq_len=args.seq_len, samples=samples)
+    return TextReader(path, model, tokenizer=tokenizer, seq_len=args.seq_len, samples=samples, bos=bos)
+
+
+BOS_HELP = ("the token id each window starts with: auto (the default: the tokenizer's BOS when its tokenizer.json "
+            "adds one before every text, e.g. Gemma's <bos>; none for .npy token ids), none, or an id")
+
+
+def bos_option(text: str) -> int | str | None:
+    """``--bos``: ``"auto"``, None for ``none``, or the id.
+
+    Raises:
+        OnnxqError: anything else.
+    """
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = int(text)
+    except ValueError:
+        raise OnnxqError(f"--bos expects auto, none or a token id, got {text!r}") from None
+    if value < 0:
+        raise OnnxqError(f"--bos expects a token id >= 0, got {value}")
+    return value
 
 
 def tokenizer_for(given: Path | None, model_path: Path, data: Path) -> Path:

@@ -27,7 +27,8 @@ import numpy as np
 
 from onnxq.calibration import InputFiller, ListReader, TextReader, specs_of_session, tokenize
 from onnxq.calibration.text import read_text
-from onnxq.cli.common import model_input, progress_bar, tokenizer_for
+from onnxq.calibration.tokenizer import bos_token
+from onnxq.cli.common import BOS_HELP, bos_option, model_input, progress_bar, tokenizer_for
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model
 
@@ -51,6 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     e.add_argument("--context", type=int, default=256, help="tokens per window (default 256)")
     e.add_argument("--stride", type=int, help="lm: tokens between window starts (default: --context, no overlap)")
     e.add_argument("--max-windows", type=int, help="use at most N windows, evenly spaced over the data")
+    e.add_argument("--bos", default="auto", help="lm: " + BOS_HELP)
     e.add_argument("--batch", type=int, default=1, help="lm: windows per onnxruntime run (default 1)")
     e.add_argument("--output", default="sentence_embedding", help="embedding: the output compared (default sentence_embedding)")
     e.add_argument("--max-tokens", type=int, default=128, help="embedding: ids kept per text line (default 128)")
@@ -91,6 +93,16 @@ def _token_ids(args: argparse.Namespace) -> np.ndarray:
     return tokenize(read_text(args.data), tokenizer_for(args.tokenizer, args.float_model, args.data))
 
 
+def _bos(args: argparse.Namespace) -> int | None:
+    """``--bos`` resolved: auto is the tokenizer's BOS for text data (none for .npy token ids)."""
+    bos = bos_option(args.bos)
+    if bos != "auto":
+        return bos
+    if args.data.suffix == ".npy":
+        return None
+    return bos_token(tokenizer_for(args.tokenizer, args.float_model, args.data))
+
+
 def _embedding_feeds(args: argparse.Namespace, session):
     if args.data.suffix == ".npy":
         ids = _token_ids(args)
@@ -125,9 +137,12 @@ def _evaluate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     if kind == "lm":
         ids = _token_ids(args)
-        result = compare_lm(float_model, quant_model, ids, context=args.context,
-                            stride=args.stride, max_windows=args.max_windows, batch=args.batch, progress=progress)
-        values = {"kind": kind, **vars(result)}
+        bos = _bos(args)
+        if bos is not None and len(ids) and ids[0] == bos:  # the tokenizer's own, at the text's start
+            ids = ids[1:]
+        result = compare_lm(float_model, quant_model, ids, context=args.context, stride=args.stride,
+                            max_windows=args.max_windows, batch=args.batch, progress=progress, bos=bos)
+        values = {"kind": kind, **vars(result), "bos": bos}
         if any(v.name.startswith("past_key_values.") for v in graph.inputs):
             window = np.asarray(ids).reshape(-1)[:args.context]  # prefill + decode through the KV cache
             steps = min(_DECODE_STEPS, len(window) - 1)
@@ -153,7 +168,8 @@ def _format(values: dict) -> str:
                                           f"({100 * (values['ppl_quant'] / values['ppl_float'] - 1):+.2f}%)"),
                 ("KL(float || quant), nats/token", f"{values['kl_mean']:.5f}"),
                 ("top-1 agreement", f"{100 * values['top1_agreement']:.2f}%"),
-                ("scored tokens", f"{values['tokens']} in {values['windows']} windows of {values['context']}")]
+                ("scored tokens", f"{values['tokens']} in {values['windows']} windows of {values['context']}"
+                                  + ("" if values.get("bos") is None else f", each starting with BOS id {values['bos']}"))]
         for name in ("float", "quant"):
             check = values.get(f"decode_{name}")
             if check is not None and "error" in check:

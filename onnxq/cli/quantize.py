@@ -9,7 +9,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxq.api import quantize_with_report, save
-from onnxq.cli.common import add_settings, calibration_reader, check_output, config_from, model_input, progress_bar
+from onnxq.cli.common import (BOS_HELP, add_settings, calibration_reader, check_output, config_from, model_input,
+                              progress_bar)
 from onnxq.config import ALGORITHMS, QuantConfig
 from onnxq.errors import OnnxqError
 from onnxq.atomic import output_lock
@@ -54,6 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                                       "text --calib-data (default: the tokenizer.json beside the model)")
     calib.add_argument("--samples", type=int, help="calibration samples (default 128)")
     calib.add_argument("--seq-len", type=int, default=512, help="tokens per sample for text/token-id data (default 512)")
+    calib.add_argument("--bos", default="auto", help=BOS_HELP)
     calib.add_argument("--one-pass", action="store_true", default=None,
                        help="calibrate every layer on the float model in one pass (faster) instead of block by block")
     calib.add_argument("--executor", default="local", metavar="local|ray|ray://HOST:PORT",

@@ -16,7 +16,10 @@ last ``stride`` targets (all ``context-1`` when ``stride = context``), the slidi
 evaluation of Hugging Face's perplexity guide, so with ``stride < context`` every scored
 token sees at least ``context - stride`` tokens of context. ``max_windows`` keeps that
 many windows evenly spaced over the stream (always the same ones for the same
-arguments), so a short run still samples the whole text.
+arguments), so a short run still samples the whole text. With ``bos`` (a model whose
+tokenizer starts every text with a BOS token, e.g. Gemma) each window is that id and
+``context - 1`` stream tokens, and every stream token of the window is scored (the first
+one predicted from BOS alone).
 
 Model inputs are filled by :class:`onnxq.calibration.inputs.InputFiller`: ``input_ids`` is
 required; ``attention_mask`` (ones), ``position_ids`` (``0..seq-1``), ``token_type_ids``
@@ -224,6 +227,25 @@ def _batches(windows: list[tuple[int, int]], batch: int) -> list[list[tuple[int,
     return [windows[i:i + batch] for i in range(0, len(windows), batch)]
 
 
+def _bos_windows(num_tokens: int, context: int, stride: int | None, max_windows: int | None,
+                 bos: int | None) -> list[tuple[int, int]]:
+    """:func:`lm_windows`, or with ``bos`` the windows of ``context - 1`` stream tokens behind it:
+    ``(start in the stream, first scored position in the window)``."""
+    if bos is None:
+        return lm_windows(num_tokens, context, stride, max_windows)
+    body = context - 1
+    stride = body if stride is None else min(stride, body)
+    return [(start, 1 if start == 0 or stride == body else first + 1)
+            for start, first in lm_windows(num_tokens, body, stride, max_windows)]
+
+
+def _window_ids(ids: np.ndarray, group: list[tuple[int, int]], context: int, bos: int | None) -> np.ndarray:
+    """``[batch, context]`` token ids of the windows in ``group``."""
+    if bos is None:
+        return np.stack([ids[start:start + context] for start, _ in group])
+    return np.stack([np.concatenate([np.array([bos], ids.dtype), ids[start:start + context - 1]]) for start, _ in group])
+
+
 def _scored(logits: np.ndarray, ids: np.ndarray, group: list[tuple[int, int]], context: int):
     """Per window of the batch: the logits rows that predict its scored targets ``[n, vocab]``
     and those targets ``[n]``."""
@@ -245,6 +267,7 @@ def perplexity(
     batch: int = 1,
     providers: list[str] | None = None,
     progress: Progress | None = None,
+    bos: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on ``token_ids [T]`` (windows: see the module docstring).
 
@@ -257,16 +280,17 @@ def perplexity(
         batch: windows per session run.
         providers: onnxruntime execution providers (default CPU).
         progress: ``tqdm``-like wrapper, called with ``desc``, ``unit`` and ``total``.
+        bos: the id each window starts with (see the module docstring), or None.
 
     Raises:
         OnnxqError: unloadable model, no ``input_ids`` input, too few tokens, bad settings.
     """
     ids = _token_stream(token_ids)
-    windows = lm_windows(len(ids), context, stride, max_windows)
+    windows = _bos_windows(len(ids), context, stride, max_windows, bos)
     lm = _LM(model, providers, "evaluated")
     nll_sum, tokens = 0.0, 0
     for group in _wrap(progress, _batches(windows, batch), "perplexity", math.ceil(len(windows) / batch)):
-        window_ids = np.stack([ids[start:start + context] for start, _ in group])
+        window_ids = _window_ids(ids, group, context, bos)
         for rows, targets in _scored(lm.logits(window_ids), window_ids, group, context):
             shifted, _, lse = _shift(rows)
             nll_sum += float((lse - shifted[np.arange(len(targets)), targets]).sum())
@@ -301,12 +325,14 @@ def compare_lms(
     batch: int = 1,
     providers: list[str] | None = None,
     progress: Progress | None = None,
+    bos: int | None = None,
 ) -> dict[str, LMComparison]:
     """Compare several quantized LMs with one float LM, each window run once per model.
 
     For every scored token ``t`` with float next-token distribution ``p`` and quantized ``q``:
     ``KL(p || q) = sum_v p_v (log p_v - log q_v)``, averaged over tokens; top-1 agreement is
-    ``mean[argmax p == argmax q]``. Arguments as in :func:`perplexity`.
+    ``mean[argmax p == argmax q]``. Arguments as in :func:`perplexity` (``bos``: the id each
+    window starts with).
 
     Returns:
         ``{name: LMComparison}`` in the order of ``quant_models``.
@@ -317,13 +343,13 @@ def compare_lms(
     if not quant_models:
         raise OnnxqError("compare_lms needs at least one quantized model")
     ids = _token_stream(token_ids)
-    windows = lm_windows(len(ids), context, stride, max_windows)
+    windows = _bos_windows(len(ids), context, stride, max_windows, bos)
     reference = _LM(float_model, providers, "float")
     others = {name: _LM(model, providers, f"quantized ({name})") for name, model in quant_models.items()}
     tallies = {name: _Tally() for name in others}
     nll_float, tokens = 0.0, 0
     for group in _wrap(progress, _batches(windows, batch), "compare", math.ceil(len(windows) / batch)):
-        window_ids = np.stack([ids[start:start + context] for start, _ in group])
+        window_ids = _window_ids(ids, group, context, bos)
         float_logits = reference.logits(window_ids)
         vocab = float_logits.shape[-1]
         float_rows = []
@@ -365,13 +391,15 @@ def compare_lm(
     batch: int = 1,
     providers: list[str] | None = None,
     progress: Progress | None = None,
+    bos: int | None = None,
 ) -> LMComparison:
     """Perplexities, mean ``KL(p_float || p_quant)`` and top-1 agreement on the same windows.
 
     One pass over the windows runs both models (see :func:`compare_lms`).
     """
     return compare_lms(float_model, {"quant": quant_model}, token_ids, context=context, stride=stride,
-                       max_windows=max_windows, batch=batch, providers=providers, progress=progress)["quant"]
+                       max_windows=max_windows, batch=batch, providers=providers, progress=progress,
+                       bos=bos)["quant"]
 
 
 @dataclass(frozen=True)
