@@ -18,9 +18,16 @@ for every row. Each row is whole processes as a user runs them: quantize (wall t
   for what each tool does with a tied embedding.
 
     python scripts/bench_int4.py [--only NAME ...] [--windows 16] [--samples 32] [--seq-len 256] [--render]
+    python scripts/bench_int4.py --model gemma3 --windows 8 --only "onnxq rtn" "onnxq gptq"
 
 Appends one JSON line per run to ``models/real/smollm2_kv/int4/results.jsonl`` and writes
 ``docs/INT4_RESULTS.md`` (table, commands, targets; notes below the marker are kept), mirrored into README.md.
+
+``--model gemma3``: the second LM, Gemma 3 270M (``scripts/export_second_lm.py``: the GenAI builder's
+fp32 export without a windowed KV cache, ``models/real/gemma3_270m/genai-fp32-fullkv``; its builder int4
+``genai-int4-fullkv``). Its tokenizer starts every text with ``<bos>``, so calibration and evaluation
+windows do too (``--bos auto``, the default). Results go to ``models/real/gemma3_270m/int4/results.jsonl``
+and ``docs/INT4_RESULTS_GEMMA.md``, mirrored into README.md between their own markers.
 """
 from __future__ import annotations
 
@@ -36,9 +43,18 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from report_files import mirror_into_readme, write_keeping_notes  # noqa: E402
 
-REAL = ROOT / "models" / "real" / "smollm2_kv"
-FLOAT = REAL / "genai-fp32"
-WORK = REAL / "int4"
+MODELS = {  # name -> (folder, float export, builder int4 export, report, README markers, title, builder command)
+    "smollm2": (ROOT / "models" / "real" / "smollm2_kv", "genai-fp32", "genai-int4", "INT4_RESULTS.md",
+                "int4-results", "SmolLM2-135M-Instruct (GenAI builder fp32 export)",
+                "python -m onnxruntime_genai.models.builder -i hf -o genai-int4 -p int4 -e cpu "
+                "(scripts/export_smollm2_kv.py)"),
+    "gemma3": (ROOT / "models" / "real" / "gemma3_270m", "genai-fp32-fullkv", "genai-int4-fullkv",
+               "INT4_RESULTS_GEMMA.md", "int4-gemma", "Gemma 3 270M (GenAI builder fp32 export, full KV cache; "
+               "weights from a Q4_K_M GGUF: see docs/MODELS_FOUND.md; windows start with <bos>)",
+               "python scripts/export_second_lm.py (GenAI builder -p int4 -e cpu, windowed_kv_cache=false)"),
+}
+REAL, FLOAT, WORK = MODELS["smollm2"][0], MODELS["smollm2"][0] / "genai-fp32", MODELS["smollm2"][0] / "int4"
+MODEL = MODELS["smollm2"]
 MARKER = "\n<!-- notes below are kept when the script rewrites this file -->\n"
 PY = sys.executable
 TORCH_PY = str(ROOT / ".venv-export" / "bin" / "python")
@@ -74,6 +90,13 @@ RUNS: dict[str, tuple[str, list]] = {
     "Optimum: onnxq rtn --no-quantize-embeddings": ("onnxq", [*B128, "--no-quantize-embeddings"]),
     "Optimum: onnxq gptq (default)": ("onnxq", [*B128, "--algo", "gptq", CALIB]),
 }
+
+
+def _select(model: str) -> None:
+    """Point the module's paths at ``model`` (a key of MODELS)."""
+    global REAL, FLOAT, WORK, MODEL
+    MODEL = MODELS[model]
+    REAL, FLOAT, WORK = MODEL[0], MODEL[0] / MODEL[1], MODEL[0] / "int4"
 
 
 def _float_of(name: str) -> Path:
@@ -119,10 +142,8 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
     calib_flags = ["--calib-data", str(calib), "--samples", str(samples), "--seq-len", str(args.seq_len)]
     flags = [f for flag in flags for f in (calib_flags if flag is CALIB else [flag])]
     if tool == "builder":
-        out = REAL / "genai-int4"
-        row |= {"quantize_s": None, "peak_rss_mib": None,
-                "command": "python -m onnxruntime_genai.models.builder -i hf -o genai-int4 -p int4 -e cpu "
-                           "(scripts/export_smollm2_kv.py)"}
+        out = REAL / MODEL[2]
+        row |= {"quantize_s": None, "peak_rss_mib": None, "command": MODEL[6]}
     else:
         subprocess.run(["rm", "-rf", str(out)], check=True)
         if tool == "onnxq":
@@ -174,7 +195,7 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         "# int4 on a real LM: onnxq, onnxruntime's tool and the GenAI builder side by side",
         "",
         f"`python scripts/bench_int4.py --windows {args.windows} --samples {args.samples} --seq-len {args.seq_len}`. "
-        "SmolLM2-135M-Instruct (GenAI builder fp32 export), int4 block 128 symmetric unless a row says otherwise; "
+        f"{MODEL[5]}, int4 block 128 symmetric unless a row says otherwise; "
         f"calibration: {args.samples} x {args.seq_len} tokens of pydoc text (onnxruntime's GPTQ: 8 samples, it is "
         f"slow); evaluation: {args.windows} x 256 tokens of Shakespeare (another domain), fp32 perplexity "
         f"{', '.join(f'{v:.3f}' for v in sorted(floats))}; KL and top-1 against the fp32 model. 'gap' is the share "
@@ -200,12 +221,14 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=tuple(MODELS), default="smollm2", help="the LM (default smollm2)")
     parser.add_argument("--only", nargs="*", help="run names (default: all)")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--render", action="store_true", help="only rewrite the reports from results.jsonl")
     args = parser.parse_args()
+    _select(args.model)
     calib, eval_text = _texts()
     if not args.render:
         for name in args.only or RUNS:
@@ -214,10 +237,10 @@ def main() -> None:
     rows = list({row["run"]: row for row in rows if row["run"] in RUNS}.values())
     rows.sort(key=lambda row: list(RUNS).index(row["run"]))
     table = _table(rows, args)
-    write_keeping_notes(ROOT / "docs" / "INT4_RESULTS.md", table, MARKER)
+    write_keeping_notes(ROOT / "docs" / MODEL[3], table, MARKER)
     lines = table.splitlines()
-    mirror_into_readme(ROOT / "README.md", "<!-- int4-results:begin -->", "<!-- int4-results:end -->",
-                       lines[2:lines.index("Commands:")] + ["Commands and notes: docs/INT4_RESULTS.md."])
+    mirror_into_readme(ROOT / "README.md", f"<!-- {MODEL[4]}:begin -->", f"<!-- {MODEL[4]}:end -->",
+                       lines[2:lines.index("Commands:")] + [f"Commands and notes: docs/{MODEL[3]}."])
 
 
 if __name__ == "__main__":
