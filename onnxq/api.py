@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import onnx
 import onnx_ir as ir
@@ -87,11 +87,14 @@ def quantize_with_report(
     solver: WeightSolver | None = None,
     executor: Any = None,
     checkpoint: str | os.PathLike | None = None,
+    sink: Callable[[ir.Value], None] | None = None,
 ) -> QuantizeResult:
     """:func:`quantize`, returning the :class:`QuantizeResult` (model, per-node records, skipped nodes).
 
     ``solver`` replaces a calibration-free algorithm's per-weight solve (e.g. Neural Compressor's
-    per-weight clip ratios in :func:`onnxq.weight_only.rtn_quantize`).
+    per-weight clip ratios in :func:`onnxq.weight_only.rtn_quantize`). ``sink`` gets each packed
+    initializer as soon as it exists (calibration-free algorithms; e.g.
+    :meth:`onnxq.io.StreamedSave.write`).
     """
     if isinstance(config, Mapping):
         config = QuantConfig.from_wildcards(config)
@@ -110,7 +113,7 @@ def quantize_with_report(
         result = calibrate_and_quantize(ir_model, config, calibration_data_reader, progress=progress,
                                         providers=providers, executor=executor, checkpoint=checkpoint)
     else:
-        result = QuantizeWeightsPass(config, solver, progress=progress)(ir_model)
+        result = QuantizeWeightsPass(config, solver, progress=progress, sink=sink)(ir_model)
     if not result.records:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in result.skipped[:5])
         found = f" (skipped: {reasons})" if reasons else " (no MatMul or Gemm nodes)"

@@ -3,11 +3,15 @@
 Large models keep their weights in external data; ``onnx_ir`` reads those
 lazily (memory-mapped), so only the weight being quantized is resident. Outputs
 are written under a lock, in a temp folder, and renamed into place once complete
-(:mod:`onnxq.atomic`).
+(:mod:`onnxq.atomic`): all at the end (:func:`save_model`), or while the model is
+being quantized (:class:`StreamedSave`: each packed weight is appended to the
+output's external data as soon as it exists, and dropped from memory).
 """
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterator
 
@@ -18,12 +22,15 @@ from onnxq.atomic import commit, output_lock, temp_folder, write_error
 from onnxq.errors import OnnxqError
 
 __all__ = ["load_model", "save_model", "check_external_data", "check_output_path", "external_data_files",
-           "wants_external_data", "EXTERNAL_DATA_THRESHOLD", "EXTERNAL_INPUT_KEY"]
+           "wants_external_data", "streams_external_data", "StreamedSave", "EXTERNAL_DATA_THRESHOLD", "EXTERNAL_INPUT_KEY",
+           "INLINE_BYTES"]
 
 EXTERNAL_DATA_THRESHOLD = 256 * 1024 * 1024
 """Above this many bytes of weights an output is written with external data (``external_data=None``)."""
 EXTERNAL_INPUT_KEY = "onnxq.external_input"
 """``model.meta[EXTERNAL_INPUT_KEY]``: set by :func:`load_model` on a model read from external data."""
+INLINE_BYTES = 256
+"""Tensors of at most this many bytes stay inside the model file (``onnx_ir.save``'s default threshold)."""
 
 
 def load_model(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Model:
@@ -104,6 +111,13 @@ def wants_external_data(model: ir.Model) -> bool:
             or _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD)
 
 
+def streams_external_data(model: ir.Model, external_data: bool | None) -> bool:
+    """Whether an output of ``model`` gets external data, known before it is quantized: ``True``, or
+    ``None`` (auto) for a model read from external data (:func:`wants_external_data` is then true
+    whatever the weights become), so :class:`StreamedSave` can write it while it is quantized."""
+    return external_data is True or (external_data is None and bool(model.meta.get(EXTERNAL_INPUT_KEY)))
+
+
 def check_output_path(path: str | os.PathLike, data_name: str | None = None) -> None:
     """Refuse before any work is done an output whose folder is missing, or that (or whose ``data_name``,
     default ``<name>.data``) is a directory.
@@ -153,3 +167,106 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
             commit([*moves, (tmp_model, path)], remove=[] if written_data else [folder / data_name])
         except OSError as exc:
             raise write_error(path, exc) from None
+
+
+class StreamedSave:
+    """Write an output with external data while its model is still being built.
+
+    Used as a context manager around the quantization: it takes the output's lock and a temp
+    folder (:mod:`onnxq.atomic`), and :meth:`write` appends an initializer's bytes to
+    ``data_name`` (default ``<name>.data``) in a writer thread, then replaces the value's tensor
+    by an ``ir.ExternalTensor`` there, so the in-memory copy is freed and the writes overlap the
+    quantization of the next weight. :meth:`save` appends what is left (tensors above
+    :data:`INLINE_BYTES`, the input's unquantized external tensors), writes the model and
+    renames both into place. Leaving the block without :meth:`save` (an error, an interrupt)
+    removes everything written; the earlier output, if any, stays.
+
+    Raises:
+        OnnxqError: as :func:`save_model` (output folder missing, being written by another
+            process, ``cannot write PATH: <reason>``).
+    """
+
+    def __init__(self, path: str | os.PathLike, data_name: str | None = None) -> None:
+        self.path = Path(path)
+        self.data_name = data_name or f"{self.path.name}.data"
+        self._stack = ExitStack()
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._size = 0
+        self._file = None
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> "StreamedSave":
+        check_output_path(self.path, self.data_name)
+        with ExitStack() as stack:
+            stack.enter_context(output_lock(self.path))
+            self._tmp = stack.enter_context(temp_folder(self.path))
+            try:
+                self._file = stack.enter_context(open(self._tmp / self.data_name, "wb", buffering=0))
+            except OSError as exc:
+                raise write_error(self.path, exc) from None
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxq-save")
+            stack.callback(self._writer.shutdown, wait=True, cancel_futures=True)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stack.close()
+
+    def write(self, value: ir.Value) -> None:
+        """Append ``value``'s tensor to the external data (in the writer thread; never blocks on the disk).
+
+        The value keeps its in-memory tensor until the bytes are written, then reads them from
+        the file. Tensors of at most :data:`INLINE_BYTES` are left for the model file.
+        """
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes <= INLINE_BYTES or self._is_written(tensor):
+            return
+        offset, self._size = self._size, self._size + tensor.nbytes
+        self._pending.append(self._writer.submit(self._write, value, tensor, offset))
+
+    def save(self, model: ir.Model) -> None:
+        """Finish the data file, write ``model`` beside it and rename both into place (model last).
+
+        Afterwards ``model``'s external tensors read the final data file.
+        """
+        try:
+            for future in self._pending:
+                future.result()
+            for graph in model.graphs():
+                for value in graph.initializers.values():
+                    tensor = value.const_value
+                    if tensor is None or self._is_written(tensor):
+                        continue
+                    if tensor.nbytes > INLINE_BYTES:
+                        offset, self._size = self._size, self._size + tensor.nbytes
+                        self._write(value, tensor, offset)
+                    elif isinstance(tensor, ir.ExternalTensor):  # a small tensor of the input's data file
+                        value.const_value = ir.external_data.convert_tensors_from_external([tensor])[0]
+            self._file.close()
+            tmp_model = self._tmp / self.path.name
+            ir.save(model, tmp_model)
+            folder = self.path.parent if str(self.path.parent) else Path(".")
+            written = self._size > 0
+            moves = [(self._tmp / self.data_name, folder / self.data_name)] if written else []
+            commit([*moves, (tmp_model, self.path)], remove=[] if written else [folder / self.data_name])
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        for graph in model.graphs():  # the temp folder goes away: read the committed file from now on
+            for value in graph.initializers.values():
+                if self._is_written(value.const_value):
+                    value.const_value = self._external(value.const_value, value.const_value.offset, folder)
+
+    def _is_written(self, tensor) -> bool:
+        return isinstance(tensor, ir.ExternalTensor) and Path(tensor.base_dir) == self._tmp
+
+    def _external(self, tensor, offset: int, base_dir: Path) -> ir.ExternalTensor:
+        return ir.ExternalTensor(self.data_name, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                                 name=tensor.name, doc_string=tensor.doc_string,
+                                 metadata_props=dict(tensor.metadata_props), base_dir=base_dir)
+
+    def _write(self, value: ir.Value, tensor, offset: int) -> None:
+        self._file.seek(offset)
+        tensor.tofile(self._file)
+        if value.const_value is tensor:  # the value reads the file from now on; its array can go
+            value.const_value = self._external(tensor, offset, self._tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import onnx_ir as ir
@@ -14,7 +15,7 @@ from onnxq.cli.common import (BOS_HELP, add_settings, calibration_reader, check_
 from onnxq.config import ALGORITHMS, QuantConfig
 from onnxq.errors import OnnxqError
 from onnxq.atomic import output_lock
-from onnxq.io import check_output_path, external_data_files, load_model
+from onnxq.io import StreamedSave, check_output_path, external_data_files, load_model, streams_external_data
 from onnxq.model_folder import ModelFolder, write_model_folder
 from onnxq.recipes.mixed_precision import DEFAULT_CANDIDATES, MEASURES, search_mixed_precision
 from onnxq.recipes.presets import preset_overrides
@@ -132,21 +133,29 @@ def _run(args: argparse.Namespace) -> int:
         config = _mixed_precision_plan(args, config, model, reader, progress)
         if hasattr(reader, "rewind"):
             reader.rewind()
-    executor = _executor(args) if calibrated else None
-    try:
-        result = quantize_with_report(model, config, reader, progress=progress, executor=executor,
-                                      checkpoint=args.checkpoint)
-    finally:
-        if executor is not None:
-            executor.close()
-    clamped = _clamped_blocks(config, result.records)
-    if clamped:
-        print(f"onnxq: {clamped}", file=sys.stderr)
-    if folder is not None:
-        written = write_model_folder(result.model, folder, args.output, input_data)
-    else:
-        save(result.model, args.output, external_data=_EXTERNAL_DATA[args.external_data])
-        written = args.output
+    external_data = _EXTERNAL_DATA[args.external_data]
+    # calibration-free, one .onnx with external data: each packed weight is written (and freed) as it is made
+    stream = (StreamedSave(args.output) if folder is None and not calibrated
+              and streams_external_data(model, external_data) else None)
+    with stream or nullcontext():
+        executor = _executor(args) if calibrated else None
+        try:
+            result = quantize_with_report(model, config, reader, progress=progress, executor=executor,
+                                          checkpoint=args.checkpoint, sink=None if stream is None else stream.write)
+        finally:
+            if executor is not None:
+                executor.close()
+        clamped = _clamped_blocks(config, result.records)
+        if clamped:
+            print(f"onnxq: {clamped}", file=sys.stderr)
+        if folder is not None:
+            written = write_model_folder(result.model, folder, args.output, input_data)
+        elif stream is not None:
+            stream.save(result.model)
+            written = args.output
+        else:
+            save(result.model, args.output, external_data=external_data)
+            written = args.output
     records, skipped = result.records, result.skipped
     if not args.quiet:
         print(format_records(records))

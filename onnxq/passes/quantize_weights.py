@@ -246,6 +246,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             result depends on each site's input, pass ``False``.
         reuse: ``QuantizeResult.by_weight`` of earlier passes: a site whose weight (and settings)
             an earlier pass packed reads those initializers instead of packing its own.
+        sink: called with each packed initializer as soon as it is registered (e.g.
+            :meth:`onnxq.io.StreamedSave.write`, which writes it to the output and frees it).
     """
 
     def __init__(
@@ -258,8 +260,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         site_filter: Callable[[WeightSite], bool] | None = None,
         share_weights: bool = True,
         reuse: Mapping[tuple, PackedSource] | None = None,
+        sink: Callable[[ir.Value], None] | None = None,
     ) -> None:
         super().__init__()
+        self.sink = sink
         self.config = config
         self.format = get_format(config.format)
         self.solver = solver
@@ -322,7 +326,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         base = site.source.name or site.name
         layout = WeightLayout(site.transpose, len(site.tensor.shape) - 2)
         packed = fmt.pack(payload, settings, site.dtype, base, layout)
+        del payload
         register_values(owner_graph(site), packed.values(), taken)
+        if self.sink is not None:
+            for value in packed.values():
+                self.sink(value)
         output = None
         if fmt.replaces == "weight":
             name = unique_name(names, fmt.node_name(base, settings))
