@@ -108,6 +108,9 @@ class ProbeSpec:
         # ORT fuses constant DequantizeLinear -> MatMul into MatMulNBits with int8 activations by
         # default; calibration must see the exact float product the weights define
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        # between runs the caller's numpy (statistics, solves) needs the cores: idle ORT workers must not
+        # spin-wait for work (on 2 shared cores spinning cost 14% of forward + statistics, measured)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
         if self.arrays:
