@@ -1,4 +1,4 @@
-"""GPTQ stage speed against this machine's own BLAS rate, measured in one run.
+"""Calibrated quantization speed against this machine's own BLAS rate, measured in one run.
 
 Times, in this process and in this order:
 
@@ -13,14 +13,34 @@ Times, in this process and in this order:
   updates plus the Cholesky).
 
 Each stage prints its best and median time over ``--repeat`` runs, its GFLOP/s, the ratio of
-its rate to sgemm's, and the ratio of its time to one sgemm. ``--compare DIR`` also times the
-``gptq_solve`` of another checkout (e.g. ``git worktree add /tmp/gptq_base HEAD~1``),
-interleaved with this one's (old, new, old, new, ...) so both see the same load. The load
+its rate to sgemm's, and the ratio of its time to one sgemm.
+
+``--block7b ALGOS`` (e.g. ``rtn,hqq,gptq,awq,teq,k_quant``) also solves one synthetic 7B-shaped
+transformer block (hidden 4096, MLP 11008: q/k/v/o ``4096x4096``, gate/up ``4096x11008``, down
+``11008x4096``; ``--block-weights`` picks a subset) with each algorithm's own ``solve`` and
+defaults (int4, block 128, symmetric), on fixed calibration rows (``--block-rows`` rows per
+input, correlated channels of uneven scale). Per algorithm it prints the ``statistics`` stage
+(the driver's accumulators fed the rows) and the ``solve`` stage, with GFLOP/s where the
+algorithm has a FLOP model (GPTQ: Hessian ``T K^2`` as ``syrk``, solve ``2 K^2 N + K^3 / 3``;
+AWQ: Gram ``T K^2``, ``grid * 2 min(T, K) K N`` for the scale search and ``11 * 2 min(T, 128) K N``
+for the clip search), beside the sgemm of the same run.
+
+``--whole-process MODEL`` times ``python -m onnxq quantize MODEL OUT --algo A --block-size 128``
+for every algorithm of ``--algos`` as separate processes (imports included; calibrated ones with
+``--calib-data F --samples N --seq-len L``), wall time and peak RSS (``os.wait4``), with the load
+average before and after each; ``--tree DIR`` adds the same runs from another checkout (its
+``onnxq`` package; the model and data stay the same), interleaved (DIR, this, DIR, this, ...).
+
+``--compare DIR`` also times the ``gptq_solve`` of another checkout (e.g. ``git worktree add
+/tmp/gptq_base HEAD~1``), interleaved with this one's (old, new, old, new, ...) so both see the same load. The load
 average is printed at the start and the end: the machine is shared.
 
     python scripts/bench_calibrated.py                           # everything, about 2-5 min on 2 cores
     python scripts/bench_calibrated.py --shapes 4096x4096 --repeat 3 --compare /tmp/gptq_base
     python scripts/bench_calibrated.py --json out.json
+    python scripts/bench_calibrated.py --shapes "" --hessian-samples 0 --block7b gptq,awq --block-weights o
+    python scripts/bench_calibrated.py --shapes "" --hessian-samples 0 --whole-process \
+        models/real/smollm2_kv/genai-fp32 --calib-data calib.txt --algos rtn,gptq,awq --tree /tmp/base
 """
 from __future__ import annotations
 
@@ -28,7 +48,9 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -39,10 +61,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxq.algorithms import gptq_solve
+from onnxq.algorithms import SiblingGroup, get_algorithm, gptq_solve
 from onnxq.calibration import HessianAccumulator
+from onnxq.calibration.executor import StatisticsPlan
+from onnxq.config import QuantConfig
+from onnxq.formats import WeightSettings
 
 SGEMM_N = 4096
+HIDDEN, MLP = 4096, 11008
+BLOCK_GROUPS = {  # input -> (K, weights reading it as (name, N))
+    "attn_in": (HIDDEN, (("q", HIDDEN), ("k", HIDDEN), ("v", HIDDEN))),
+    "attn_out": (HIDDEN, (("o", HIDDEN),)),
+    "mlp_in": (HIDDEN, (("gate", MLP), ("up", MLP))),
+    "mlp_mid": (MLP, (("down", HIDDEN),)),
+}
 
 
 def load_other_solver(checkout: Path) -> Callable:
@@ -88,6 +120,107 @@ def report(name: str, times: list[float], flop: float, sgemm_s: float) -> dict:
             "rate_vs_sgemm": rate / sgemm_rate, "time_vs_sgemm": median / sgemm_s}
 
 
+def correlated_rows(t: int, k: int, seed: int) -> np.ndarray:
+    """``[T, K]`` float32 rows with neighbouring channels correlated and lognormal channel scales."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((t, k), dtype=np.float32)
+    x[:, 1:] += 0.5 * x[:, :-1]
+    x *= rng.lognormal(0.0, 1.0, k).astype(np.float32)
+    return x
+
+
+def solve_flop(algorithm: str, options, t: int, k: int, ns: list[int]) -> tuple[float, float] | None:
+    """``(statistics FLOP, solve FLOP)`` of one sibling group, or None without a FLOP model."""
+    if algorithm == "gptq":
+        return float(t) * k * k, sum(2.0 * k * k * n + k**3 / 3.0 for n in ns)
+    if algorithm == "awq":
+        grid = options.grid if options.scale_search else 1
+        gram = float(min(t, k)) * k * k if t > k else 0.0
+        clip = 11 * 2.0 * min(t, 128) * k * sum(ns) if options.clip else 0.0
+        return 0.0, gram + grid * 2.0 * min(t, k) * k * sum(ns) + clip
+    return None
+
+
+def bench_block(algorithms: list[str], weights: set[str], rows: int, sgemm_s: float) -> list[dict]:
+    """Each algorithm's statistics and solve stages on the synthetic 7B-shaped block (see the module docstring)."""
+    out = []
+    inputs = {name: correlated_rows(rows, k, seed=i) for i, (name, (k, _)) in enumerate(BLOCK_GROUPS.items())}
+    rng = np.random.default_rng(7)
+    tensors = {w: (rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k))
+               for k, members in BLOCK_GROUPS.values() for w, n in members if w in weights}
+    for name in algorithms:
+        algorithm = get_algorithm(name)
+        options = algorithm.options_of(QuantConfig(algorithm=name))
+        settings = WeightSettings(bits=4, block_size=128, symmetric=True,
+                                  float_zero_points=algorithm.float_zero_points(options))
+        stat_s = solve_s = stat_flop = solve_flops = 0.0
+        modelled = True
+        for group_name, (k, members) in BLOCK_GROUPS.items():
+            members = [(w, n) for w, n in members if w in weights]
+            if not members:
+                continue
+            start = time.perf_counter()
+            values: dict = {}
+            if algorithm.uses_calibration:
+                plan = StatisticsPlan((group_name,), algorithm.collected_statistics, algorithm.sample_rows(options))
+                accumulators = plan.accumulators(k)
+                for accumulator in accumulators.values():
+                    accumulator.update(inputs[group_name], None, sample=0)
+                values = {"count": rows, **{stat: {"hessian": lambda a: a.hessian, "rows": lambda a: a.rows()}.get(
+                    stat, lambda a: a.value())(acc) for stat, acc in accumulators.items()}}
+            middle = time.perf_counter()
+            group = SiblingGroup(group_name, tuple(w for w, _ in members), [tensors[w] for w, _ in members],
+                                 [settings] * len(members), np.dtype(np.float32))
+            algorithm.solve(group, values, options)
+            end = time.perf_counter()
+            stat_s += middle - start
+            solve_s += end - middle
+            t = min(rows, algorithm.sample_rows(options) or rows)
+            flop = solve_flop(name, options, rows if name == "gptq" else t, k, [n for _, n in members])
+            if flop is None:
+                modelled = False
+            else:
+                stat_flop += flop[0]
+                solve_flops += flop[1]
+            print(f"  {name} {group_name} ({', '.join(w for w, _ in members)}): statistics {middle - start:.2f} s, "
+                  f"solve {end - middle:.2f} s  (load {load()})", flush=True)
+        label = f"{name} 7B block [{','.join(sorted(weights))}] T={rows}"
+        if modelled and stat_flop:
+            out.append(report(f"{label} statistics", [stat_s], stat_flop, sgemm_s))
+        elif algorithm.uses_calibration:
+            print(f"{label} statistics: {stat_s:.2f} s", flush=True)
+        if modelled:
+            out.append(report(f"{label} solve", [solve_s], solve_flops, sgemm_s))
+        else:
+            print(f"{label} solve: {solve_s:.2f} s (no FLOP model)", flush=True)
+            out.append({"stage": f"{label} solve", "best_s": solve_s, "median_s": solve_s})
+    return out
+
+
+def whole_process(tree: Path, model: Path, algorithm: str, args: argparse.Namespace) -> dict:
+    """One ``python -m onnxq quantize`` run of ``tree``'s onnxq: wall time, peak RSS, load before/after."""
+    calibrated = get_algorithm(algorithm).uses_calibration
+    with tempfile.TemporaryDirectory(prefix="bench_calibrated_") as out_dir:
+        command = [sys.executable, "-m", "onnxq", "quantize", str(model), str(Path(out_dir) / "out"),
+                   "--algo", algorithm, "--block-size", "128", "--quiet"]
+        if calibrated:
+            command += ["--calib-data", str(args.calib_data), "--samples", str(args.samples),
+                        "--seq-len", str(args.seq_len)]
+        before = load()
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        stderr = process.stderr.read().decode(errors="replace").strip().splitlines()
+        process.stderr.close()
+    row = {"stage": f"{algorithm} whole process ({tree})", "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024,
+           "exit": os.waitstatus_to_exitcode(status), "load_before": before, "load_after": load()}
+    print(f"{algorithm:8s} {str(tree):28s} wall {wall:7.1f} s  peak RSS {row['peak_rss_mib']:6.0f} MiB  "
+          f"exit {row['exit']}  load {before} -> {row['load_after']}"
+          + (f"  ({stderr[-1]})" if row["exit"] and stderr else ""), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="K x N weights to solve")
@@ -95,6 +228,15 @@ def main() -> None:
     parser.add_argument("--hessian-samples", type=int, default=8, help="samples for the Hessian stage (0: skip)")
     parser.add_argument("--tokens", type=int, default=2048, help="rows per Hessian sample")
     parser.add_argument("--compare", type=Path, help="another checkout whose gptq_solve is timed interleaved")
+    parser.add_argument("--block7b", default="", help="algorithms solved on the synthetic 7B-shaped block")
+    parser.add_argument("--block-weights", default="q,k,v,o,gate,up,down", help="the block's weights to solve")
+    parser.add_argument("--block-rows", type=int, default=2048, help="calibration rows per block input")
+    parser.add_argument("--whole-process", type=Path, metavar="MODEL", help="time python -m onnxq quantize MODEL")
+    parser.add_argument("--algos", default="rtn,hqq,gptq,awq,teq,k_quant", help="algorithms for --whole-process")
+    parser.add_argument("--calib-data", type=Path, help="calibration text for --whole-process")
+    parser.add_argument("--samples", type=int, default=32, help="calibration samples for --whole-process")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample for --whole-process")
+    parser.add_argument("--tree", type=Path, help="another checkout timed interleaved in --whole-process")
     parser.add_argument("--json", type=Path, help="write the rows here too")
     args = parser.parse_args()
 
@@ -113,7 +255,7 @@ def main() -> None:
         del x, acc
 
     other = load_other_solver(args.compare) if args.compare else None
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",")):
         k, n = (int(v) for v in shape.lower().split("x"))
         w, h = problem(k, n)
         flop = 2.0 * k * k * n + k**3 / 3.0
@@ -125,6 +267,12 @@ def main() -> None:
         if other is not None:
             rows.append(report(f"solve {k}x{n} b128 ({args.compare})", old_times, flop, sgemm_s))
         rows.append(report(f"solve {k}x{n} b128", new_times, flop, sgemm_s))
+    if args.block7b:
+        rows += bench_block(args.block7b.split(","), set(args.block_weights.split(",")), args.block_rows, sgemm_s)
+    if args.whole_process:
+        for algorithm in args.algos.split(","):
+            for tree in ([args.tree] if args.tree else []) + [ROOT]:
+                rows.append(whole_process(tree, args.whole_process.resolve(), algorithm, args))
     print(f"load average at end: {load()}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"load_end": load(), "rows": rows}, indent=1))
