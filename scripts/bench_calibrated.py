@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -208,16 +209,24 @@ def whole_process(tree: Path, model: Path, algorithm: str, args: argparse.Namesp
                         "--seq-len", str(args.seq_len)]
         before = load()
         start = time.perf_counter()
-        process = subprocess.Popen(command, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-        stderr = process.stderr.read().decode(errors="replace").strip().splitlines()
-        process.stderr.close()
+        with tempfile.TemporaryFile() as stderr_file:
+            process = subprocess.Popen(command, cwd=tree, stdout=subprocess.DEVNULL, stderr=stderr_file)
+            timer = threading.Timer(args.timeout, process.kill) if args.timeout else None
+            if timer is not None:
+                timer.start()
+            _, status, usage = os.wait4(process.pid, 0)
+            wall = time.perf_counter() - start
+            if timer is not None:
+                timer.cancel()
+            stderr_file.seek(0)
+            stderr = stderr_file.read().decode(errors="replace").strip().splitlines()
+    exit_code = os.waitstatus_to_exitcode(status)
     row = {"stage": f"{algorithm} whole process ({tree})", "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024,
-           "exit": os.waitstatus_to_exitcode(status), "load_before": before, "load_after": load()}
+           "exit": exit_code, "load_before": before, "load_after": load()}
+    killed = f"  (killed by --timeout {args.timeout:.0f} s)" if exit_code == -9 else ""
     print(f"{algorithm:8s} {str(tree):28s} wall {wall:7.1f} s  peak RSS {row['peak_rss_mib']:6.0f} MiB  "
-          f"exit {row['exit']}  load {before} -> {row['load_after']}"
-          + (f"  ({stderr[-1]})" if row["exit"] and stderr else ""), flush=True)
+          f"exit {exit_code}  load {before} -> {row['load_after']}{killed}"
+          + (f"  ({stderr[-1]})" if exit_code > 0 and stderr else ""), flush=True)
     return row
 
 
@@ -237,6 +246,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32, help="calibration samples for --whole-process")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample for --whole-process")
     parser.add_argument("--tree", type=Path, help="another checkout timed interleaved in --whole-process")
+    parser.add_argument("--timeout", type=float, default=0, help="kill a --whole-process run after this many s")
     parser.add_argument("--json", type=Path, help="write the rows here too")
     args = parser.parse_args()
 
