@@ -222,6 +222,16 @@ def _config_solver(config: QuantConfig) -> WeightSolver:
     return solver_for(algorithm, algorithm.options_of(config))
 
 
+def _stored_weight(site: WeightSite) -> np.ndarray:
+    """The site's ``[K, N]`` weight in its stored dtype, a view of the tensor (memory-mapped for external
+    data); ``site.weight()`` (float32) when Gemm's alpha scales it."""
+    if site.alpha != 1.0:
+        return site.weight()
+    data = site.tensor.numpy()
+    data = data.reshape(data.shape[-2:])
+    return data.T if site.transpose else data
+
+
 @dataclass(frozen=True)
 class PackedSource:
     """A weight packed once and shared by every site that uses it with the same settings (or a tied embedding)."""
@@ -311,9 +321,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def _quantize(self, plan: PlannedSite, solver: WeightSolver, taken: set[str], names: set[str]) -> PackedSource:
         site, fmt, settings = plan.site, plan.format, plan.settings
-        # RTN's kernel finds NaN/Inf itself (its block min/max carry them into a NaN error): no separate pass
+        # RTN's kernel finds NaN/Inf itself (its block min/max carry them into a NaN error): no separate
+        # pass; it reads float16/bfloat16 weights as stored, converting tile by tile
         checked_by_solver = fmt.int_codes and self.solver is None and self.config.algorithm == "rtn" and not settings.mse_clip
-        weight = site.weight() if checked_by_solver else finite_weight(site)
+        weight = _stored_weight(site) if checked_by_solver else finite_weight(site)
         if fmt.int_codes:
             payload, error = solver(site, weight, settings)
             if checked_by_solver and not math.isfinite(error):
