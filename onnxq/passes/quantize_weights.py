@@ -60,6 +60,8 @@ Progress = Callable[..., Iterable]
 WeightSolver = Callable[[WeightSite, np.ndarray, WeightSettings], tuple[QuantizedWeight, float]]
 """``(site, weight [K, N] float32, resolved settings) -> (qweight, relative error)``.
 
+(The pass's own RTN solver gets float16/bfloat16 weights as stored and checks NaN/Inf itself.)
+
 The relative error ``||W - W_eff||_F / ||W||_F`` is the algorithm's own account of how far
 the node's effective weight moved (an algorithm that folds scales elsewhere knows it)."""
 
