@@ -196,7 +196,7 @@ class StreamedSave:
         self._file = None
         self._tmp: Path | None = None
 
-    def __enter__(self) -> "StreamedSave":
+    def __enter__(self) -> StreamedSave:
         check_output_path(self.path, self.data_name)
         with ExitStack() as stack:
             stack.enter_context(output_lock(self.path))
