@@ -88,14 +88,14 @@ def test_gptq_nodes_hold_exactly_the_solver_output(model, monkeypatch):
 
 def test_awq_nodes_hold_the_scaled_solver_output(model, monkeypatch):
     solved = []
-    real_clip = onnxq.algorithms.awq.awq_clip_search
+    real_clip = onnxq.algorithms.awq._clip_search  # AWQ.solve's clip search on the group's scaled objective
 
-    def spy(weight, x, *args, **kwargs):
-        result = real_clip(weight, x, *args, **kwargs)
+    def spy(weight, objective, *args, **kwargs):
+        result = real_clip(weight, objective, *args, **kwargs)
         solved.append(result)
         return result
 
-    monkeypatch.setattr(onnxq.algorithms.awq, "awq_clip_search", spy)
+    monkeypatch.setattr(onnxq.algorithms.awq, "_clip_search", spy)
     quantized = onnxq.quantize(model, config("awq"), token_feeds(8, 32, seed=2))
     exported = sorted(dequantized_weight(n).astype(np.float32).tobytes() for n in nbits_nodes(quantized))
     assert exported == sorted(q.dequantize().tobytes() for q in solved)
