@@ -81,6 +81,8 @@ RUNS: dict[str, tuple[str, list]] = {
     "onnxq rtn + presets lm_head8,mixed_layers8": ("onnxq", [*B128, "--mixed-preset", "lm_head8,mixed_layers8"]),
     "onnxq gptq + presets lm_head8,mixed_layers8": ("onnxq", [*B128, "--algo", "gptq", "--mixed-preset",
                                                               "lm_head8,mixed_layers8", CALIB]),
+    "onnxq awq + presets lm_head8,mixed_layers8": ("onnxq", [*B128, "--algo", "awq", "--mixed-preset",
+                                                             "lm_head8,mixed_layers8", CALIB]),
     "onnxq gptq, mixed 4.8 effective bits": ("onnxq", [*B128, "--algo", "gptq", "--effective-bits", "4.8",
                                                        "--mp-samples", "2", CALIB]),
     # the tied-table default on the torch / Optimum form, Gather(E) + Transpose(E) -> MatMul (int4 b128 sym)
@@ -194,7 +196,8 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# int4 on a real LM: onnxq, onnxruntime's tool and the GenAI builder side by side",
         "",
-        f"`python scripts/bench_int4.py --windows {args.windows} --samples {args.samples} --seq-len {args.seq_len}`. "
+        f"`python scripts/bench_int4.py{'' if args.model == 'smollm2' else ' --model ' + args.model} "
+        f"--windows {args.windows} --samples {args.samples} --seq-len {args.seq_len}`. "
         f"{MODEL[5]}, int4 block 128 symmetric unless a row says otherwise; "
         f"calibration: {args.samples} x {args.seq_len} tokens of pydoc text (onnxruntime's GPTQ: 8 samples, it is "
         f"slow); evaluation: {args.windows} x 256 tokens of Shakespeare (another domain), fp32 perplexity "
