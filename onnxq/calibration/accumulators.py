@@ -249,17 +249,30 @@ class RowSampler(_ChannelStat):
 
     def _add(self, keys: np.ndarray, order: np.ndarray, rows: np.ndarray) -> None:
         if self._buffer is None:
-            self._buffer = np.zeros((0, self.k), np.float32)
-        if self._keys.size == self.max_rows:  # full: only rows below the largest kept key can enter
+            self._buffer = np.zeros((self.max_rows, self.k), np.float32)
+        size = self._keys.size
+        if size == self.max_rows:  # full: only rows below the largest kept key can enter
             entering = keys < self._keys.max()
             keys, order, rows = keys[entering], order[entering], rows[entering]
-        keys = np.concatenate([self._keys, keys])
-        order = np.concatenate([self._order, order])
-        buffer = np.concatenate([self._buffer, rows.astype(np.float32, copy=False)])
-        if keys.size > self.max_rows:
-            kept = np.argpartition(keys, self.max_rows - 1)[: self.max_rows]
-            keys, order, buffer = keys[kept], order[kept], buffer[kept]
-        self._keys, self._order, self._buffer = keys, order, buffer
+        if keys.size == 0:
+            return
+        free = self.max_rows - size
+        if keys.size <= free:  # room for all of them
+            self._buffer[size:size + keys.size] = rows
+            self._keys, self._order = np.concatenate([self._keys, keys]), np.concatenate([self._order, order])
+            return
+        # keep the max_rows smallest keys of old and new; new winners overwrite the buffer slots
+        # (free ones first, then those of evicted old rows): only the entering rows are copied
+        all_keys = np.concatenate([self._keys, keys])
+        kept = np.zeros(all_keys.size, bool)
+        kept[np.argpartition(all_keys, self.max_rows - 1)[: self.max_rows]] = True
+        winners = np.flatnonzero(kept[size:])
+        slots = np.concatenate([np.arange(size, self.max_rows), np.flatnonzero(~kept[:size])])
+        self._buffer[slots] = rows[winners]
+        new_keys = np.concatenate([self._keys, np.full(free, np.inf)])
+        new_order = np.concatenate([self._order, np.zeros(free, np.int64)])
+        new_keys[slots], new_order[slots] = keys[winners], order[winners]
+        self._keys, self._order = new_keys, new_order
 
     def merge(self, other: "RowSampler") -> None:
         """Add the rows another sampler (same ``max_rows`` and ``seed``, other samples) kept."""
@@ -268,8 +281,10 @@ class RowSampler(_ChannelStat):
             raise OnnxqError("cannot merge row samplers with different max_rows or seed")
         if self._streamed or other._streamed:
             raise OnnxqError("only row samplers updated with sample indices can be merged")
+        if self._buffer is not None and not self._buffer.flags.writeable:  # e.g. from Ray's object store
+            self._buffer = self._buffer.copy()
         if other._buffer is not None:
-            self._add(other._keys, other._order, other._buffer)
+            self._add(other._keys, other._order, other._buffer[: other._keys.size])
         self._sampled = self._sampled or other._sampled
         self.count += other.count
 
@@ -277,4 +292,4 @@ class RowSampler(_ChannelStat):
         """``[min(count, max_rows), K]`` float32 sampled rows, in the order they were seen (a copy)."""
         if self._buffer is None:
             return np.zeros((0, self.k or 0), np.float32)
-        return self._buffer[np.argsort(self._order, kind="stable")].copy()
+        return self._buffer[: self._keys.size][np.argsort(self._order, kind="stable")]
