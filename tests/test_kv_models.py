@@ -242,3 +242,41 @@ def test_hqq_float_zero_points_with_the_tied_8bit_table(tmp_path, capsys):
     nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
     bits = {next(a.i for a in n.attribute if a.name == "bits") for n in nodes}
     assert bits == {4, 8}
+
+
+def _windowed(model: onnx.ModelProto, window: int, cache: bool) -> onnx.ModelProto:
+    """The fixture with local attention of ``window`` tokens in every GroupQueryAttention, with or without
+    the sliding-window KV cache (``sliding_window_cache=1``, as the GenAI builder writes Gemma 3)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            kept = [a for a in node.attribute if a.name not in ("local_window_size", "sliding_window_cache")]
+            del node.attribute[:]
+            node.attribute.extend(kept + [onnx.helper.make_attribute("local_window_size", window)]
+                                  + ([onnx.helper.make_attribute("sliding_window_cache", 1)] if cache else []))
+    return model
+
+
+def test_sliding_window_cache_gets_a_window_of_zero_rows(tmp_path, calib_text):
+    """A sliding-window cache refuses an empty past ("KV cache capacity (0) must be at least
+    local_window_size"): its empty past is ``local_window_size`` rows of zeros, and the model then computes
+    what the same local attention computes without that cache; calibration runs on it."""
+    base = onnx.load(str(KV / "genai" / "model.onnx"))
+    windowed, plain = _windowed(base, 8, cache=True), _windowed(base, 8, cache=False)
+    filler = InputFiller(input_specs(windowed))
+    ids = tokenize(TEXT[:2000], KV / "genai")[None, :20]
+    feed = filler.feed(ids)
+    pasts = [name for name in feed if name.startswith("past_key_values.")]
+    assert pasts and all(feed[name].shape[2] == 8 and not feed[name].any() for name in pasts)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    run = lambda m, f: ort.InferenceSession(m.SerializeToString(), options).run(["logits"], f)[0]  # noqa: E731
+    empty = {**feed, **{name: feed[name][:, :, :0] for name in pasts}}
+    with pytest.raises(Exception, match="capacity"):
+        run(windowed, empty)
+    np.testing.assert_allclose(run(windowed, feed), run(plain, InputFiller(input_specs(plain)).feed(ids)),
+                               rtol=1e-5, atol=1e-5)
+    src = tmp_path / "windowed.onnx"
+    onnx.save(windowed, src)
+    assert main(["quantize", str(src), str(tmp_path / "q.onnx"), "--algo", "gptq", "--calib-data", str(calib_text),
+                 "--tokenizer", str(KV / "genai"), "--samples", "2", "--seq-len", "16", "--quiet"]) == 0

@@ -14,7 +14,11 @@ in the model's dtype. :class:`InputFiller` fills, for token ids ``[batch, seq]``
 * ``token_type_ids``: zeros;
 * ``past_key_values.N.key`` / ``.value`` (``[batch, kv_heads, past, head_size]``, ``kv_heads``
   and ``head_size`` from the graph's static dims): empty, or the ``present.N.*`` outputs of
-  an earlier step (a decode step).
+  an earlier step (a decode step). A GroupQueryAttention with a sliding-window cache
+  (``sliding_window_cache=1``: the GenAI builder's Gemma 3 with its windowed KV cache) needs a
+  cache buffer of at least ``local_window_size`` rows even when empty: its "empty" past is that
+  many rows of zeros, with the attention mask over the new tokens only (the mask says how many
+  rows are real).
 
 Every input in the model's own dtype. Any other input is a one-line error naming it.
 The text and token-id readers, the feed completion of :func:`onnxq.calibration.materialize`
@@ -50,11 +54,13 @@ _ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(floa
 @dataclass(frozen=True)
 class InputSpec:
     """A model input as calibration sees it: ``shape`` entries are ints (static) or
-    ``None``/strings (dynamic); ``dtype`` is ``None`` when the model does not say."""
+    ``None``/strings (dynamic); ``dtype`` is ``None`` when the model does not say; ``capacity``:
+    for a KV-cache input, the rows its empty past has (see the module docstring; usually 0)."""
 
     name: str
     dtype: np.dtype | None
     shape: tuple[int | str | None, ...] | None
+    capacity: int = 0
 
     def describe(self) -> str:
         if self.shape is None:
@@ -107,15 +113,16 @@ def input_specs(model_inputs) -> list[InputSpec]:
     return specs
 
 
-def _with_past_dims(spec: InputSpec, dims: tuple[int, int] | None) -> InputSpec:
-    """``spec`` with a KV input's symbolic ``kv_heads`` / ``head_size`` dims replaced by ``dims`` (when known)."""
+def _with_past_dims(spec: InputSpec, dims: tuple[int, int, int] | None) -> InputSpec:
+    """``spec`` with a KV input's symbolic ``kv_heads`` / ``head_size`` dims replaced by ``dims`` (when known),
+    and ``capacity`` (its empty past's rows, when not 0) recorded."""
     if dims is None or spec.shape is None or len(spec.shape) != 4:
         return spec
     shape = list(spec.shape)
-    for axis, value in zip((1, 3), dims):
+    for axis, value in zip((1, 3), dims[:2]):
         if not isinstance(shape[axis], int):
             shape[axis] = value
-    return InputSpec(spec.name, spec.dtype, tuple(shape))
+    return InputSpec(spec.name, spec.dtype, tuple(shape), dims[2])
 
 
 _PASS_THROUGH = ("Add", "Mul", "Transpose", "Reshape", "RotaryEmbedding", "Cast", "SimplifiedLayerNormalization",
@@ -144,8 +151,10 @@ def _output_width(value: ir.Value | None, through_split: bool = False) -> int | 
     return None
 
 
-def _past_dims(graph: ir.Graph) -> dict[str, tuple[int, int]]:
-    """``{past input name: (kv_heads, head_size)}`` read off the nodes that consume the past inputs.
+def _past_dims(graph: ir.Graph) -> dict[str, tuple[int, int, int]]:
+    """``{past input name: (kv_heads, head_size, empty capacity)}`` read off the nodes that consume the
+    past inputs (``empty capacity``: rows an empty past must still have, ``local_window_size`` for a
+    GroupQueryAttention with ``sliding_window_cache``, else 0).
 
     The ONNX Runtime GenAI builder leaves ``head_size`` symbolic (``kv_cache_dim``) in the past
     inputs. GroupQueryAttention (its fp32 graphs) says ``kv_num_heads`` and ``num_heads``, and its
@@ -153,7 +162,7 @@ def _past_dims(graph: ir.Graph) -> dict[str, tuple[int, int]]:
     size; in its fp16 graphs the past is ``Concat``-ed with the new keys / values, whose projection
     has width ``kv_heads * head_size`` (``kv_heads`` static in the input's shape).
     """
-    dims: dict[str, tuple[int, int]] = {}
+    dims: dict[str, tuple[int, int, int]] = {}
     for value in graph.inputs:
         kv_heads = value.shape[1] if value.shape is not None and len(value.shape) == 4 else None
         if not (_PAST.match(value.name) and isinstance(kv_heads, int) and kv_heads > 0):
@@ -163,7 +172,7 @@ def _past_dims(graph: ir.Graph) -> dict[str, tuple[int, int]]:
             if node.op_type == "Concat" and len(others) == 1:
                 width = _output_width(others[0])
                 if width and width % kv_heads == 0:
-                    dims[value.name] = (kv_heads, width // kv_heads)
+                    dims[value.name] = (kv_heads, width // kv_heads, 0)
     for node in graph:
         if node.op_type != "GroupQueryAttention" or len(node.inputs) < 5:
             continue
@@ -176,9 +185,10 @@ def _past_dims(graph: ir.Graph) -> dict[str, tuple[int, int]]:
         if not (heads and kv_heads and width):
             continue
         head_size = width // (heads + 2 * kv_heads) if packed else width // heads
+        capacity = attrs.get("local_window_size", 0) if attrs.get("sliding_window_cache", 0) else 0
         for past in node.inputs[3:5]:
             if past is not None and past.is_graph_input():
-                dims[past.name] = (kv_heads, head_size)
+                dims[past.name] = (kv_heads, head_size, max(capacity, 0))
     return dims
 
 
@@ -232,6 +242,7 @@ class PastInput:
     dtype: np.dtype
     kv_heads: int
     head_size: int
+    capacity: int = 0  # rows of zeros an empty past has (a sliding-window cache's local_window_size)
 
     @property
     def present(self) -> str:
@@ -256,7 +267,7 @@ def _past_input(spec: InputSpec, what: str) -> PastInput:
                          "[batch, kv_heads, past, head_size] with static kv_heads and head_size")
     if spec.dtype is None or spec.dtype.kind != "f":
         raise OnnxqError(f"{what} input {spec.name!r} has dtype {spec.dtype}; expected a float KV cache")
-    return PastInput(spec.name, spec.dtype, shape[1], shape[3])
+    return PastInput(spec.name, spec.dtype, shape[1], shape[3], spec.capacity)
 
 
 class InputFiller:
@@ -320,7 +331,7 @@ class InputFiller:
             if past:
                 feed[spec.name] = np.ascontiguousarray(past[spec.name], dtype=spec.dtype)
             else:
-                feed[spec.name] = np.zeros((batch, spec.kv_heads, 0, spec.head_size), dtype=spec.dtype)
+                feed[spec.name] = np.zeros((batch, spec.kv_heads, spec.capacity, spec.head_size), dtype=spec.dtype)
         return feed
 
     def complete(self, feed: Mapping[str, np.ndarray]) -> Feed:

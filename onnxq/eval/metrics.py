@@ -196,9 +196,8 @@ class _LM:
         self.session = make_session(model, providers, reuse_buffers=reuse_buffers)
         self.what = what
         specs = specs_of_session(self.session)
-        if not isinstance(model, ort.InferenceSession) and any(
-                s.name.startswith("past_key_values.") and (s.shape is None or None in s.shape[1::2]) for s in specs):
-            specs = input_specs(model)  # the graph tells a KV cache's head size where the inputs leave it symbolic
+        if not isinstance(model, ort.InferenceSession) and any(s.name.startswith("past_key_values.") for s in specs):
+            specs = input_specs(model)  # the graph tells a KV cache's head size (when symbolic) and window capacity
         self.filler = InputFiller(specs, f"the {what} model")
         outputs = [o.name for o in self.session.get_outputs()]
         self.output = "logits" if "logits" in outputs else outputs[0]
@@ -443,6 +442,9 @@ def decode_check(model: ModelLike, token_ids: np.ndarray, *, prefill: int | None
     if not lm.filler.has_past:
         raise OnnxqError("the decode check needs a KV-cache model (inputs past_key_values.N.key/value)")
     outputs = {o.name for o in lm.session.get_outputs()}
+    if any(p.capacity for p in lm.filler.past):
+        raise OnnxqError("not checked: the model has a sliding-window KV cache (GroupQueryAttention "
+                         "sliding_window_cache), which this check does not drive")
     missing = [p.present for p in lm.filler.past if p.present not in outputs]
     if missing:
         raise OnnxqError(f"the model has past inputs but no output {missing[0]!r} to continue decoding from")
