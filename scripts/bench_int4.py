@@ -68,7 +68,7 @@ RUNS: dict[str, tuple[str, list]] = {
     "onnxruntime default (RTN)": ("ort", ["--algo", "default", "--block-size", "128"]),
     "onnxruntime k_quant (asym)": ("ort", ["--algo", "k_quant", "--block-size", "128", "--fix-zp-packing"]),
     "onnxruntime HQQ (asym)": ("ort-torch", ["--algo", "hqq", "--block-size", "128"]),
-    "onnxruntime GPTQ (8 samples)": ("ort", ["--algo", "gptq", "--block-size", "128", CALIB]),
+    "onnxruntime GPTQ (8 samples)": ("ort-torch", ["--algo", "gptq", "--block-size", "128", CALIB]),
     "onnxq rtn": ("onnxq", [*B128]),
     "onnxq k_quant": ("onnxq", [*B128, "--algo", "k_quant"]),
     "onnxq k_quant (calibrated)": ("onnxq", [*B128, "--algo", "k_quant", CALIB]),
@@ -140,7 +140,7 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
     tool, flags = RUNS[name]
     row: dict = {"run": name, "tool": tool}
     out = WORK / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
-    samples = 8 if tool == "ort" else args.samples
+    samples = 8 if tool.startswith("ort") and "gptq" in flags else args.samples
     calib_flags = ["--calib-data", str(calib), "--samples", str(samples), "--seq-len", str(args.seq_len)]
     flags = [f for flag in flags for f in (calib_flags if flag is CALIB else [flag])]
     if tool == "builder":

@@ -194,6 +194,9 @@ def quantize(args: argparse.Namespace, model_file: Path, folder: Path | None, ta
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for name in ("input", "output", "calib_data", "tokenizer"):  # absolute: gptq runs in the model's folder
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
     model_file, folder = model_paths(args.input)
     if args.output.exists():
         raise SystemExit(f"{args.output} exists; choose a new output folder")
@@ -204,14 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.algo in ("k_quant", "hqq") and not args.asym:
         record["note"] = f"onnxruntime's {args.algo} is asymmetric only (zero points are always written)"
     if args.algo == "gptq":
-        record.update(calib_data=str(args.calib_data), samples=args.samples, seq_len=args.seq_len)
+        record.update(calib_data=str(args.calib_data), samples=args.samples, seq_len=args.seq_len,
+                      note="run from the model's folder (onnxruntime resolves its external data against the cwd)")
     work = args.output.with_name(args.output.name + ".tmp")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     start = time.perf_counter()
     code = 0
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # Neural Compressor prints its progress bar to stdout
+        cwd = model_file.parent if args.algo == "gptq" else Path.cwd()
+        with contextlib.redirect_stdout(sys.stderr), contextlib.chdir(cwd):  # NC prints its progress to stdout
             record["stale_external_refs"] = quantize(args, model_file, folder, work / model_file.name)
     except Exception as exc:  # noqa: BLE001  (the point: report what onnxruntime's tool does, crashes included)
         record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
