@@ -61,7 +61,6 @@ def best(fn, repeat: int = 2) -> float:
 
 def constants(tokens: int) -> dict:
     """Per-thread rates of the stages (see the module docstring)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.atomic import write_error
 from onnxq.core import QuantizedWeight
 from onnxq.errors import OnnxqError
 
@@ -96,8 +97,9 @@ def _replace_write(path: Path, write) -> None:
         write(tmp)
         os.replace(tmp, path)
     except OSError as exc:
+        error = write_error(path, exc)  # before the temp file, which holds the space, is removed
         tmp.unlink(missing_ok=True)
-        raise OnnxqError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+        raise error from None
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -193,8 +195,9 @@ class Checkpoint:
             shutil.rmtree(self.directory / name, ignore_errors=True)
             os.replace(tmp, self.directory / name)
         except OSError as exc:
+            error = write_error(self.directory / name, exc)
             shutil.rmtree(tmp, ignore_errors=True)
-            raise OnnxqError(f"cannot write checkpoint {self.directory}: {exc.strerror or exc}") from None
+            raise error from None
 
     def _write_manifest(self, state: str | None) -> None:
         body = json.dumps({"format": FORMAT, "fingerprint": self.run, "blocks": self.blocks, "done": self.done,

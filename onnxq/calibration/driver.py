@@ -209,9 +209,10 @@ class _Driver:
         desc = f"{self.config.algorithm} calibration"
         return self.progress(blocks, desc=desc, unit="block") if self.progress else blocks
 
-    def _probe(self, model: ir.Model, names: list[str], feed_names: list[str]):
-        return ActivationProbe(model, names, feed_names=feed_names, providers=self.providers).spec(
-            self.executor.example())
+    def _probe(self, model: ir.Model, names: list[str], feed_names: list[str], example: Feed):
+        """The probe model of ``names`` cut at ``feed_names``; ``example``: one sample's feed (for the
+        types of inputs the graph leaves undeclared)."""
+        return ActivationProbe(model, names, feed_names=feed_names, providers=self.providers).spec(example)
 
     def _plan(self, names: list[str]) -> StatisticsPlan:
         statistics = tuple(self.algorithm.collected_statistics)
@@ -250,7 +251,8 @@ class _Driver:
                 self._report(block, time.perf_counter() - start, notes, {})
                 continue
             names = list(block.input_groups)
-            stats, stages = self.executor.collect(self._probe(model, names, block.inputs), self._plan(names))
+            example = self.executor.example()  # one fetch per block (a remote one on Ray), for both probes
+            stats, stages = self.executor.collect(self._probe(model, names, block.inputs, example), self._plan(names))
             stages["collect"] = time.perf_counter() - start
             mark = time.perf_counter()
             groups = self._solve(block.input_groups, stats)
@@ -263,7 +265,7 @@ class _Driver:
             mark = time.perf_counter()
             needed = [name for name in block.outputs if last_use.get(name, -1) > block.index]
             keep = frozenset(name for name, last in last_use.items() if last > block.index)
-            self.executor.advance(self._probe(model, needed, block.inputs) if needed else None, keep)
+            self.executor.advance(self._probe(model, needed, block.inputs, example) if needed else None, keep)
             stages["advance"] = time.perf_counter() - mark
             if self.checkpoint is not None:
                 mark = time.perf_counter()
@@ -278,7 +280,8 @@ class _Driver:
         todo = [block for block in blocks if block.index not in done]
         if todo:
             groups = {name: sites for block in todo for name, sites in block.input_groups.items()}
-            stats, stages = self.executor.collect(self._probe(model, list(groups), []), self._plan(list(groups)))
+            stats, stages = self.executor.collect(self._probe(model, list(groups), [], self.executor.example()),
+                                                  self._plan(list(groups)))
             logger.info("one-pass statistics: %.1f s (forward %.1f s, statistics %.1f s)", time.perf_counter() - start,
                         stages["forward"], stages["statistics"])
             solutions = self._solve(groups, stats, lazily=True)
