@@ -74,14 +74,22 @@ class CalibrationConfig:
         sequential: calibrate block by block on the outputs of the already quantized
             blocks (as the GPTQ and AWQ papers do); ``False`` takes every layer's input
             from the float model in one pass (faster, usually less accurate).
+        outlier_token_ratio: a token whose activation's squared norm exceeds this multiple of
+            its sample's median is scaled down to that cap before the statistics see it (the
+            massive activations of first tokens; :func:`~onnxq.calibration.cap_outlier_tokens`);
+            0 keeps every token as it is.
     """
 
     samples: int = 128
     sequential: bool = True
+    outlier_token_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.samples, int) and self.samples >= 1):
             raise OnnxqError(f"calibration.samples must be a positive integer, got {self.samples!r}")
+        ratio = self.outlier_token_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (ratio == 0 or ratio >= 1):
+            raise OnnxqError(f"calibration.outlier_token_ratio must be 0 (off) or a number >= 1, got {ratio!r}")
 
 
 _NESTED = {**{a.options_field: a.options_type for a in registered_algorithms() if a.options_field},

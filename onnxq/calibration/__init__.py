@@ -20,6 +20,7 @@ from onnxq.calibration.accumulators import (
     HessianAccumulator,
     MeanSquareAccumulator,
     RowSampler,
+    cap_outlier_tokens,
     rows_of,
 )
 from onnxq.calibration.blocks import NORM_OPS, Block, find_blocks
@@ -54,6 +55,7 @@ __all__ = [
     "RowSampler",
     "TextReader",
     "as_reader",
+    "cap_outlier_tokens",
     "collect_statistics",
     "find_blocks",
     "find_tokenizer",

@@ -27,6 +27,7 @@ __all__ = [
     "HessianAccumulator",
     "MeanSquareAccumulator",
     "RowSampler",
+    "cap_outlier_tokens",
     "rows_of",
 ]
 
@@ -68,6 +69,33 @@ def rows_of(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     if not np.isfinite(rows).all():
         raise OnnxqError(f"activations {x.shape} contain NaN or Inf")
     return rows
+
+
+def cap_outlier_tokens(rows: np.ndarray, ratio: float) -> np.ndarray:
+    """Rows ``[T, K]`` with every row whose squared norm exceeds ``ratio`` times the median
+    squared norm of ``rows`` scaled down to exactly that cap (the others unchanged; a new array
+    only when a row is capped).
+
+    Why: LLMs put "massive activations" (Sun et al., arXiv 2402.17762) on a few tokens, above
+    all the first token of a sequence (the attention sink) and some delimiters, in the inputs of
+    a few ``down_proj`` layers: on SmolLM2-135M one first token carries 99.9% of
+    ``sum_t ||x_t||^2`` of layer 11's ``down_proj`` input (its norm ~560x the median). GPTQ's
+    Hessian ``X^T X`` (and AWQ's mean ``|x|``, k-quant's mean ``x^2``, AWQ's sampled rows) then
+    describe that one token; the output there is itself massive and is normalised away by the
+    next RMSNorm, so fitting it spends the solver's freedom where the model does not look.
+    Capping a row keeps its direction (a weight ``min(1, sqrt(cap / ||x_t||^2))`` per token),
+    so ordinary tokens decide the statistics. ``ratio <= 0`` returns ``rows`` unchanged.
+    """
+    if ratio <= 0 or rows.shape[0] == 0:
+        return rows
+    norms = np.einsum("tk,tk->t", rows, rows, dtype=np.float64)
+    cap = ratio * float(np.median(norms))
+    over = norms > cap
+    if cap <= 0 or not over.any():
+        return rows
+    out = np.array(rows, copy=True)
+    out[over] *= np.sqrt(cap / norms[over]).astype(out.dtype)[:, None]
+    return out
 
 
 class _ChannelStat:

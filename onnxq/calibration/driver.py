@@ -217,7 +217,8 @@ class _Driver:
     def _plan(self, names: list[str]) -> StatisticsPlan:
         statistics = tuple(self.algorithm.collected_statistics)
         rows = self.algorithm.sample_rows(self.options) if "rows" in statistics else 0
-        return StatisticsPlan(tuple(names), statistics, rows)
+        return StatisticsPlan(tuple(names), statistics, rows,
+                              outlier_token_ratio=float(self.config.calibration.outlier_token_ratio))
 
     def _replayed(self, block: Block) -> list[GroupSolution]:
         groups = self.checkpoint.load_block(block.index)

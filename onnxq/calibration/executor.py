@@ -35,6 +35,8 @@ from onnxq.calibration.accumulators import (
     HessianAccumulator,
     MeanSquareAccumulator,
     RowSampler,
+    cap_outlier_tokens,
+    rows_of,
 )
 from onnxq.calibration.probe import ProbeSpec
 from onnxq.errors import OnnxqError
@@ -65,12 +67,16 @@ class StatisticsPlan:
             ``sq_mean``, ``rows``).
         sample_rows: rows a ``rows`` statistic keeps per tensor.
         seed: seed of the row sampler's keys.
+        outlier_token_ratio: each sample's rows whose squared norm exceeds this multiple of the
+            sample's median are scaled down to it before any statistic sees them
+            (:func:`~onnxq.calibration.accumulators.cap_outlier_tokens`; 0: rows as they are).
     """
 
     names: tuple[str, ...]
     statistics: tuple[str, ...]
     sample_rows: int = 0
     seed: int = 0
+    outlier_token_ratio: float = 0.0
 
     def accumulators(self, k: int) -> dict[str, Accumulator]:
         """Fresh accumulators for one input tensor of ``k`` channels."""
@@ -130,8 +136,9 @@ def accumulate_shard(spec: ProbeSpec, plan: StatisticsPlan, feeds: Sequence[Feed
             if name not in stats:
                 stats[name] = plan.accumulators(x.shape[-1])
             rows_mask = mask if mask is not None and mask.size * x.shape[-1] == x.size else None
+            rows = cap_outlier_tokens(rows_of(x, rows_mask), plan.outlier_token_ratio)
             for accumulator in stats[name].values():
-                accumulator.update(x, rows_mask, sample=index)
+                accumulator.update(rows, sample=index)
         seconds["forward"] += middle - start
         seconds["statistics"] += time.perf_counter() - middle
     return stats, seconds

@@ -103,7 +103,8 @@ def config_from(args: argparse.Namespace, defaults: Mapping[str, Any] | None = N
         "teq": {"steps": getattr(args, "steps", None)} if getattr(args, "algo", None) == "teq" else {},
         "autoround": {"steps": getattr(args, "steps", None)} if getattr(args, "algo", None) == "autoround" else {},
         "calibration": {"samples": getattr(args, "samples", None),
-                        "sequential": False if getattr(args, "one_pass", None) else None},
+                        "sequential": False if getattr(args, "one_pass", None) else None,
+                        "outlier_token_ratio": getattr(args, "outlier_tokens", None)},
     }
     for key, values in nested.items():
         values = {k: v for k, v in values.items() if v is not None}
