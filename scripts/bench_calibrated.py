@@ -31,6 +31,11 @@ for every algorithm of ``--algos`` as separate processes (imports included; cali
 average before and after each; ``--tree DIR`` adds the same runs from another checkout (its
 ``onnxq`` package; the model and data stay the same), interleaved (DIR, this, DIR, this, ...).
 
+``--breakdown`` adds, per shape, the parts of the solve timed alone in the same run: the
+factor (``gptq._damped_factor``, float64), the lazy-batch GEMMs ``M[batch, :start] @ D[:start]``
+(float32, the solve's shapes, random ``D``) and the static RTN scales (``quantize_weight``); the
+rest of the median solve time is the per-row loop, the panel GEMMs and the setup.
+
 ``--compare DIR`` also times the ``gptq_solve`` of another checkout (e.g. ``git worktree add
 /tmp/gptq_base HEAD~1``), interleaved with this one's (old, new, old, new, ...) so both see the same load. The load
 average is printed at the start and the end: the machine is shared.
@@ -62,10 +67,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxq.algorithms import SiblingGroup, get_algorithm, gptq_solve
+from onnxq.algorithms import SiblingGroup, get_algorithm, gptq, gptq_solve
 from onnxq.calibration import HessianAccumulator
 from onnxq.calibration.executor import StatisticsPlan
 from onnxq.config import QuantConfig
+from onnxq.core import quantize_weight
 from onnxq.formats import WeightSettings
 
 SGEMM_N = 4096
@@ -128,6 +134,26 @@ def correlated_rows(t: int, k: int, seed: int) -> np.ndarray:
     x[:, 1:] += 0.5 * x[:, :-1]
     x *= rng.lognormal(0.0, 1.0, k).astype(np.float32)
     return x
+
+
+def breakdown(w: np.ndarray, h: np.ndarray, solve_s: float, sgemm_s: float, repeat: int = 2) -> list[dict]:
+    """The solve's factor, lazy-batch GEMMs and static RTN timed alone (best of ``repeat``), and the rest."""
+    k, n = w.shape
+    diagonal = np.diag(h).astype(np.float64)
+    factor_s = min(timed(lambda: gptq._damped_factor(h, diagonal, None, k, 0.01)) for _ in range(repeat))
+    m = gptq._damped_factor(h, diagonal, None, k, 0.01)[0]
+    d = np.random.default_rng(3).standard_normal((k, n), dtype=np.float32)
+    lazy = 128
+    gemm_s = min(timed(lambda: [m[i1:i1 + lazy, :i1] @ d[:i1] for i1 in range(lazy, k, lazy)]) for _ in range(repeat))
+    rtn_s = min(timed(lambda: quantize_weight(w, 4, 128, True)) for _ in range(repeat))
+    parts = {"factor (float64)": (factor_s, k**3 / 3.0), "lazy-batch GEMMs": (gemm_s, float(k) * k * n),
+             "static RTN scales": (rtn_s, 0.0), "rest (rows, panels, setup)": (solve_s - factor_s - gemm_s - rtn_s, 0.0)}
+    out = []
+    for name, (seconds, flop) in parts.items():
+        rate = f"{flop / seconds / 1e9:6.1f} GFLOP/s" if flop else " " * 13
+        print(f"  {name:32s} {seconds:7.3f} s  {rate}  {seconds / sgemm_s:5.2f}x one sgemm's time", flush=True)
+        out.append({"stage": f"solve {k}x{n} part: {name}", "median_s": seconds, "time_vs_sgemm": seconds / sgemm_s})
+    return out
 
 
 def solve_flop(algorithm: str, options, t: int, k: int, ns: list[int]) -> tuple[float, float] | None:
@@ -237,6 +263,7 @@ def main() -> None:
     parser.add_argument("--hessian-samples", type=int, default=8, help="samples for the Hessian stage (0: skip)")
     parser.add_argument("--tokens", type=int, default=2048, help="rows per Hessian sample")
     parser.add_argument("--compare", type=Path, help="another checkout whose gptq_solve is timed interleaved")
+    parser.add_argument("--breakdown", action="store_true", help="time the solve's factor, GEMMs and RTN alone")
     parser.add_argument("--block7b", default="", help="algorithms solved on the synthetic 7B-shaped block")
     parser.add_argument("--block-weights", default="q,k,v,o,gate,up,down", help="the block's weights to solve")
     parser.add_argument("--block-rows", type=int, default=2048, help="calibration rows per block input")
@@ -277,6 +304,8 @@ def main() -> None:
         if other is not None:
             rows.append(report(f"solve {k}x{n} b128 ({args.compare})", old_times, flop, sgemm_s))
         rows.append(report(f"solve {k}x{n} b128", new_times, flop, sgemm_s))
+        if args.breakdown:
+            rows += breakdown(w, h, statistics.median(new_times), sgemm_s)
     if args.block7b:
         rows += bench_block(args.block7b.split(","), set(args.block_weights.split(",")), args.block_rows, sgemm_s)
     if args.whole_process:

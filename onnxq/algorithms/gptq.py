@@ -22,14 +22,30 @@ triangular, ``H_damped = M^T M``, a Cholesky factor of ``H`` itself: no inverse 
 (the same numbers as above in exact arithmetic). Per lazy batch of ``lazy_batch`` rows (the
 paper's "lazy batch", sec. 4, step 2) ``M[batch, :start] @ D[:start]`` is one GEMM; inside the
 batch, each panel of ``_PANEL`` rows gathers the earlier rows of its batch with one more GEMM,
-and only the rows of its own panel are matrix-vector products. The factor is a blocked float64
-Cholesky (LAPACK per block, ``syrk`` updates); the products run in float32, like the reference
-implementation's on GPU. Whatever the order and batching, the solver's loss has the closed form
+and only the rows of its own panel are matrix-vector products; each row's own step is a fixed
+dozen of in-place numpy calls on preallocated rows (``out=``, reciprocal scales precomputed per
+block). The products run in float32, like the reference implementation's on GPU; ``E`` is only
+kept for the current lazy batch (all of it only for dynamic groups). Whatever the order and
+batching, the solver's loss has the closed form
 ``(W - Q)[:, n]^T H_damped (W - Q)[:, n] = sum_k e_k[n]^2``: :class:`GPTQResult.loss`.
+
+The factor ``M`` is a left-looking blocked Cholesky from the bottom right in float64 (LAPACK
+``potrf`` per block, ``syrk`` / GEMM updates, a recursive triangular solve), K^3/3 FLOP, on
+one private float64 copy of ``H``'s lower block triangle; it is rounded to float32 block row by
+block row. It stays float64 because float32 is measurably not accurate enough: the Schur
+complements ``C = H_SS - M_TS^T M_TS`` that each block factors cancel down to about the
+damping when ``H`` is (nearly) rank deficient, so a float32 update (absolute error about
+``eps32 * |H|``) leaves ``C`` with a relative error of about ``eps32 * cond(H_damped)``. On the real MiniLM layers (256 calibration
+rows, K = 384 and 1536) every float32 variant tried (all float32; float64 diagonal blocks; float64
+subtraction and triangular solve with float32 products; float64 accumulation of float32 products
+over 512-row slices) flipped 0.51-0.70% of the codes against the float64 Algorithm 1 and moved
+the objective by up to 1%, against none flipped in float64 (the bound in
+``tests/test_gptq_speed_equivalence.py`` is 0.1%); see docs/SPEED.md.
 
 Conventions kept from :mod:`onnxq.core.quantize`: scales are rounded to
 ``scale_dtype`` before any code is computed, codes use the same reciprocal
-multiply and round-half-up (:func:`~onnxq.core.quantize_with_params`), and the
+multiply and round-half-up (:func:`~onnxq.core.quantize_with_params`; here as
+``floor(v + 0.49999997)``, the same codes), and the
 float weight a row is reconstructed to is computed exactly as
 :meth:`QuantizedWeight.dequantize` computes it, so the returned codes are the ones
 whose error was propagated and ``dequantize()`` is the solver's ``Q`` bit for bit.
@@ -68,6 +84,7 @@ logger = logging.getLogger(__name__)
 _CHOLESKY_RETRIES = 4  # damping tried: d, 10 d, 100 d, 1000 d
 _TRIANGULAR_BASE = 128  # below this size a triangular inverse is done by LAPACK directly
 _FACTOR_BLOCK = 256  # rows per LAPACK Cholesky in the blocked factor
+_HALF_DOWN = np.nextafter(np.float32(0.5), np.float32(0))  # floor(v + this) is roundf(v), as in onnxq.core
 _PANEL = 16  # rows of a lazy batch whose mutual updates are matrix-vector products; the rest are GEMMs
 
 
@@ -130,8 +147,24 @@ def _inv_lower(lower: np.ndarray) -> np.ndarray:
     return out
 
 
+def _solve_transposed(lower: np.ndarray, rhs: np.ndarray) -> None:
+    """``rhs <- lower^-T @ rhs`` in place for a lower-triangular ``[n, n]`` and ``rhs: [n, m]``.
+
+    2x2 block recursion (``lower^T`` is upper triangular: the bottom half first), ``n^2 m`` FLOP
+    in matrix products; blocks of at most ``_TRIANGULAR_BASE / 2`` rows by an explicit inverse.
+    """
+    n = lower.shape[0]
+    if n <= _TRIANGULAR_BASE // 2:
+        rhs[...] = np.linalg.inv(lower).T @ rhs
+        return
+    m = n // 2
+    _solve_transposed(lower[m:, m:], rhs[m:])
+    rhs[:m] -= lower[m:, :m].T @ rhs[m:]
+    _solve_transposed(lower[:m, :m], rhs[:m])
+
+
 def _reverse_cholesky(hessian: np.ndarray) -> np.ndarray:
-    """float64 ``M`` lower triangular with ``hessian = M^T M`` (``LinAlgError`` if not SPD).
+    """``M`` lower triangular with ``hessian = M^T M`` (``LinAlgError`` if not SPD).
 
     With ``J`` the reversal permutation and ``J H J = L L^T`` (LAPACK ``potrf``): ``M = J L^T J``.
     """
@@ -139,39 +172,58 @@ def _reverse_cholesky(hessian: np.ndarray) -> np.ndarray:
     return lower.T[::-1, ::-1]
 
 
-def _blocked_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
-    """float32 ``M`` lower triangular with ``hessian + damp I = M^T M`` (``LinAlgError`` if not SPD).
+def _blocked_factor(hessian: np.ndarray, diagonal: np.ndarray, order: np.ndarray | None, kp: int,
+                    damp: float) -> np.ndarray:
+    """float32 ``M: [kp, kp]`` lower triangular with ``H' = M^T M`` (``LinAlgError`` if not SPD).
 
-    ``M = U^-T`` for the reference's ``U = chol_upper(H^-1)``, so no inverse is needed (the
-    reference's inverse and second Cholesky disappear). Blocked from the bottom right, in
-    float64: with ``H = [[A, B^T], [B, C]]`` and ``C = M_C^T M_C`` (LAPACK ``potrf`` of a
-    ``_FACTOR_BLOCK`` block, :func:`_reverse_cholesky`): ``M_B = M_C^-T B``, and
-    ``A - M_B^T M_B`` (one ``syrk``) is factored next. K^3/3 FLOP like one LAPACK call on the
-    whole matrix, without reversing and transposing ``[K, K]`` copies around it.
-    float64 because a float32 factor, measured on the rank-deficient test Hessians (256 rows,
-    K = 1536), moved the objective by up to 1% and flipped 0.5% of the codes.
+    ``H'`` is ``hessian: [K, K]`` with rows and columns taken in ``order`` (None: as they are),
+    ``diagonal: [K]`` (the Hessian's diagonal in that order, dead entries set to 1) plus ``damp``
+    on the diagonal, and an identity for the padded rows ``K..kp``. ``M = U^-T`` for the
+    reference's ``U = chol_upper(H'^-1)``, so no inverse is needed. Left-looking, blocked from
+    the bottom right, in float64 on one private ``[kp, kp]`` buffer (only its lower block
+    triangle is ever filled): for the block ``S`` of ``_FACTOR_BLOCK`` rows above the finished
+    rows ``T``, ``C = H'_SS - M_TS^T M_TS`` (``syrk``), ``M_SS`` from LAPACK ``potrf`` of ``C``
+    (:func:`_reverse_cholesky`), and ``M_S,<S = M_SS^-T (H'_S,<S - M_TS^T M_T,<S)`` (one GEMM
+    and a triangular solve, :func:`_solve_transposed`). K^3/3 FLOP like one LAPACK
+    call, without its reversed copies; each finished block row goes to the float32 result.
+    float64 because float32 is not accurate enough here: see the module docstring.
     """
-    a = hessian.copy()
-    diagonal = np.arange(len(a))
-    a[diagonal, diagonal] += damp
-    for stop in range(len(a), 0, -_FACTOR_BLOCK):
-        start = max(stop - _FACTOR_BLOCK, 0)
-        block = _reverse_cholesky(a[start:stop, start:stop])
+    k = len(diagonal)
+    a = np.empty((kp, kp)) if kp == k else np.zeros((kp, kp))
+    out = np.zeros((kp, kp), dtype=np.float32)
+    blocks = [(max(stop - _FACTOR_BLOCK, 0), stop) for stop in range(kp, 0, -_FACTOR_BLOCK)]
+    for start, stop in blocks:  # the lower block triangle of H', rows start:stop
+        real = min(stop, k)
+        if start < real:
+            a[start:real, :real] = (hessian[start:real, :real] if order is None
+                                    else hessian[np.ix_(order[start:real], order[:real])])
+    index = np.arange(kp)
+    a[index, index] = 1.0  # padded rows
+    a[index[:k], index[:k]] = diagonal + damp
+    for start, stop in blocks:
+        c = a[start:stop, start:stop]
+        left = a[start:stop, :start]
+        if stop < kp:
+            below = a[stop:, start:stop]  # M_TS
+            c -= below.T @ below
+            if start:
+                left -= below.T @ a[stop:, :start]
+        block = _reverse_cholesky(c)
         if start:
-            below = np.linalg.inv(block).T @ a[start:stop, :start]  # M_B: [b, start]
-            a[start:stop, :start] = below
-            a[:start, :start] -= below.T @ below
-        a[start:stop, start:stop] = block
-    return np.tril(a).astype(np.float32)
+            _solve_transposed(block, left)
+        c[...] = block
+        out[start:stop, :stop] = a[start:stop, :stop]
+    return out
 
 
-def _damped_factor(hessian: np.ndarray, percdamp: float) -> tuple[np.ndarray, float]:
-    """Add ``percdamp * mean(diag H)`` to the diagonal and factor; retry with 10x damping on failure."""
-    mean_diag = float(np.mean(np.diag(hessian)))  # > 0: the diagonal is >= 0 and dead entries are 1
+def _damped_factor(hessian: np.ndarray, diagonal: np.ndarray, order: np.ndarray | None,
+                   kp: int, percdamp: float) -> tuple[np.ndarray, float]:
+    """Add ``percdamp * mean(diagonal)`` to the diagonal and factor; retry with 10x damping on failure."""
+    mean_diag = float(np.mean(diagonal))  # > 0: the diagonal is >= 0 and dead entries are 1
     for attempt in range(_CHOLESKY_RETRIES):
         damp = percdamp * mean_diag * 10.0**attempt
         try:
-            return _blocked_factor(hessian, damp), damp
+            return _blocked_factor(hessian, diagonal, order, kp, damp), damp
         except np.linalg.LinAlgError:
             logger.warning("GPTQ: Hessian not positive definite with damping %g; retrying with 10x damping", damp)
     raise OnnxqError(
@@ -181,6 +233,7 @@ def _damped_factor(hessian: np.ndarray, percdamp: float) -> tuple[np.ndarray, fl
 
 
 def _check_inputs(weight, hessian, bits, block_size, percdamp, lazy_batch) -> tuple[np.ndarray, np.ndarray]:
+    """``(weight as float32, hessian)``, both the caller's arrays where no conversion is needed."""
     try:
         check_quant_params(bits, block_size)
     except ValueError as exc:
@@ -192,17 +245,23 @@ def _check_inputs(weight, hessian, bits, block_size, percdamp, lazy_batch) -> tu
     k = weight.shape[0]
     if hessian.shape != (k, k):
         raise OnnxqError(f"GPTQ expected a Hessian of shape [K, K] = {(k, k)}, got {hessian.shape}")
-    if not np.all(np.isfinite(hessian)):
+    if not _all_finite(hessian):
         raise OnnxqError("GPTQ expected a finite Hessian, found NaN or inf")
     if np.any(np.diag(hessian) < 0):
         raise OnnxqError("GPTQ expected a Hessian 2/n X^T X with a diagonal >= 0, found negative entries")
-    if not np.all(np.isfinite(weight)):
+    if not _all_finite(weight):
         raise OnnxqError("GPTQ expected a finite weight, found NaN or inf")
     if not percdamp > 0:
         raise OnnxqError(f"GPTQ percdamp must be > 0, got {percdamp!r}")
     if not isinstance(lazy_batch, (int, np.integer)) or lazy_batch < 1:
         raise OnnxqError(f"GPTQ lazy_batch must be a positive integer, got {lazy_batch!r}")
-    return weight.astype(np.float32), hessian.astype(np.float64)  # private copies
+    return np.asarray(weight, dtype=np.float32), hessian  # read only: never modified
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """No NaN or inf in ``values``: one sum (NaN and inf propagate), the elementwise test only if it overflows."""
+    with np.errstate(all="ignore"):
+        return bool(np.isfinite(np.sum(values))) or bool(np.all(np.isfinite(values)))
 
 
 def gptq_solve(
@@ -248,16 +307,24 @@ def gptq_solve(
     bs = k if block_size == -1 else int(block_size)
     k_blocks = -(-k // bs)
     kp = k_blocks * bs
+    maxq = np.float32((1 << bits) - 1)
 
-    dead = np.diag(hessian) == 0  # inputs that were always zero: H_kk = 1, weight row 0
-    hessian[dead, dead] = 1.0  # `hessian` is already a private copy
-    # Padded rows: zero weight, identity Hessian, hence decoupled (U is block diagonal).
-    padded = np.zeros((kp, n), dtype=np.float32)
-    padded[:k] = weight
-    padded[:k][dead] = 0.0
+    diagonal = np.diag(hessian).astype(np.float64)
+    dead = diagonal == 0  # inputs that were always zero: H_kk = 1, weight row 0
+    diagonal[dead] = 1.0
+    if kp == k and not dead.any():
+        padded = weight  # read only
+    else:  # padded rows: zero weight, identity Hessian, hence decoupled (M is block diagonal)
+        padded = np.zeros((kp, n), dtype=np.float32)
+        padded[:k] = weight
+        padded[:k][dead] = 0.0
 
     scales = np.empty((n, k_blocks), dtype=np.float32)
     zero_points = np.empty((n, k_blocks), dtype=np.uint8)
+    # per block, contiguous [k_blocks, N] float32: scale, zero point, 1/scale (0 where the scale is 0)
+    block_scales = np.empty((k_blocks, n), dtype=np.float32)
+    block_zps = np.empty((k_blocks, n), dtype=np.float32)
+    block_recips = np.zeros((k_blocks, n), dtype=np.float32)
     have_params = np.zeros(k_blocks, dtype=bool)
 
     def set_params(block: slice, rows: np.ndarray) -> None:
@@ -265,61 +332,93 @@ def gptq_solve(
         qw = quantize_weight(rows, bits, bs, symmetric, mse_clip=mse_clip, scale_dtype=scale_dtype)
         scales[:, block] = qw.scales
         zero_points[:, block] = qw.effective_zero_points()
+        block_scales[block] = scales[:, block].T
+        block_zps[block] = zero_points[:, block].T
+        np.divide(np.float32(1), block_scales[block], out=block_recips[block], where=block_scales[block] != 0)
         have_params[block] = True
 
     if static_groups:
         set_params(slice(0, k_blocks), padded)
 
     if act_order:
-        order = np.argsort(-np.diag(hessian), kind="stable")
-        hessian = hessian[np.ix_(order, order)]
+        order = np.argsort(-diagonal, kind="stable")
+        diagonal = diagonal[order]
         order = np.concatenate([order, np.arange(k, kp)])
+        work = padded[order]  # row i of work is original row order[i]; never modified
     else:
         order = np.arange(kp)
-    factor, damp = _damped_factor(hessian, percdamp)
-    if kp == k:
-        m = factor
-    else:  # padded rows: identity, decoupled from the real ones
-        m = np.eye(kp, dtype=np.float32)
-        m[:k, :k] = factor
+        work = padded
+    m, damp = _damped_factor(hessian, diagonal, order if act_order else None, kp, percdamp)
     diag = np.diag(m).copy()
     inv_diag = np.float32(1) / diag
     # Dynamic groups need the current value of rows not yet reached: -(M^-1)[rows, :i] @ E[:i].
     m_inv = None if static_groups else _inv_lower(m.astype(np.float64)).astype(np.float32)
     position = np.empty(kp, dtype=np.int64)
     position[order] = np.arange(kp)
-    work = padded[order]  # row i of work is original row order[i]; never modified
+    row_blocks = (order // bs).tolist()  # the block of the row processed at each step
 
-    codes_rows = np.empty((kp, n), dtype=np.uint8)
+    codes_t = np.empty((n, kp), dtype=np.uint8)  # codes, original row order, [N, K] as QuantizedWeight keeps them
     diffs = np.empty((kp, n), dtype=np.float32)  # D = W - Q, processing order
-    errors = np.empty((kp, n), dtype=np.float32)  # E = M D
+    # E = M D, a row holding w' until its panel is finished: all rows for dynamic groups, else one batch
+    errors = np.empty((kp if m_inv is not None else min(lazy_batch, kp), n), dtype=np.float32)
+    acc = np.empty((min(lazy_batch, kp), n), dtype=np.float32)
+    codes_f = np.empty_like(acc)  # the codes of the current batch, as floats
+    q_panel = np.empty((_PANEL, n), dtype=np.float32)  # Q of the current panel
+    update = np.empty(n, dtype=np.float32)
+    loss = np.zeros(n)
+    base = finished = 0  # errors[r - base] is row r; errors[:finished - base] hold E
+
+    def finish_errors(stop: int) -> None:
+        """``E = (w' - q) * M_kk`` for the rows ``finished:stop`` (all in the current panel)."""
+        nonlocal finished
+        rows = errors[finished - base:stop - base]
+        np.subtract(rows, q_panel[finished - p1:stop - p1], out=rows)
+        np.multiply(rows, diag[finished:stop, None], out=rows)
+        finished = stop
+
     for i1 in range(0, kp, lazy_batch):
         i2 = min(i1 + lazy_batch, kp)
+        base = 0 if m_inv is not None else i1
         # acc[r - i1] = M[r, :c] @ D[:c], c = i1, then the start of r's panel: one GEMM each
-        acc = m[i1:i2, :i1] @ diffs[:i1] if i1 else np.zeros((i2 - i1, n), np.float32)
+        batch_acc = acc[:i2 - i1]
+        if i1:
+            np.matmul(m[i1:i2, :i1], diffs[:i1], out=batch_acc)
+        else:
+            batch_acc[...] = 0.0
         for p1 in range(i1, i2, _PANEL):
             p2 = min(p1 + _PANEL, i2)
             if p1 > i1:
-                acc[p1 - i1:p2 - i1] += m[p1:p2, i1:p1] @ diffs[i1:p1]
+                batch_acc[p1 - i1:p2 - i1] += m[p1:p2, i1:p1] @ diffs[i1:p1]
             for i in range(p1, p2):
-                row = int(order[i])
-                block = row // bs
+                block = row_blocks[i]
                 if not have_params[block]:
                     pos = position[block * bs:(block + 1) * bs]  # all >= i: the block is first reached now
+                    finish_errors(i)
                     current = work[pos] - m_inv[pos, :i] @ errors[:i] if i else work[pos]
                     set_params(slice(block, block + 1), current)
-                sc = scales[:, block]
-                zp = zero_points[:, block]
-                update = acc[i - i1] + m[i, p1:i] @ diffs[p1:i] if i > p1 else acc[i - i1]
-                w = work[i] + update * inv_diag[i]
-                codes = quantize_with_params(w[:, None], sc, zp, bits)[:, 0]
-                q = (codes.astype(np.float32) - zp.astype(np.float32)) * sc  # as QuantizedWeight.dequantize
-                codes_rows[row] = codes
-                diffs[i] = work[i] - q
-                errors[i] = (w - q) * diag[i]
+                w = errors[i - base]
+                if i > p1:  # w' = w + (M[i, :i] @ D[:i]) / M_ii
+                    np.matmul(m[i, p1:i], diffs[p1:i], out=update)
+                    np.add(batch_acc[i - i1], update, out=update)
+                    np.multiply(update, inv_diag[i], out=w)
+                else:
+                    np.multiply(batch_acc[i - i1], inv_diag[i], out=w)
+                np.add(work[i], w, out=w)
+                # codes as quantize_with_params: w / scale + zero point, rounded half up, clipped
+                codes = np.multiply(w, block_recips[block], out=codes_f[i - i1])
+                np.add(codes, block_zps[block], out=codes)
+                np.add(codes, _HALF_DOWN, out=codes)
+                np.floor(codes, out=codes)
+                np.clip(codes, 0, maxq, out=codes)
+                q = np.subtract(codes, block_zps[block], out=q_panel[i - p1])  # as QuantizedWeight.dequantize
+                np.multiply(q, block_scales[block], out=q)
+                np.subtract(work[i], q, out=diffs[i])
+            finish_errors(p2)
+        batch_errors = errors[i1 - base:i2 - base]
+        loss += np.einsum("kn,kn->n", batch_errors, batch_errors, dtype=np.float64)
+        codes_t[:, order[i1:i2] if act_order else slice(i1, i2)] = codes_f[:i2 - i1].T
 
-    loss = np.einsum("kn,kn->n", errors, errors, dtype=np.float64)
-    codes = np.ascontiguousarray(codes_rows.T).reshape(n, k_blocks, bs)
+    codes = codes_t.reshape(n, k_blocks, bs)
     qweight = QuantizedWeight(codes, scales, None if symmetric else zero_points, bits, bs, k)
     return GPTQResult(qweight=qweight, loss=loss, damp=float(damp), order=order[:k].copy())
 
