@@ -74,15 +74,15 @@ class CalibrationConfig:
         sequential: calibrate block by block on the outputs of the already quantized
             blocks (as the GPTQ and AWQ papers do); ``False`` takes every layer's input
             from the float model in one pass (faster, usually less accurate).
-        outlier_token_ratio: a token whose activation's squared norm exceeds this multiple of
-            its sample's median is scaled down to that cap before the statistics see it (the
-            massive activations of first tokens; :func:`~onnxq.calibration.cap_outlier_tokens`);
-            0 keeps every token as it is.
+        outlier_token_ratio: for GPTQ's Hessian, a token whose activation's squared norm exceeds
+            this multiple of its sample's median is scaled down to that cap (the massive
+            first-token activations of LLMs; :func:`~onnxq.calibration.cap_outlier_tokens`);
+            0 keeps every token as it is. AWQ's and k-quant's statistics are never capped.
     """
 
     samples: int = 128
     sequential: bool = True
-    outlier_token_ratio: float = 0.0
+    outlier_token_ratio: float = 100.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.samples, int) and self.samples >= 1):

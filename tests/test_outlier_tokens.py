@@ -2,8 +2,8 @@
 
 LLMs put activations hundreds of times the usual norm on the first token of a sequence in the
 inputs of a few ``down_proj`` layers. Such a token then *is* GPTQ's Hessian. ``outlier_token_ratio``
-caps these rows (direction kept) before any statistic sees them; these tests check the cap
-itself, that it reaches every statistic through the calibration executor, and that on a layer
+caps these rows (direction kept) in the Hessian; these tests check the cap itself, that the
+calibration executor applies it to the Hessian and to no other statistic, and that on a layer
 whose calibration data has one massive token per sample GPTQ with the cap fits ordinary tokens
 better than without, while data without outliers gives the same model either way.
 """
@@ -49,7 +49,7 @@ class _Identity:
         return {"x": feed["x"]}
 
 
-def test_every_statistic_sees_the_capped_rows():
+def test_the_hessian_sees_the_capped_rows_and_the_other_statistics_the_rows():
     rng = np.random.default_rng(1)
     samples = [rng.standard_normal((1, SEQ, K)).astype(np.float32) for _ in range(3)]
     for x in samples:
@@ -62,11 +62,11 @@ def test_every_statistic_sees_the_capped_rows():
     got, _ = accumulate_shard(_Identity(), capped_plan, feeds, [{}] * 3, [0, 1, 2])
     want, _ = accumulate_shard(_Identity(), plain_plan, capped_feeds, [{}] * 3, [0, 1, 2])
     np.testing.assert_allclose(got["x"]["hessian"].hessian, want["x"]["hessian"].hessian, rtol=1e-6)
-    np.testing.assert_allclose(got["x"]["abs_mean"].value(), want["x"]["abs_mean"].value(), rtol=1e-6)
-    np.testing.assert_allclose(got["x"]["sq_mean"].value(), want["x"]["sq_mean"].value(), rtol=1e-6)
-    np.testing.assert_array_equal(got["x"]["rows"].rows(), want["x"]["rows"].rows())
     plain, _ = accumulate_shard(_Identity(), plain_plan, feeds, [{}] * 3, [0, 1, 2])
-    assert plain["x"]["hessian"].hessian[0, 0] != pytest.approx(got["x"]["hessian"].hessian[0, 0])
+    assert plain["x"]["hessian"].hessian[0, 0] > 10 * got["x"]["hessian"].hessian[0, 0]
+    np.testing.assert_array_equal(got["x"]["abs_mean"].value(), plain["x"]["abs_mean"].value())
+    np.testing.assert_array_equal(got["x"]["sq_mean"].value(), plain["x"]["sq_mean"].value())
+    np.testing.assert_array_equal(got["x"]["rows"].rows(), plain["x"]["rows"].rows())
 
 
 def _layer_and_data(seed=2):

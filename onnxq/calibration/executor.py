@@ -67,9 +67,11 @@ class StatisticsPlan:
             ``sq_mean``, ``rows``).
         sample_rows: rows a ``rows`` statistic keeps per tensor.
         seed: seed of the row sampler's keys.
-        outlier_token_ratio: each sample's rows whose squared norm exceeds this multiple of the
-            sample's median are scaled down to it before any statistic sees them
-            (:func:`~onnxq.calibration.accumulators.cap_outlier_tokens`; 0: rows as they are).
+        outlier_token_ratio: for the ``hessian`` statistic, each sample's rows whose squared norm
+            exceeds this multiple of the sample's median are scaled down to it
+            (:func:`~onnxq.calibration.accumulators.cap_outlier_tokens`; 0: rows as they are). The
+            other statistics always see the rows as they are: on SmolLM2-135M the cap made AWQ's
+            and k-quant's results worse and GPTQ's better (docs/INT4_RESULTS.md).
     """
 
     names: tuple[str, ...]
@@ -136,9 +138,11 @@ def accumulate_shard(spec: ProbeSpec, plan: StatisticsPlan, feeds: Sequence[Feed
             if name not in stats:
                 stats[name] = plan.accumulators(x.shape[-1])
             rows_mask = mask if mask is not None and mask.size * x.shape[-1] == x.size else None
-            rows = cap_outlier_tokens(rows_of(x, rows_mask), plan.outlier_token_ratio)
-            for accumulator in stats[name].values():
-                accumulator.update(rows, sample=index)
+            rows = rows_of(x, rows_mask)
+            for kind, accumulator in stats[name].items():
+                capped = kind == "hessian" and plan.outlier_token_ratio > 0
+                accumulator.update(cap_outlier_tokens(rows, plan.outlier_token_ratio) if capped else rows,
+                                   sample=index)
         seconds["forward"] += middle - start
         seconds["statistics"] += time.perf_counter() - middle
     return stats, seconds
