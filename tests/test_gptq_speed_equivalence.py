@@ -2,16 +2,17 @@
 Algorithm 1 (arXiv 2210.17323), kept here as the reference.
 
 The solver is left-looking (each lazy batch gathers the earlier rows' errors with one GEMM,
-through the Cholesky factor ``M`` of ``H = M^T M`` instead of ``U = chol(H^-1)``) and runs
-in float32; the reference updates the remaining rows right after each row (Algorithm 1, with
-lazy batches) in float64. In exact arithmetic both give the same codes. In floating point a
-row value that lands next to a rounding boundary can round the other way; GPTQ then feeds that
-different error forward, so a flip changes later rows too. Measured on the first 128 output
-columns of the real MiniLM layers below, over all 72 settings (q / fc1 / fc2 x int4/int3,
-block 32/128, sym/asym x act order on/off x static/dynamic groups): at most 0.037% of the codes
-differ from the reference and the objective ``tr((W - Q) H (W - Q)^T)`` is within +1.1e-4 /
--2.6e-7 of it (relative). The float32 right-looking solver this replaced was further off on the
-same 72 settings: up to 0.26% of the codes, objective within +2.0e-3 / -9.8e-4.
+through the Cholesky factor ``M`` of ``H = M^T M`` instead of ``U = chol(H^-1)``), factors in
+float64 and runs its products in float32; the reference updates the remaining rows right after
+each row (Algorithm 1, with lazy batches) in float64. In exact arithmetic both give the same
+codes. In floating point a row value that lands next to a rounding boundary can round the other
+way; GPTQ then feeds that different error forward, so a flip changes later rows too. Measured on
+the first 128 output columns of the real MiniLM layers below, over all 72 settings (q / fc1 / fc2
+x int4/int3, block 32/128, sym/asym x act order on/off x static/dynamic groups; ``python -m
+tests.test_gptq_speed_equivalence``): no code differs from the reference and the objective
+``tr((W - Q) H (W - Q)^T)`` is within +2.2e-7 / -2.8e-7 of it (relative). The same sweep with
+a float32 factor (``--float32-factor``: the same left-looking factor, all float32) flips up to
+0.7% of the codes and moves the objective by up to 1%, which is why the factor stays float64.
 """
 import numpy as np
 import pytest
@@ -92,3 +93,55 @@ def test_solver_matches_algorithm1(layer, bits, block_size, symmetric, act_order
              * ref_scales[..., None]).reshape(codes.shape).T
     hd = h + res.damp * np.eye(len(h))
     assert objective(w, res.qweight.dequantize(), hd) == pytest.approx(objective(w, ref_q, hd), rel=3e-4)
+
+
+def _float32_factor(hessian, diagonal, order, kp, damp, block=256):
+    """The solver's left-looking factor (``gptq._blocked_factor``'s arguments and result), all in float32."""
+    k = len(diagonal)
+    a = np.eye(kp, dtype=np.float32)
+    a[:k, :k] = hessian if order is None else hessian[np.ix_(order[:k], order[:k])]
+    a[np.arange(k), np.arange(k)] = diagonal + damp
+    for stop in range(kp, 0, -block):
+        start = max(stop - block, 0)
+        if stop < kp:
+            below = a[stop:, start:stop]
+            a[start:stop, :stop] -= below.T @ a[stop:, :stop]
+        c = a[start:stop, start:stop]
+        lower = np.linalg.cholesky(np.ascontiguousarray(c[::-1, ::-1])).T[::-1, ::-1]
+        a[start:stop, :start] = np.linalg.inv(lower).T @ a[start:stop, :start]
+        c[...] = lower
+    return np.tril(a)
+
+
+def sweep(float32_factor: bool = False) -> None:
+    """Print the largest code-flip fraction and objective deviation against Algorithm 1 over all
+    72 settings (first 128 output columns of each real layer)."""
+    import itertools
+
+    from onnxq.algorithms import gptq
+
+    if float32_factor:
+        gptq._blocked_factor = _float32_factor
+    flips, high, low = 0.0, -np.inf, np.inf
+    for layer, bits, block_size, symmetric, act_order, static_groups in itertools.product(
+            ("q", "fc1", "fc2"), (4, 3), (32, 128), (True, False), (False, True), (True, False)):
+        w, x = real_layer(layer)
+        w = w[:, :128]
+        x = x.astype(np.float64)
+        h = 2.0 / len(x) * x.T @ x
+        res = gptq_solve(w, h, bits, block_size, symmetric, act_order=act_order, static_groups=static_groups)
+        ref_codes, ref_scales, ref_zps = reference_algorithm1(w, h, bits, block_size, symmetric, act_order, static_groups)
+        flips = max(flips, float(np.mean(res.qweight.codes.reshape(w.shape[1], -1) != ref_codes)))
+        ref_q = ((ref_codes.reshape(ref_codes.shape[0], -1, block_size).astype(np.float32) - ref_zps[..., None])
+                 * ref_scales[..., None]).reshape(ref_codes.shape).T
+        hd = h + res.damp * np.eye(len(h))
+        rel = objective(w, res.qweight.dequantize(), hd) / objective(w, ref_q, hd) - 1
+        high, low = max(high, rel), min(low, rel)
+    print(f"{'float32' if float32_factor else 'float64'} factor: at most {100 * flips:.3f}% of the codes differ, "
+          f"objective within {high:+.2e} / {low:+.2e} (relative)")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sweep(float32_factor="--float32-factor" in sys.argv[1:])
