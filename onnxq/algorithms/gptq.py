@@ -74,7 +74,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from onnxq.algorithms.registry import Algorithm, SiblingGroup, Solution, register_algorithm
-from onnxq.core import QuantizedWeight, check_quant_params, quantize_weight, quantize_with_params, relative_error
+from onnxq.core import QuantizedWeight, check_quant_params, quantize_weight, relative_error
 from onnxq.errors import OnnxqError
 
 __all__ = ["GPTQConfig", "GPTQ", "GPTQResult", "gptq_solve", "gptq_quantize_weight"]
