@@ -35,12 +35,13 @@ one private float64 copy of ``H``'s lower block triangle; it is rounded to float
 block row. It stays float64 because float32 is measurably not accurate enough: the Schur
 complements ``C = H_SS - M_TS^T M_TS`` that each block factors cancel down to about the
 damping when ``H`` is (nearly) rank deficient, so a float32 update (absolute error about
-``eps32 * |H|``) leaves ``C`` with a relative error of about ``eps32 * cond(H_damped)``. On the real MiniLM layers (256 calibration
-rows, K = 384 and 1536) every float32 variant tried (all float32; float64 diagonal blocks; float64
-subtraction and triangular solve with float32 products; float64 accumulation of float32 products
-over 512-row slices) flipped 0.51-0.70% of the codes against the float64 Algorithm 1 and moved
-the objective by up to 1%, against none flipped in float64 (the bound in
-``tests/test_gptq_speed_equivalence.py`` is 0.1%); see docs/SPEED.md.
+``eps32 * |H|``) leaves ``C`` with a relative error of about ``eps32 * cond(H_damped)``. On the
+real MiniLM layers (256 calibration rows, K = 384 and 1536) every float32 variant tried (all
+float32; float64 diagonal blocks; float64 subtraction and triangular solve with float32
+products; float64 accumulation of float32 products over 512-row slices) flipped 0.51-0.70% of
+the codes against the float64 Algorithm 1 and moved the objective by up to 1%, against none
+flipped in float64 (the bound in ``tests/test_gptq_speed_equivalence.py`` is 0.1%); see
+docs/SPEED.md.
 
 Conventions kept from :mod:`onnxq.core.quantize`: scales are rounded to
 ``scale_dtype`` before any code is computed, codes use the same reciprocal
