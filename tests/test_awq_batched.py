@@ -112,7 +112,8 @@ def test_results_do_not_depend_on_batching_or_threads(monkeypatch):
     monkeypatch.setattr(awq_module, "_BATCH_ELEMENTS", 3 * weights[0].size // 2)
     monkeypatch.setattr(awq_module, "_THREADS", 1)
     small = awq_quantize_weights(weights, x, act, 4, 32, False, grid=7)
-    np.testing.assert_allclose(small.search.loss_by_alpha, ref.search.loss_by_alpha, rtol=1e-12)
+    # float32 products summed in another order (batching, threads, the BLAS kernel of the CPU): ~1e-9
+    np.testing.assert_allclose(small.search.loss_by_alpha, ref.search.loss_by_alpha, rtol=1e-7)
     np.testing.assert_array_equal(small.scales, ref.scales)
     for a, b in zip(small.qweights, ref.qweights):
         np.testing.assert_array_equal(a.codes, b.codes)

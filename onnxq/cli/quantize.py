@@ -69,7 +69,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     calib.add_argument("--outlier-tokens", type=float, metavar="RATIO",
                        help="GPTQ: cap each calibration token's activation at RATIO times its sample's median "
                             "squared norm in the Hessian (the massive first-token activations; default 100; 0: off)")
-    calib.add_argument("--act-order", action="store_true", default=None, help="GPTQ: descending diag(H) order")
+    calib.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                       help="GPTQ: quantize rows in descending diag(H) order (default on; blocks stay contiguous)")
     calib.add_argument("--percdamp", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
     calib.add_argument("--awq-grid", type=int, help="AWQ: alphas tried in [0, 1] (default 20)")
     calib.add_argument("--no-awq-clip", action="store_true", default=None, help="AWQ: skip the clip search")
