@@ -85,6 +85,8 @@ RUNS: dict[str, tuple[str, list]] = {
                                                              "lm_head8,mixed_layers8", CALIB]),
     "onnxq gptq, mixed 4.8 effective bits": ("onnxq", [*B128, "--algo", "gptq", "--effective-bits", "4.8",
                                                        "--mp-samples", "2", CALIB]),
+    "onnxq awq, mixed 4.8 effective bits": ("onnxq", [*B128, "--algo", "awq", "--effective-bits", "4.8",
+                                                      "--mp-samples", "2", CALIB]),
     # the tied-table default on the torch / Optimum form, Gather(E) + Transpose(E) -> MatMul (int4 b128 sym)
     "Optimum: onnxruntime default (RTN)": ("ort", ["--algo", "default", "--block-size", "128"]),
     "Optimum: onnxq rtn (default: tied table shared, 8-bit)": ("onnxq", [*B128]),
