@@ -158,9 +158,11 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
         row |= {"quantize_s": round(wall, 1), "peak_rss_mib": None if rss != rss else round(rss),
                 "command": _command(cmd)}
         if rss != rss or not (out / "model.onnx").exists():
-            said = [line for line in (stdout + stderr).splitlines() if line.strip() and not line.startswith("maxrss_kib")]
+            said = [line for line in (stdout + stderr).splitlines() if line.strip()
+                    and not line.startswith(("maxrss_kib", "Command exited with non-zero status"))]
             tail = said[-1] if said else "no output"
             row["error"] = tail.strip()[:300]
+            (out.parent / f"{out.name}.log").write_text(stdout + stderr)  # the whole output, for the cause
             return _record(row)
     report = out.with_name(out.name + ".eval.json")
     _, rss, _, stderr = _run([PY, "-m", "onnxq", "eval", str(_float_of(name)), str(out), "--data", str(eval_text),
