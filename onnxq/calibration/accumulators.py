@@ -78,13 +78,14 @@ def cap_outlier_tokens(rows: np.ndarray, ratio: float) -> np.ndarray:
 
     Why: LLMs put "massive activations" (Sun et al., arXiv 2402.17762) on a few tokens, above
     all the first token of a sequence (the attention sink) and some delimiters, in the inputs of
-    a few ``down_proj`` layers: on SmolLM2-135M one first token carries 99.9% of
-    ``sum_t ||x_t||^2`` of layer 11's ``down_proj`` input (its norm ~560x the median). GPTQ's
-    Hessian ``X^T X`` (and AWQ's mean ``|x|``, k-quant's mean ``x^2``, AWQ's sampled rows) then
-    describe that one token; the output there is itself massive and is normalised away by the
-    next RMSNorm, so fitting it spends the solver's freedom where the model does not look.
-    Capping a row keeps its direction (a weight ``min(1, sqrt(cap / ||x_t||^2))`` per token),
-    so ordinary tokens decide the statistics. ``ratio <= 0`` returns ``rows`` unchanged.
+    a few ``down_proj`` layers: on SmolLM2-135M the first tokens of 8 windows carry 99.9% of
+    ``sum_t ||x_t||^2`` of layer 11's ``down_proj`` input (a norm up to ~560x the median). GPTQ's
+    Hessian ``X^T X`` then describes those tokens; the output there is itself massive and is
+    normalised away by the next RMSNorm, so fitting it spends the solver's freedom where the
+    model does not look. Capping a row keeps its direction (a weight
+    ``min(1, sqrt(cap / ||x_t||^2))`` per token), so ordinary tokens decide the statistic.
+    ``ratio <= 0`` returns ``rows`` unchanged. The calibration executor applies it to the
+    Hessian only (:class:`~onnxq.calibration.executor.StatisticsPlan`).
     """
     if ratio <= 0 or rows.shape[0] == 0:
         return rows
