@@ -167,10 +167,12 @@ def quantizer_config(args: argparse.Namespace, model: onnx.ModelProto, model_fil
     return mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=calibration_reader(args, model_file, folder))
 
 
-def quantize(args: argparse.Namespace, model_file: Path, folder: Path | None, target: Path) -> int:
-    """Run onnxruntime's quantizer and save to ``target``; returns how many initializers it left as references
-    to the input's external data (Neural Compressor's k_quant/gptq load the model without its data: saved
-    as they are, those would point into the new data file at the input's offsets)."""
+def quantize(args: argparse.Namespace, model_file: Path, folder: Path | None, target: Path, cwd: Path) -> int:
+    """Run onnxruntime's quantizer (in ``cwd``) and save to ``target`` (from the caller's cwd: run from the
+    input's folder, onnx's save finds the input's ``model.onnx.data`` and refuses with "External data file
+    exists"); returns how many initializers it left as references to the input's external data (Neural
+    Compressor's k_quant/gptq load the model without its data: saved as they are, those would point into
+    the new data file at the input's offsets)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     if args.fix_zp_packing:
@@ -182,7 +184,8 @@ def quantize(args: argparse.Namespace, model_file: Path, folder: Path | None, ta
                                      accuracy_level=args.accuracy_level, nodes_to_exclude=args.exclude,
                                      algo_config=config)
     del model
-    quantizer.process()
+    with contextlib.chdir(cwd):
+        quantizer.process()
     proto = quantizer.model.model
     stale = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     if stale:  # tensors it left untouched still point into the input's data file: read them in
@@ -216,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         cwd = model_file.parent if args.algo == "gptq" else Path.cwd()
-        with contextlib.redirect_stdout(sys.stderr), contextlib.chdir(cwd):  # NC prints its progress to stdout
-            record["stale_external_refs"] = quantize(args, model_file, folder, work / model_file.name)
+        with contextlib.redirect_stdout(sys.stderr):  # NC prints its progress to stdout
+            record["stale_external_refs"] = quantize(args, model_file, folder, work / model_file.name, cwd)
     except Exception as exc:  # noqa: BLE001  (the point: report what onnxruntime's tool does, crashes included)
         record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         code = 1
