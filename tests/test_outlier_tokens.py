@@ -9,11 +9,12 @@ better than without, while data without outliers gives the same model either way
 """
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 import onnxq
 from onnxq import OnnxqError, QuantConfig
-from onnxq.calibration import cap_outlier_tokens
+from onnxq.calibration import ActivationProbe, cap_outlier_tokens
 from onnxq.calibration.executor import StatisticsPlan, accumulate_shard
 from onnxq.cli import main
 from tests.graphs import matmul_model, run
@@ -42,11 +43,14 @@ def test_cap_scales_only_the_outlier_rows_to_the_cap():
     assert cap_outlier_tokens(rows, 1e6) is rows  # nothing over the cap: no copy
 
 
-class _Identity:
-    """A ProbeSpec stand-in whose 'model' returns its input: the statistics see the feed itself."""
-
-    def run(self, feed):
-        return {"x": feed["x"]}
+def _identity_probe():
+    """A real probe (onnxruntime) of ``y = Identity(x)``: the statistics of ``y`` are those of the feed."""
+    value_info = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1, "seq", K]) for name in "xy"]
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "identity",
+                                   value_info[:1], value_info[1:])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    example = {"x": np.zeros((1, SEQ, K), np.float32)}
+    return ActivationProbe(ir.from_proto(model), ["y"]).spec(example)
 
 
 def test_the_hessian_sees_the_capped_rows_and_the_other_statistics_the_rows():
@@ -55,18 +59,19 @@ def test_the_hessian_sees_the_capped_rows_and_the_other_statistics_the_rows():
     for x in samples:
         x[0, 0] *= 50.0
     statistics = ("hessian", "abs_mean", "sq_mean", "rows")
-    capped_plan = StatisticsPlan(("x",), statistics, sample_rows=16, outlier_token_ratio=100.0)
-    plain_plan = StatisticsPlan(("x",), statistics, sample_rows=16)
+    capped_plan = StatisticsPlan(("y",), statistics, sample_rows=16, outlier_token_ratio=100.0)
+    plain_plan = StatisticsPlan(("y",), statistics, sample_rows=16)
+    probe = _identity_probe()
     feeds = [{"x": x} for x in samples]
     capped_feeds = [{"x": cap_outlier_tokens(x[0], 100.0)[None]} for x in samples]
-    got, _ = accumulate_shard(_Identity(), capped_plan, feeds, [{}] * 3, [0, 1, 2])
-    want, _ = accumulate_shard(_Identity(), plain_plan, capped_feeds, [{}] * 3, [0, 1, 2])
-    np.testing.assert_allclose(got["x"]["hessian"].hessian, want["x"]["hessian"].hessian, rtol=1e-6)
-    plain, _ = accumulate_shard(_Identity(), plain_plan, feeds, [{}] * 3, [0, 1, 2])
-    assert plain["x"]["hessian"].hessian[0, 0] > 10 * got["x"]["hessian"].hessian[0, 0]
-    np.testing.assert_array_equal(got["x"]["abs_mean"].value(), plain["x"]["abs_mean"].value())
-    np.testing.assert_array_equal(got["x"]["sq_mean"].value(), plain["x"]["sq_mean"].value())
-    np.testing.assert_array_equal(got["x"]["rows"].rows(), plain["x"]["rows"].rows())
+    got, _ = accumulate_shard(probe, capped_plan, feeds, [{}] * 3, [0, 1, 2])
+    want, _ = accumulate_shard(probe, plain_plan, capped_feeds, [{}] * 3, [0, 1, 2])
+    np.testing.assert_allclose(got["y"]["hessian"].hessian, want["y"]["hessian"].hessian, rtol=1e-6)
+    plain, _ = accumulate_shard(probe, plain_plan, feeds, [{}] * 3, [0, 1, 2])
+    assert plain["y"]["hessian"].hessian[0, 0] > 10 * got["y"]["hessian"].hessian[0, 0]
+    np.testing.assert_array_equal(got["y"]["abs_mean"].value(), plain["y"]["abs_mean"].value())
+    np.testing.assert_array_equal(got["y"]["sq_mean"].value(), plain["y"]["sq_mean"].value())
+    np.testing.assert_array_equal(got["y"]["rows"].rows(), plain["y"]["rows"].rows())
 
 
 def _layer_and_data(seed=2):
@@ -138,4 +143,6 @@ def test_cli_flag(tmp_path, capsys):
     assert not (tmp_path / "bad.onnx").exists()
     assert main(["quantize", str(path), str(tmp_path / "q.onnx"), "--algo", "gptq", "--calib-data",
                  str(tmp_path / "calib.npz"), "--outlier-tokens", "100", "--quiet"]) == 0
-    assert (tmp_path / "q.onnx").exists()
+    x = feeds[0]["x"]
+    (y,) = run(str(tmp_path / "q.onnx"), {"x": x})  # onnxruntime runs the written model
+    assert np.linalg.norm(y - x @ w) < 0.2 * np.linalg.norm(x @ w)

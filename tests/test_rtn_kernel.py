@@ -20,7 +20,7 @@ from onnxq.core import (
     quantize_weight_with_error,
 )
 from onnxq.core.padding import pad_tensor
-from onnxq.core.quantize import _HALF_DOWN, _round_half_up
+from onnxq.core.quantize import ROUNDING_OFFSET, _round_half_up
 
 
 def _reference(weight: np.ndarray, bits: int, block_size: int, symmetric: bool, scale_dtype) -> QuantizedWeight:
@@ -100,10 +100,10 @@ def test_half_down_rounding_is_round_half_up():
     lo, hi = np.float32(0.25).view(np.uint32), np.float32(4.0).view(np.uint32)
     for start in range(int(lo), int(hi), 1 << 22):
         v = np.arange(start, min(start + (1 << 22), int(hi)), dtype=np.uint32).view(np.float32)
-        np.testing.assert_array_equal(np.floor(v + _HALF_DOWN), _round_half_up(v.copy()))
+        np.testing.assert_array_equal(np.floor(v + ROUNDING_OFFSET), _round_half_up(v.copy()))
     halves = np.arange(0, 256, dtype=np.float32) + np.float32(0.5)
     near = np.concatenate([halves, np.nextafter(halves, 0), np.nextafter(halves, 300), np.float32([0.0, 1e-30])])
-    np.testing.assert_array_equal(np.floor(near + _HALF_DOWN), _round_half_up(near.copy()))
+    np.testing.assert_array_equal(np.floor(near + ROUNDING_OFFSET), _round_half_up(near.copy()))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -75,7 +75,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from onnxq.algorithms.registry import Algorithm, SiblingGroup, Solution, register_algorithm
-from onnxq.core import QuantizedWeight, check_quant_params, quantize_weight, relative_error
+from onnxq.core import ROUNDING_OFFSET, QuantizedWeight, check_quant_params, quantize_weight, relative_error
 from onnxq.errors import OnnxqError
 
 __all__ = ["GPTQConfig", "GPTQ", "GPTQResult", "gptq_solve", "gptq_quantize_weight"]
@@ -85,7 +85,6 @@ logger = logging.getLogger(__name__)
 _CHOLESKY_RETRIES = 4  # damping tried: d, 10 d, 100 d, 1000 d
 _TRIANGULAR_BASE = 128  # below this size a triangular inverse is done by LAPACK directly
 _FACTOR_BLOCK = 256  # rows per LAPACK Cholesky in the blocked factor
-_HALF_DOWN = np.nextafter(np.float32(0.5), np.float32(0))  # floor(v + this) is roundf(v), as in onnxq.core
 _PANEL = 16  # rows of a lazy batch whose mutual updates are matrix-vector products; the rest are GEMMs
 
 
@@ -410,7 +409,7 @@ def gptq_solve(
                 # codes as quantize_with_params: w / scale + zero point, rounded half up, clipped
                 codes = np.multiply(w, block_recips[block], out=codes_f[i - i1])
                 np.add(codes, block_zps[block], out=codes)
-                np.add(codes, _HALF_DOWN, out=codes)
+                np.add(codes, ROUNDING_OFFSET, out=codes)
                 np.floor(codes, out=codes)
                 np.clip(codes, 0, maxq, out=codes)
                 q = np.subtract(codes, block_zps[block], out=q_panel[i - p1])  # as QuantizedWeight.dequantize

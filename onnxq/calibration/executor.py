@@ -138,11 +138,12 @@ def accumulate_shard(spec: ProbeSpec, plan: StatisticsPlan, feeds: Sequence[Feed
             if name not in stats:
                 stats[name] = plan.accumulators(x.shape[-1])
             rows_mask = mask if mask is not None and mask.size * x.shape[-1] == x.size else None
-            rows = rows_of(x, rows_mask)
             for kind, accumulator in stats[name].items():
-                capped = kind == "hessian" and plan.outlier_token_ratio > 0
-                accumulator.update(cap_outlier_tokens(rows, plan.outlier_token_ratio) if capped else rows,
-                                   sample=index)
+                if kind == "hessian" and plan.outlier_token_ratio > 0:
+                    rows = cap_outlier_tokens(rows_of(x, rows_mask), plan.outlier_token_ratio)
+                    accumulator.update(rows, sample=index)
+                else:
+                    accumulator.update(x, rows_mask, sample=index)
         seconds["forward"] += middle - start
         seconds["statistics"] += time.perf_counter() - middle
     return stats, seconds

@@ -6,6 +6,7 @@ any graph layer (and tested without one).
 from onnxq.core.packing import pack_bits, pack_zero_points, unpack_bits, unpack_zero_points
 from onnxq.core.padding import blocks_to_weight, pad_tensor, weight_to_blocks
 from onnxq.core.quantize import (
+    ROUNDING_OFFSET,
     check_quant_params,
     quantize_with_params,
     dequantize_blocks,
@@ -20,6 +21,7 @@ from onnxq.core.quantize import (
 from onnxq.core.weight import PackedQuantizedWeight, QuantizedWeight
 
 __all__ = [
+    "ROUNDING_OFFSET",
     "PackedQuantizedWeight",
     "QuantizedWeight",
     "blocks_to_weight",

@@ -31,6 +31,7 @@ from onnxq.core.weight import PackedQuantizedWeight, QuantizedWeight
 
 __all__ = [
     "DEFAULT_CLIP_RATIOS",
+    "ROUNDING_OFFSET",
     "check_quant_params",
     "quantize_blocks",
     "quantize_with_params",
@@ -258,7 +259,7 @@ _TILE_ELEMENTS = 128 * 1024
 """Values of one tile (512 KiB of float32): the tile, its float temporary and its codes fit in L2."""
 _TILE_COLUMNS = 1024
 """At most this many output columns per tile: rows of 4 KiB, long enough for the prefetcher."""
-_HALF_DOWN = np.nextafter(np.float32(0.5), np.float32(0))
+ROUNDING_OFFSET = np.nextafter(np.float32(0.5), np.float32(0))
 """``floor(v + 0.49999997f)`` equals C's ``roundf(v)`` for every float32 ``v >= 0`` (and is
 <= 0 for ``v < 0``): a value just below ``n + 0.5`` cannot round up into ``n + 1``, and an exact
 half still reaches it. :func:`_round_half_up` needs four passes for the same result."""
@@ -353,7 +354,7 @@ def _quantize_strip(
         recip = np.divide(np.float32(1), tile_scales, out=np.zeros_like(tile_scales), where=tile_scales != 0)
         values = np.multiply(blocks, recip[:, None, :], out=buffer[:blocks.size].reshape(blocks.shape))
         values += zp  # v = x / scale + zp, rounded as quantize_blocks rounds it
-        q = np.add(values, _HALF_DOWN, out=rounded[:blocks.size].reshape(blocks.shape))
+        q = np.add(values, ROUNDING_OFFSET, out=rounded[:blocks.size].reshape(blocks.shape))
         np.floor(q, out=q)
         np.clip(q, 0, qmax, out=q)  # the codes, as floats
         values -= q  # v - q: the rounding residual in units of the scale
