@@ -308,6 +308,14 @@ def test_api_save_read_only_and_directory(inputs, read_only_folder, out_dir):
 
 # -- another writer holds the output ------------------------------------------------------------------
 
+def _wait_stopped(pid: int, timeout: float = 30) -> None:
+    """Wait until ``pid`` is in the stopped state ('T' in /proc/PID/stat)."""
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"pid {pid} did not stop"
+        time.sleep(0.005)
+
+
 def test_output_being_written_by_another_run(inputs, out_dir, capsys, tmp_path):
     """Two real onnxq runs on one output: the second (here, in-process) stops at once with one line naming
     the first's pid; the first, paused meanwhile, then finishes with a complete model."""
@@ -322,6 +330,7 @@ def test_output_being_written_by_another_run(inputs, out_dir, capsys, tmp_path):
             assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
             time.sleep(0.01)
         first.send_signal(signal.SIGSTOP)
+        _wait_stopped(first.pid)  # the signal is asynchronous: until then the first run may still write
         _fails(capsys, ["quantize", inputs / "float.onnx", out, "--quiet"], out_dir,
                f"{out} is being written by pid {first.pid}")
     finally:
