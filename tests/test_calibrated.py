@@ -176,3 +176,18 @@ def test_awq_then_gptq_beats_rtn_and_awq_alone(model, held_out, rtn_error):
     combined = output_error(onnxq.quantize(model, config("awq+gptq"), feeds), held_out)
     awq_alone = output_error(onnxq.quantize(model, config("awq"), feeds), held_out)
     assert combined < rtn_error * 0.8 and combined < awq_alone, (combined, awq_alone, rtn_error)
+
+
+def test_awq_then_kquant_beats_rtn_and_is_kquant_without_scales(model, held_out, rtn_error):
+    """AWQ's scales, then k-quant with the scaled input's importance E[x^2] / s^2; alpha fixed at 0 is calibrated k-quant."""
+    feeds = token_feeds(16, 32, seed=1)
+    combined = onnxq.quantize(model, config("awq+k_quant"), feeds)
+    assert output_error(combined, held_out) < rtn_error * 0.8, (output_error(combined, held_out), rtn_error)
+    no_scales = onnxq.quantize(model, config("awq+k_quant", awq=AWQConfig(scale_search=False)), feeds)
+    k_quant = onnxq.quantize(model, config("k_quant"), feeds)
+    assert [n.op_type for n in no_scales.graph] == [n.op_type for n in k_quant.graph]  # no Mul for scales of one
+
+    def initializers(m):
+        return {name: v.const_value.numpy().tobytes() for name, v in m.graph.initializers.items()}
+
+    assert initializers(no_scales) == initializers(k_quant)

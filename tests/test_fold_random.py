@@ -192,7 +192,7 @@ TEQ_LOSES = pytest.mark.xfail(strict=True, reason=(
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("algorithm", ["awq", "teq"])
+@pytest.mark.parametrize("algorithm", ["awq", "teq", "awq+k_quant"])
 def test_folds_keep_the_function_and_never_lose_to_rtn(seed, algorithm, request):
     if algorithm == "teq" and seed == 3:
         request.applymarker(TEQ_LOSES)

@@ -3,7 +3,7 @@
 No graph or onnxruntime code lives here: the quantization pass and the calibration
 driver collect the statistics (Hessians, activation samples, mean |x|) and ask the
 registry (:mod:`onnxq.algorithms.registry`) for the algorithm by name. Importing this
-package registers rtn, hqq, gptq, awq, teq, autoround, awq+gptq and k_quant.
+package registers rtn, hqq, gptq, awq, teq, autoround, awq+gptq, k_quant and awq+k_quant.
 """
 from onnxq.algorithms import rtn  # noqa: F401  (registration order: the CLI lists them so)
 from onnxq.algorithms.hqq import HQQ, HQQConfig, HQQResult, hqq_quantize_weight
@@ -23,6 +23,7 @@ from onnxq.algorithms.teq import TEQ, TEQResult, teq_quantize_weights
 from onnxq.algorithms.autoround import AutoRound, AutoRoundResult, TuningConfig, autoround_quantize_weight
 from onnxq.algorithms.awq_gptq import AWQThenGPTQ
 from onnxq.algorithms.kquant import KQuant, KQuantConfig, KQuantResult, kquant_quantize_weight
+from onnxq.algorithms.awq_kquant import AWQThenKQuant
 from onnxq.algorithms.registry import (
     Algorithm,
     SiblingGroup,
@@ -38,6 +39,7 @@ __all__ = [
     "AWQConfig",
     "AWQResult",
     "AWQScaleResult",
+    "AWQThenKQuant",
     "AWQThenGPTQ",
     "Algorithm",
     "AutoRound",
