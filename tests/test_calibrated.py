@@ -179,7 +179,9 @@ def test_awq_then_gptq_beats_rtn_and_awq_alone(model, held_out, rtn_error):
 
 
 def test_awq_then_kquant_beats_rtn_and_is_kquant_without_scales(model, held_out, rtn_error):
-    """AWQ's scales, then k-quant with the scaled input's importance E[x^2] / s^2; alpha fixed at 0 is calibrated k-quant."""
+    """AWQ's scales, then k-quant with the scaled input's importance E[x^2] / s^2.
+
+    With the scale search off (alpha 0) it is calibrated k-quant, byte for byte."""
     feeds = token_feeds(16, 32, seed=1)
     combined = onnxq.quantize(model, config("awq+k_quant"), feeds)
     assert output_error(combined, held_out) < rtn_error * 0.8, (output_error(combined, held_out), rtn_error)
