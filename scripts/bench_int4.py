@@ -74,6 +74,7 @@ RUNS: dict[str, tuple[str, list]] = {
     "onnxq k_quant (calibrated)": ("onnxq", [*B128, "--algo", "k_quant", CALIB]),
     "onnxq hqq (asym)": ("onnxq", [*B128, "--algo", "hqq", "--asym"]),
     "onnxq gptq": ("onnxq", [*B128, "--algo", "gptq", CALIB]),
+    "onnxq gptq --hessian-shrink 0.5": ("onnxq", [*B128, "--algo", "gptq", "--hessian-shrink", "0.5", CALIB]),
     "onnxq awq": ("onnxq", [*B128, "--algo", "awq", CALIB]),
     "onnxq awq+gptq": ("onnxq", [*B128, "--algo", "awq+gptq", CALIB]),
     "onnxq awq+k_quant": ("onnxq", [*B128, "--algo", "awq+k_quant", CALIB]),
@@ -94,6 +95,10 @@ RUNS: dict[str, tuple[str, list]] = {
                                                        "--mp-samples", "2", CALIB]),
     "onnxq awq, mixed 4.8 effective bits": ("onnxq", [*B128, "--algo", "awq", "--effective-bits", "4.8",
                                                       "--mp-samples", "2", CALIB]),
+    "onnxq k_quant (calibrated), mixed 4.8 effective bits": ("onnxq", [*B128, "--algo", "k_quant", "--effective-bits",
+                                                                       "4.8", "--mp-samples", "2", CALIB]),
+    "onnxq awq+k_quant, mixed 4.8 effective bits": ("onnxq", [*B128, "--algo", "awq+k_quant", "--effective-bits", "4.8",
+                                                              "--mp-samples", "2", CALIB]),
     # the tied-table default on the torch / Optimum form, Gather(E) + Transpose(E) -> MatMul (int4 b128 sym)
     "Optimum: onnxruntime default (RTN)": ("ort", ["--algo", "default", "--block-size", "128"]),
     "Optimum: onnxq rtn (default: tied table shared, 8-bit)": ("onnxq", [*B128]),

@@ -48,7 +48,7 @@ class AWQThenGPTQ(Algorithm):
             gptq_quantize_weight(s[:, None] * weight, hessian, st.bits, st.block_size, st.symmetric,
                                  percdamp=gptq.percdamp, lazy_batch=gptq.lazy_batch, act_order=gptq.act_order,
                                  static_groups=gptq.static_groups, mse_clip=st.mse_clip,
-                                 scale_dtype=group.scale_dtype)
+                                 scale_dtype=group.scale_dtype, hessian_shrink=gptq.hessian_shrink)
             for weight, st in zip(group.weights, group.settings)
         ]
         errors = [effective_error(w, q, scale) for w, q in zip(group.weights, qweights)]
