@@ -52,6 +52,7 @@ __all__ = [
     "AWQ_CLIP_RATIOS",
     "AWQResult",
     "AWQScaleResult",
+    "AWQThen",
     "awq_clip_search",
     "awq_quantize_weights",
     "awq_scales",
@@ -517,3 +518,42 @@ class AWQ(Algorithm):
         gain = 1 - search.loss_by_alpha.min() / search.loss_rtn if search.loss_rtn > 0 else 0.0
         note = f"{group.input_name}: alpha {search.alpha:.2f} (loss -{gain:.1%} vs RTN)"
         return Solution(qweights, errors, scale, note)
+
+
+class AWQThen(Algorithm):
+    """AWQ's scale search per sibling group (arXiv 2306.00978 sec. 3.2), then another solver per scaled weight.
+
+    For a group reading ``x: [T, K]``, the search picks scales ``s: [K]`` with
+    ``x @ W = (x / s) @ (s[:, None] * W)``; :meth:`solve_scaled` quantizes each ``s[:, None] * W_i``
+    against the statistics of the input it will see, ``x / s``. ``alpha = 0`` (scales of one) is the
+    second solver alone. Subclasses name the second solver's options field (``then_options``) and
+    its label (``then_label``); AWQ's clip search is not run (the second solver replaces it).
+    """
+
+    then_options: str
+    then_label: str
+
+    def options_of(self, config: Any) -> tuple[Any, Any]:
+        return config.awq, getattr(config, self.then_options)
+
+    def sample_rows(self, options: tuple[Any, Any]) -> int:
+        return options[0].sample_rows
+
+    def solve_scaled(self, weight: np.ndarray, settings: Any, s: np.ndarray, stats: Mapping[str, Any],
+                     options: Any, scale_dtype) -> QuantizedWeight:
+        """Quantize ``weight = s[:, None] * W: [K, N]`` (``s: [K]`` float32) for the input ``x / s``."""
+        raise NotImplementedError
+
+    def solve(self, group: SiblingGroup, stats: Mapping[str, Any], options: tuple[Any, Any]) -> Solution:
+        awq, then = options
+        first = group.settings[0]
+        search = awq_search_scale(group.weights, stats["rows"], stats["abs_mean"], first.bits, first.block_size,
+                                  first.symmetric, grid=awq.grid if awq.scale_search else 1,
+                                  scale_dtype=group.scale_dtype)
+        scale = search.scales if search.alpha > 0 else None
+        s = np.ones(group.weights[0].shape[0], dtype=np.float32) if scale is None else scale
+        qweights = [self.solve_scaled(s[:, None] * weight, st, s, stats, then, group.scale_dtype)
+                    for weight, st in zip(group.weights, group.settings)]
+        errors = [effective_error(w, q, scale) for w, q in zip(group.weights, qweights)]
+        return Solution(qweights, errors, scale,
+                        f"{group.input_name}: AWQ alpha {search.alpha:.2f}, then {self.then_label}")
