@@ -186,8 +186,8 @@ def _blocked_factor(hessian: np.ndarray, diagonal: np.ndarray, order: np.ndarray
 
     ``H'`` is ``hessian: [K, K]`` with rows and columns taken in ``order`` (None: as they are),
     ``diagonal: [K]`` (the Hessian's diagonal in that order, dead entries set to 1) plus ``damp``
-    on the diagonal, its off-diagonal entries times ``1 - shrink``, and an identity for the padded rows ``K..kp``. ``M = U^-T`` for the
-    reference's ``U = chol_upper(H'^-1)``, so no inverse is needed. Left-looking, blocked from
+    on the diagonal, its off-diagonal entries times ``1 - shrink``, and an identity for the padded
+    rows ``K..kp``. ``M = U^-T`` for the reference's ``U = chol_upper(H'^-1)``, so no inverse is needed. Left-looking, blocked from
     the bottom right, in float64 on one private ``[kp, kp]`` buffer (only its lower block
     triangle is ever filled): for the block ``S`` of ``_FACTOR_BLOCK`` rows above the finished
     rows ``T``, ``C = H'_SS - M_TS^T M_TS`` (``syrk``), ``M_SS`` from LAPACK ``potrf`` of ``C``
@@ -242,7 +242,8 @@ def _damped_factor(hessian: np.ndarray, diagonal: np.ndarray, order: np.ndarray 
     )
 
 
-def _check_inputs(weight, hessian, bits, block_size, percdamp, lazy_batch) -> tuple[np.ndarray, np.ndarray]:
+def _check_inputs(weight, hessian, bits, block_size, percdamp, lazy_batch,
+                  hessian_shrink) -> tuple[np.ndarray, np.ndarray]:
     """``(weight as float32, hessian)``, both the caller's arrays where no conversion is needed."""
     try:
         check_quant_params(bits, block_size)
@@ -265,6 +266,8 @@ def _check_inputs(weight, hessian, bits, block_size, percdamp, lazy_batch) -> tu
         raise OnnxqError(f"GPTQ percdamp must be > 0, got {percdamp!r}")
     if not isinstance(lazy_batch, (int, np.integer)) or lazy_batch < 1:
         raise OnnxqError(f"GPTQ lazy_batch must be a positive integer, got {lazy_batch!r}")
+    if not (isinstance(hessian_shrink, (int, float)) and 0 <= hessian_shrink <= 1):
+        raise OnnxqError(f"GPTQ hessian_shrink must be in [0, 1], got {hessian_shrink!r}")
     return np.asarray(weight, dtype=np.float32), hessian  # read only: never modified
 
 
@@ -317,9 +320,7 @@ def gptq_solve(
         zeroed before quantization, as in the reference implementation.
     """
     lazy_batch = lazy_batch if blocksize is None else blocksize
-    weight, hessian = _check_inputs(weight, hessian, bits, block_size, percdamp, lazy_batch)
-    if not (isinstance(hessian_shrink, (int, float)) and 0 <= hessian_shrink <= 1):
-        raise OnnxqError(f"GPTQ hessian_shrink must be in [0, 1], got {hessian_shrink!r}")
+    weight, hessian = _check_inputs(weight, hessian, bits, block_size, percdamp, lazy_batch, hessian_shrink)
     k, n = weight.shape
     bs = k if block_size == -1 else int(block_size)
     k_blocks = -(-k // bs)
