@@ -24,15 +24,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from onnxq.cli import convert, eval, inspect, quantize, summary, unpack
+from onnxq.cli import convert, eval, generate, inspect, quantize, summary, unpack
 from onnxq.cli.common import EXIT_USAGE, Parser
 from onnxq.errors import OnnxqError
 
 __all__ = ["Interrupted", "main", "build_parser"]
 
 # in the order `--help` lists them
-_COMMANDS = {"quantize": quantize, "convert": convert, "eval": eval, "summary": summary, "unpack": unpack,
-             "inspect": inspect}
+_COMMANDS = {"quantize": quantize, "convert": convert, "eval": eval, "generate": generate, "summary": summary,
+             "unpack": unpack, "inspect": inspect}
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; ``args.command`` names the one given."""

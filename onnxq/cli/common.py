@@ -116,9 +116,15 @@ def config_from(args: argparse.Namespace, defaults: Mapping[str, Any] | None = N
     return QuantConfig.from_dict(base, where=str(args.config or "settings"))
 
 
-def calibration_reader(args: argparse.Namespace, config: QuantConfig, model: ir.Model) -> NpzReader | TextReader | None:
-    """The reader for ``--calib-data`` (None when not given): .npz inputs, .npy token ids, or text + ``--tokenizer``."""
+def calibration_reader(args: argparse.Namespace, config: QuantConfig, model: ir.Model,
+                       model_file: Path | None = None) -> NpzReader | TextReader | None:
+    """The reader for ``--calib-data`` (None when not given): .npz inputs, .npy token ids, or text + ``--tokenizer``;
+    with ``--generate-calib``, text that the float model at ``model_file`` samples itself."""
     path = args.calib_data
+    if getattr(args, "generate_calib", False):
+        if path is not None:
+            raise OnnxqError("give --calib-data or --generate-calib, not both")
+        return _generated_reader(args, config, model, model_file or args.input)
     if path is None:
         return None
     if not path.is_file():
@@ -132,6 +138,23 @@ def calibration_reader(args: argparse.Namespace, config: QuantConfig, model: ir.
                           bos=None if bos == "auto" else bos)
     tokenizer = tokenizer_for(args.tokenizer, args.input, path)
     return TextReader(path, model, tokenizer=tokenizer, seq_len=args.seq_len, samples=samples, bos=bos)
+
+
+def _generated_reader(args: argparse.Namespace, config: QuantConfig, model: ir.Model, model_file: Path) -> TextReader:
+    """``--generate-calib``: ``--samples`` sequences of ``--seq-len`` tokens sampled by the float model, each
+    starting with ``--bos`` (auto: the model's BOS, :func:`~onnxq.calibration.generate.start_token`)."""
+    from onnxq.calibration.generate import generate_token_ids, start_token
+
+    bos = bos_option(getattr(args, "bos", "auto"))
+    if bos == "auto":
+        bos = start_token(model_file)
+        if bos is None:
+            raise OnnxqError(f"--generate-calib: no BOS token id found beside {model_file} (tokenizer.json, "
+                             "genai_config.json, config.json); give --bos ID, or --bos none for random start tokens")
+    samples, seq_len = config.calibration.samples, args.seq_len
+    ids = generate_token_ids(model_file, samples=samples, seq_len=seq_len, start=bos,
+                             progress=progress_bar(getattr(args, "quiet", False)))
+    return TextReader(None, model, token_ids=ids.reshape(-1), seq_len=seq_len, samples=samples, bos=None)
 
 
 BOS_HELP = ("the token id each window starts with: auto (the default: the tokenizer's BOS when its tokenizer.json "

@@ -42,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     calib = q.add_argument_group("calibrated algorithms (--algo gptq|awq|..., optional for k_quant)")
     calib.add_argument("--algo", choices=(*ALGORITHMS, "smoothquant"),
                        help="rtn (default), hqq (no data needed), k_quant (llama.cpp's weighted scale search; "
-                            "--calib-data optional), gptq, awq, awq+gptq, awq+k_quant, teq or autoround (need --calib-data); "
+                            "--calib-data optional), gptq, awq, awq+gptq, awq+k_quant, teq or autoround (need --calib-data or --generate-calib); "
                             "smoothquant: W8A8 (int8 weights and activations, QDQ) with SmoothQuant")
     calib.add_argument("--sq-alpha", default="auto",
                        help="SmoothQuant migration strength in [0, 1], or 'auto' (default: searched per input group)")
@@ -52,6 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     calib.add_argument("--no-smooth", action="store_true", help="with --algo smoothquant: plain static W8A8")
     calib.add_argument("--calib-data", type=Path, metavar="FILE",
                        help=".npz of model inputs (NpzReader layouts), .npy of token ids, or a text file (+ --tokenizer)")
+    calib.add_argument("--generate-calib", action="store_true",
+                       help="calibrate on text the float model samples itself (--samples sequences of --seq-len tokens "
+                            "from its BOS, temperature 1; arXiv 2410.17170): no data needed, no domain fitted")
     calib.add_argument("--tokenizer", type=Path, help="tokenizer.json, a folder holding one, or an ONNX tokenizer, for a "
                                                       "text --calib-data (default: the tokenizer.json beside the model)")
     calib.add_argument("--samples", type=int, help="calibration samples (default 128)")
@@ -114,14 +117,15 @@ def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model_file, folder, defaults = model_input(args.input)
     config = config_from(args, defaults)
-    calibrated = config.needs_calibration or (args.calib_data is not None and config.uses_calibration)
+    given = args.calib_data is not None or args.generate_calib
+    calibrated = config.needs_calibration or (given and config.uses_calibration)
     model = load_model(model_file)  # weights in external data stay on disk until quantized
     weights_before = model_weight_bytes(model)
     input_data = external_data_files(model)
     check_output(args.input, args.output, input_data)
     if folder is None:
         check_output_path(args.output)
-    reader = calibration_reader(args, config, model)
+    reader = calibration_reader(args, config, model, model_file)
     samples = None if reader is None else min(config.calibration.samples, len(reader))  # what the file holds
     if not args.quiet:
         smoothquant = args.algo == "smoothquant"
@@ -237,7 +241,7 @@ def _smoothquant(args: argparse.Namespace, config: QuantConfig, model: ir.Model,
     from onnxq.recipes.smoothquant import quantize_w8a8  # imports onnxruntime.quantization: only when asked for
 
     if reader is None:
-        raise OnnxqError("--algo smoothquant needs calibration data (--calib-data)")
+        raise OnnxqError("--algo smoothquant needs calibration data (--calib-data or --generate-calib)")
     alpha = args.sq_alpha if args.sq_alpha == "auto" else _float(args.sq_alpha, "--sq-alpha")
     start = time.perf_counter()
     reduce_range = _w8a8_weight_bits(args) == 7
@@ -272,7 +276,7 @@ def _mixed_precision_plan(args: argparse.Namespace, config: QuantConfig, model: 
     flag, bits, counting = (("--effective-bits", args.effective_bits, "nominal") if args.effective_bits is not None
                             else ("--stored-bits", args.stored_bits, "stored"))
     if reader is None:
-        raise OnnxqError(f"{flag} needs calibration data (--calib-data) to measure sensitivities "
+        raise OnnxqError(f"{flag} needs calibration data (--calib-data or --generate-calib) to measure sensitivities "
                          "(--mixed-preset needs none)")
     plan = search_mixed_precision(model, config, reader, bits, args.candidates, samples=args.mp_samples,
                                   counting=counting, measure=args.mp_measure, progress=progress)

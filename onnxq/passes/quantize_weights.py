@@ -209,7 +209,7 @@ def solver_for(algorithm: Algorithm, options: Any) -> WeightSolver:
     """A calibration-free algorithm (RTN, HQQ) as a :data:`WeightSolver`, one weight at a time."""
     if algorithm.calibrated:
         raise OnnxqError(f"algorithm {algorithm.name!r} needs calibration data (calibration_data_reader, or "
-                         "--calib-data)")
+                         "--calib-data or --generate-calib)")
 
     def solve(site: WeightSite, weight: np.ndarray, settings: WeightSettings) -> tuple[QuantizedWeight, float]:
         group = SiblingGroup(site.name, (site.name,), [weight], [settings], site.dtype.numpy())
