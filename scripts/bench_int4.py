@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +62,8 @@ TORCH_PY = str(ROOT / ".venv-export" / "bin" / "python")
 ORT_TOOL = str(ROOT / "scripts" / "ort_tool_quantize.py")
 B128 = ["--block-size", "128", "--accuracy-level", "0"]
 CALIB = object()  # placeholder for the calibration flags
+GEN = object()  # placeholder for self-generated calibration: --generate-calib, same samples and length
+SELF = ", self-generated calibration"
 
 # name -> (tool, flags); tool: "onnxq", "ort", "ort-torch" (onnxruntime's tool under .venv-export), "builder"
 RUNS: dict[str, tuple[str, list]] = {
@@ -99,6 +102,22 @@ RUNS: dict[str, tuple[str, list]] = {
                                                                        "4.8", "--mp-samples", "2", CALIB]),
     "onnxq awq+k_quant, mixed 4.8 effective bits": ("onnxq", [*B128, "--algo", "awq+k_quant", "--effective-bits", "4.8",
                                                               "--mp-samples", "2", CALIB]),
+    # calibrated on text the float model samples itself (--generate-calib; the time includes the generation)
+    "onnxq gptq" + SELF: ("onnxq", [*B128, "--algo", "gptq", GEN]),
+    "onnxq gptq --hessian-shrink 0.5" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--hessian-shrink", "0.5", GEN]),
+    "onnxq awq" + SELF: ("onnxq", [*B128, "--algo", "awq", GEN]),
+    "onnxq awq+gptq --hessian-shrink 0.5" + SELF: ("onnxq", [*B128, "--algo", "awq+gptq", "--hessian-shrink", "0.5",
+                                                             GEN]),
+    "onnxq k_quant" + SELF: ("onnxq", [*B128, "--algo", "k_quant", GEN]),
+    "onnxq gptq --hessian-shrink 0.5 + presets lm_head8,mixed_layers8" + SELF: (
+        "onnxq", [*B128, "--algo", "gptq", "--hessian-shrink", "0.5", "--mixed-preset", "lm_head8,mixed_layers8",
+                  GEN]),
+    "onnxq awq+gptq --hessian-shrink 0.5 + presets lm_head8,mixed_layers8" + SELF: (
+        "onnxq", [*B128, "--algo", "awq+gptq", "--hessian-shrink", "0.5", "--mixed-preset", "lm_head8,mixed_layers8",
+                  GEN]),
+    "onnxq gptq --hessian-shrink 0.5, mixed 4.8 effective bits" + SELF: (
+        "onnxq", [*B128, "--algo", "gptq", "--hessian-shrink", "0.5", "--effective-bits", "4.8", "--mp-samples", "2",
+                  GEN]),
     # the tied-table default on the torch / Optimum form, Gather(E) + Transpose(E) -> MatMul (int4 b128 sym)
     "Optimum: onnxruntime default (RTN)": ("ort", ["--algo", "default", "--block-size", "128"]),
     "Optimum: onnxq rtn (default: tied table shared, 8-bit)": ("onnxq", [*B128]),
@@ -156,7 +175,8 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
     out = WORK / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
     samples = 8 if tool.startswith("ort") and "gptq" in flags else args.samples
     calib_flags = ["--calib-data", str(calib), "--samples", str(samples), "--seq-len", str(args.seq_len)]
-    flags = [f for flag in flags for f in (calib_flags if flag is CALIB else [flag])]
+    gen_flags = ["--generate-calib", "--samples", str(samples), "--seq-len", str(args.seq_len)]
+    flags = [f for flag in flags for f in (calib_flags if flag is CALIB else gen_flags if flag is GEN else [flag])]
     if tool == "builder":
         out = REAL / MODEL[2]
         row |= {"quantize_s": None, "peak_rss_mib": None, "command": MODEL[6]}
@@ -216,7 +236,10 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         f"--windows {args.windows} --samples {args.samples} --seq-len {args.seq_len}`. "
         f"{MODEL[5]}, int4 block 128 symmetric unless a row says otherwise; "
         f"calibration: {args.samples} x {args.seq_len} tokens of pydoc text (onnxruntime's GPTQ: 8 samples, it is "
-        f"slow); evaluation: {args.windows} x 256 tokens of Shakespeare (another domain), fp32 perplexity "
+        f"slow), or, in the rows marked '{SELF[2:]}', {args.samples} sequences of {args.seq_len} tokens that the "
+        "fp32 model samples itself from its BOS at temperature 1 (`--generate-calib`, seed 0; the quantize time "
+        f"includes the generation); evaluation: {args.windows} x 256 tokens of Shakespeare (another domain), "
+        "fp32 perplexity "
         f"{', '.join(f'{v:.3f}' for v in sorted(floats))}; KL and top-1 against the fp32 model. 'gap' is the share "
         "of onnxq RTN's perplexity gap to fp32 that a row recovers. Whole processes on 2 CPU cores shared with "
         "other jobs: times are indicative.",
@@ -238,6 +261,30 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _restore(report: Path) -> None:
+    """Rebuild ``results.jsonl`` from the table and commands of ``report`` (the results file is not committed,
+    the report is): the rows as printed, so ``--render`` reproduces the report."""
+    text = report.read_text()
+    floats = re.search(r"fp32 perplexity ([0-9.]+)", text)
+    commands = dict(re.findall(r"^\* (.+?): `(.+)`$", text, flags=re.M))
+    rows = []
+    for line in text.split("Commands:")[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 8 or cells[0] in ("run", "---") or cells[0] not in RUNS:
+            continue
+        row: dict = {"run": cells[0], "tool": RUNS[cells[0]][0], "command": commands.get(cells[0], "")}
+        number = (lambda cell: None if cell == "-" else float(cell))
+        row |= {"quantize_s": number(cells[6]), "peak_rss_mib": None if cells[7] == "-" else int(cells[7])}
+        if cells[1].startswith("failed: "):
+            row["error"] = cells[1][len("failed: "):]
+        else:
+            row |= {"ppl_float": float(floats.group(1)), "ppl_quant": float(cells[1]), "kl": float(cells[3]),
+                    "top1": float(cells[4].rstrip("%")) / 100, "size_mib": float(cells[5])}
+        rows.append(row)
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=tuple(MODELS), default="smollm2", help="the LM (default smollm2)")
@@ -246,8 +293,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--render", action="store_true", help="only rewrite the reports from results.jsonl")
+    parser.add_argument("--restore", action="store_true",
+                        help="first rebuild a missing results.jsonl from the committed report (docs/...)")
     args = parser.parse_args()
     _select(args.model)
+    if args.restore and not (WORK / "results.jsonl").exists():
+        _restore(ROOT / "docs" / MODEL[3])
     calib, eval_text = _texts()
     if not args.render:
         for name in args.only or RUNS:
