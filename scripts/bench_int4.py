@@ -78,6 +78,7 @@ RUNS: dict[str, tuple[str, list]] = {
     "onnxq hqq (asym)": ("onnxq", [*B128, "--algo", "hqq", "--asym"]),
     "onnxq gptq": ("onnxq", [*B128, "--algo", "gptq", CALIB]),
     "onnxq gptq --hessian-shrink 0.5": ("onnxq", [*B128, "--algo", "gptq", "--hessian-shrink", "0.5", CALIB]),
+    "onnxq gptq --hessian-shrink 0": ("onnxq", [*B128, "--algo", "gptq", "--hessian-shrink", "0", CALIB]),
     "onnxq awq": ("onnxq", [*B128, "--algo", "awq", CALIB]),
     "onnxq awq+gptq": ("onnxq", [*B128, "--algo", "awq+gptq", CALIB]),
     "onnxq awq+k_quant": ("onnxq", [*B128, "--algo", "awq+k_quant", CALIB]),
@@ -102,22 +103,19 @@ RUNS: dict[str, tuple[str, list]] = {
                                                                        "4.8", "--mp-samples", "2", CALIB]),
     "onnxq awq+k_quant, mixed 4.8 effective bits": ("onnxq", [*B128, "--algo", "awq+k_quant", "--effective-bits", "4.8",
                                                               "--mp-samples", "2", CALIB]),
-    # calibrated on text the float model samples itself (--generate-calib; the time includes the generation)
+    # calibrated on token ids the fp32 model sampled itself (`onnxq generate`, made once per model: _generated)
     "onnxq gptq" + SELF: ("onnxq", [*B128, "--algo", "gptq", GEN]),
-    "onnxq gptq --hessian-shrink 0.5" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--hessian-shrink", "0.5", GEN]),
+    "onnxq gptq --hessian-shrink 0" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--hessian-shrink", "0", GEN]),
     "onnxq awq" + SELF: ("onnxq", [*B128, "--algo", "awq", GEN]),
-    "onnxq awq+gptq --hessian-shrink 0.5" + SELF: ("onnxq", [*B128, "--algo", "awq+gptq", "--hessian-shrink", "0.5",
-                                                             GEN]),
+    "onnxq awq+gptq" + SELF: ("onnxq", [*B128, "--algo", "awq+gptq", GEN]),
+    "onnxq awq+k_quant" + SELF: ("onnxq", [*B128, "--algo", "awq+k_quant", GEN]),
     "onnxq k_quant" + SELF: ("onnxq", [*B128, "--algo", "k_quant", GEN]),
-    "onnxq gptq --hessian-shrink 0.5 + presets lm_head8,mixed_layers8" + SELF: (
-        "onnxq", [*B128, "--algo", "gptq", "--hessian-shrink", "0.5", "--mixed-preset", "lm_head8,mixed_layers8",
-                  GEN]),
-    "onnxq awq+gptq --hessian-shrink 0.5 + presets lm_head8,mixed_layers8" + SELF: (
-        "onnxq", [*B128, "--algo", "awq+gptq", "--hessian-shrink", "0.5", "--mixed-preset", "lm_head8,mixed_layers8",
-                  GEN]),
-    "onnxq gptq --hessian-shrink 0.5, mixed 4.8 effective bits" + SELF: (
-        "onnxq", [*B128, "--algo", "gptq", "--hessian-shrink", "0.5", "--effective-bits", "4.8", "--mp-samples", "2",
-                  GEN]),
+    "onnxq gptq + presets lm_head8,mixed_layers8" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--mixed-preset",
+                                                                     "lm_head8,mixed_layers8", GEN]),
+    "onnxq awq+gptq + presets lm_head8,mixed_layers8" + SELF: ("onnxq", [*B128, "--algo", "awq+gptq", "--mixed-preset",
+                                                                         "lm_head8,mixed_layers8", GEN]),
+    "onnxq gptq, mixed 4.8 effective bits" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--effective-bits", "4.8",
+                                                              "--mp-samples", "2", GEN]),
     # the tied-table default on the torch / Optimum form, Gather(E) + Transpose(E) -> MatMul (int4 b128 sym)
     "Optimum: onnxruntime default (RTN)": ("ort", ["--algo", "default", "--block-size", "128"]),
     "Optimum: onnxq rtn (default: tied table shared, 8-bit)": ("onnxq", [*B128]),
@@ -164,6 +162,29 @@ def _texts() -> tuple[Path, Path]:
     return paths["calib"][0], paths["eval"][0]
 
 
+def _generated(args: argparse.Namespace) -> Path:
+    """The self-generated calibration ids of the float model (``python -m onnxq generate``, seed 0), made once:
+    ``WORK/calib_generated_SxL.npy``; the generation's wall time goes to ``WORK/calib_generated_SxL.json``."""
+    path = WORK / f"calib_generated_{args.samples}x{args.seq_len}.npy"
+    if not path.exists():
+        cmd = [PY, "-m", "onnxq", "generate", str(FLOAT), str(path), "--samples", str(args.samples),
+               "--seq-len", str(args.seq_len), "--quiet"]
+        wall, rss, _, stderr = _run(cmd)
+        if rss != rss:
+            raise SystemExit(f"onnxq generate failed: {stderr.strip()}")
+        path.with_suffix(".json").write_text(json.dumps({"seconds": round(wall, 1), "command": _command(cmd)}))
+    return path
+
+
+def _generation_note(args: argparse.Namespace) -> str:
+    """What the header says of the generated calibration ids (their command and time), when they were made."""
+    record = WORK / f"calib_generated_{args.samples}x{args.seq_len}.json"
+    if not record.exists():
+        return ""
+    made = json.loads(record.read_text())
+    return f" (made once by `{made['command']}` in {made['seconds']} s, not counted in the rows' quantize time)"
+
+
 def _command(cmd: list[str]) -> str:
     shown = [("python" if part in (PY, TORCH_PY) else part) for part in cmd]
     return " ".join(shown).replace(str(ROOT) + "/", "")
@@ -175,7 +196,8 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
     out = WORK / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
     samples = 8 if tool.startswith("ort") and "gptq" in flags else args.samples
     calib_flags = ["--calib-data", str(calib), "--samples", str(samples), "--seq-len", str(args.seq_len)]
-    gen_flags = ["--generate-calib", "--samples", str(samples), "--seq-len", str(args.seq_len)]
+    gen_flags = (["--calib-data", str(_generated(args)), "--samples", str(samples), "--seq-len", str(args.seq_len)]
+                 if GEN in flags else [])
     flags = [f for flag in flags for f in (calib_flags if flag is CALIB else gen_flags if flag is GEN else [flag])]
     if tool == "builder":
         out = REAL / MODEL[2]
@@ -237,8 +259,7 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         f"{MODEL[5]}, int4 block 128 symmetric unless a row says otherwise; "
         f"calibration: {args.samples} x {args.seq_len} tokens of pydoc text (onnxruntime's GPTQ: 8 samples, it is "
         f"slow), or, in the rows marked '{SELF[2:]}', {args.samples} sequences of {args.seq_len} tokens that the "
-        "fp32 model samples itself from its BOS at temperature 1 (`--generate-calib`, seed 0; the quantize time "
-        f"includes the generation); evaluation: {args.windows} x 256 tokens of Shakespeare (another domain), "
+        f"fp32 model sampled itself from its BOS at temperature 1{_generation_note(args)}; evaluation: {args.windows} x 256 tokens of Shakespeare (another domain), "
         "fp32 perplexity "
         f"{', '.join(f'{v:.3f}' for v in sorted(floats))}; KL and top-1 against the fp32 model. 'gap' is the share "
         "of onnxq RTN's perplexity gap to fp32 that a row recovers. Whole processes on 2 CPU cores shared with "

@@ -76,8 +76,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="GPTQ: quantize rows in descending diag(H) order (default on; blocks stay contiguous)")
     calib.add_argument("--percdamp", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
     calib.add_argument("--hessian-shrink", type=float, metavar="LAMBDA",
-                       help="GPTQ: use (1 - LAMBDA) H + LAMBDA diag(H), LAMBDA in [0, 1] (default 0, the paper); "
-                            "0.5 generalised better to another text domain on SmolLM2")
+                       help="GPTQ: use (1 - LAMBDA) H + LAMBDA diag(H), LAMBDA in [0, 1] (default 0.5: lower "
+                            "perplexity on both real LMs and text domains; 0 = the paper)")
     calib.add_argument("--awq-grid", type=int, help="AWQ: alphas tried in [0, 1] (default 20)")
     calib.add_argument("--no-awq-clip", action="store_true", default=None, help="AWQ: skip the clip search")
     calib.add_argument("--steps", type=int, help="TEQ / AutoRound: optimisation steps per layer (default 200)")
