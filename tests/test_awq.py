@@ -9,6 +9,7 @@ import pytest
 
 from onnxq import OnnxqError
 from onnxq.algorithms import AWQ_CLIP_RATIOS, awq_clip_search, awq_quantize_weights, awq_scales, awq_search_scale
+from onnxq.algorithms.awq import awq_weight_mean
 from onnxq.core import QuantizedWeight, quantize_blocks, quantize_weight, weight_to_blocks
 from tests.real_layers import output_error, real_layer, real_siblings
 
@@ -193,3 +194,40 @@ def test_wide_weight_scale_search_on_a_column_subset():
     sub = awq_search_scale([w], x, mean_abs, 4, 32, True, grid=6, max_columns=1024)
     assert sub.alpha == full.alpha
     np.testing.assert_allclose(sub.loss_by_alpha, full.loss_by_alpha, rtol=0.1)
+
+
+def autoawq_w_mean(weights, group_size):
+    """AutoAWQ's ``w_mean`` from its own [out, in] layout: ``|w| / max |w|`` per group of ``group_size``
+    input channels of each output row, then the mean over all output rows of the siblings."""
+    stacked = np.concatenate([w.T for w in weights]).astype(np.float64)  # [sum N_i, K]
+    groups = np.abs(stacked).reshape(-1, group_size)
+    normalized = groups / (groups.max(axis=1, keepdims=True) + 1e-6)
+    return normalized.reshape(stacked.shape).mean(axis=0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_duo_scaling_search_against_the_definitions(symmetric):
+    """Duo scaling (AutoAWQ): w_mean as AutoAWQ computes it, each alpha's loss as the definition gives it
+    for s = a**alpha / w_mean**(1 - alpha), alpha = 0 plain RTN (so never worse than RTN on the
+    objective), and on these real q/k/v layers a lower loss than RTN."""
+    weights, x = real_siblings()
+    act = np.abs(x).mean(0)
+    w_mean = awq_weight_mean(weights, 32)
+    np.testing.assert_allclose(w_mean, autoawq_w_mean(weights, 32), rtol=1e-5)
+    res = awq_search_scale(weights, x, act, 4, 32, symmetric, grid=5, duo_scaling=True)
+    alphas = np.linspace(0, 1, 5)
+    duo = [np.ones(len(act)) if a == 0 else
+           np.maximum(act.astype(np.float64) ** a / (w_mean ** (1 - a) + 1e-4), 1e-4) for a in alphas]
+    duo = [(s / np.sqrt(s.max() * s.min())).astype(np.float32) for s in duo]
+    direct = [direct_loss(weights, x, s, 4, 32, symmetric) for s in duo]
+    np.testing.assert_allclose(res.loss_by_alpha, direct, rtol=1e-4)
+    assert res.loss_rtn == res.loss_by_alpha[0] and min(res.loss_by_alpha) < res.loss_rtn
+    np.testing.assert_array_equal(res.scales, duo[int(np.argmin(res.loss_by_alpha))])
+
+
+def test_duo_scaling_in_the_config():
+    """``awq.duo_scaling`` is read from a config and checked (a bool)."""
+    from onnxq import QuantConfig
+    assert QuantConfig.from_dict({"awq": {"duo_scaling": True}}).awq.duo_scaling is True
+    with pytest.raises(OnnxqError):
+        QuantConfig.from_dict({"awq": {"duo_scaling": "yes"}})

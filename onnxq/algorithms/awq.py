@@ -57,6 +57,7 @@ __all__ = [
     "awq_quantize_weights",
     "awq_scales",
     "awq_search_scale",
+    "awq_weight_mean",
 ]
 
 AWQ_CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.00, 0.95, ..., 0.50
@@ -76,18 +77,24 @@ class AWQConfig:
         scale_search: search the per-input-channel scales (off: scales of 1, clip search only).
         clip: run the per-(channel, block) clip search after scaling.
         sample_rows: activation rows kept (reservoir sample) per input tensor for the losses.
+        duo_scaling: AutoAWQ's scales ``a**alpha / w**(1 - alpha)`` (:func:`awq_scales`) instead of
+            the paper's ``a**alpha``; ``alpha = 0`` stays plain RTN.
     """
 
     grid: int = 20
     scale_search: bool = True
     clip: bool = True
     sample_rows: int = 4096
+    duo_scaling: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.grid, int) and self.grid >= 2):
             raise OnnxqError(f"awq.grid must be an integer >= 2, got {self.grid!r}")
         if not (isinstance(self.sample_rows, int) and self.sample_rows >= 16):
             raise OnnxqError(f"awq.sample_rows must be an integer >= 16, got {self.sample_rows!r}")
+        for name in ("scale_search", "clip", "duo_scaling"):
+            if not isinstance(getattr(self, name), bool):
+                raise OnnxqError(f"awq.{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -265,14 +272,39 @@ class _OutputError:
         return self._blocks[bs]
 
 
-def awq_scales(act_mean_abs: np.ndarray, alpha: float) -> np.ndarray:
+def awq_scales(act_mean_abs: np.ndarray, alpha: float, weight_mean: np.ndarray | None = None) -> np.ndarray:
     """AWQ's per-channel scales ``s = a**alpha / sqrt(max * min)`` (arXiv 2306.00978 eq. 5).
 
     ``a**alpha`` is clamped to ``>= 1e-4`` before normalising, as in the reference code.
     Returns float32 ``[K]``; ``alpha = 0`` gives exactly 1 everywhere.
+
+    With ``weight_mean`` (``[K]``, :func:`awq_weight_mean`) for ``alpha > 0``: AutoAWQ's "duo
+    scaling", ``s = a**alpha / (weight_mean**(1 - alpha) + 1e-4)``, clamped and normalised the same
+    way, which also shrinks the input channels whose weights are large within their blocks.
     """
-    powered = np.maximum(np.asarray(act_mean_abs, dtype=np.float64) ** alpha, _MIN_SCALE)
+    a = np.asarray(act_mean_abs, dtype=np.float64)
+    if weight_mean is None or alpha == 0:
+        powered = np.maximum(a ** alpha, _MIN_SCALE)
+    else:
+        powered = np.maximum(a ** alpha / (np.asarray(weight_mean, np.float64) ** (1 - alpha) + _MIN_SCALE),
+                             _MIN_SCALE)
     return (powered / np.sqrt(powered.max() * powered.min())).astype(np.float32)
+
+
+def awq_weight_mean(weights: Sequence[np.ndarray], block_size: int) -> np.ndarray:
+    """``[K]``: mean over all sibling columns of ``|w| / max |w|`` of each weight's K-block (AutoAWQ's
+    ``w_mean``, the weight side of duo scaling); ``weights``: ``[K, N_i]``, ``block_size`` -1 = all of K."""
+    k = weights[0].shape[0]
+    bs = k if block_size == -1 else int(block_size)
+    total = np.zeros(k, dtype=np.float64)
+    columns = 0
+    for w in weights:
+        blocks = np.abs(_k_major(w, bs))  # [k_blocks, bs, N]
+        peak = blocks.max(axis=1, keepdims=True)
+        normalized = np.divide(blocks, peak, out=np.zeros_like(blocks), where=peak > 0)
+        total += normalized.sum(axis=2, dtype=np.float64).reshape(-1)[:k]
+        columns += w.shape[1]
+    return total / columns
 
 
 def _scaled_error(weight: np.ndarray, s: np.ndarray, bits: int, bs: int, symmetric: bool, scale_dtype,
@@ -313,6 +345,7 @@ def awq_search_scale(
     grid: int = 20,
     scale_dtype: np.dtype | type = np.float32,
     max_columns: int | None = 8192,
+    duo_scaling: bool = False,
 ) -> AWQScaleResult:
     """Grid-search AWQ's per-input-channel scale for layers sharing one input (arXiv 2306.00978 sec. 3.2).
 
@@ -326,18 +359,22 @@ def awq_search_scale(
         max_columns: a weight with more output columns (e.g. an lm_head with a 50k vocabulary)
             is scored on this many evenly spaced columns, its loss scaled by ``N / max_columns``
             so siblings stay comparable (the same columns for every alpha); ``None``: all.
+        duo_scaling: score AutoAWQ's ``a**alpha / w**(1 - alpha)`` scales for ``alpha > 0``
+            (:func:`awq_scales`, :func:`awq_weight_mean`).
 
     Returns:
         :class:`AWQScaleResult` with the scales of the alpha of lowest loss (the first on a tie).
     """
     weights, x, act_mean_abs = _check_search(weights, x, act_mean_abs, bits, block_size)
     return _search_scale(weights, _OutputError(x), act_mean_abs, bits, block_size, symmetric, grid, scale_dtype,
-                         max_columns)
+                         max_columns, duo_scaling)
 
 
 def _search_scale(weights: list[np.ndarray], objective: _OutputError, act_mean_abs: np.ndarray, bits: int,
-                  block_size: int, symmetric: bool, grid: int, scale_dtype, max_columns: int | None) -> AWQScaleResult:
+                  block_size: int, symmetric: bool, grid: int, scale_dtype, max_columns: int | None,
+                  duo_scaling: bool = False) -> AWQScaleResult:
     """:func:`awq_search_scale` on checked inputs, the objective given."""
+    weight_mean = awq_weight_mean(weights, block_size) if duo_scaling else None
     if not isinstance(grid, (int, np.integer)) or grid < 1:
         raise OnnxqError(f"AWQ grid must be a positive integer, got {grid!r}")
     k = weights[0].shape[0]
@@ -364,14 +401,14 @@ def _search_scale(weights: list[np.ndarray], objective: _OutputError, act_mean_a
         errors = np.empty((k, len(batch) * n), dtype=np.float32)  # D of each alpha, side by side
 
         def fill(j: int, batch=batch, errors=errors) -> None:
-            s = awq_scales(act_mean_abs, float(batch[j]))
+            s = awq_scales(act_mean_abs, float(batch[j]), weight_mean)
             _scaled_error(scored, s, bits, bs, symmetric, scale_dtype, errors[:, j * n:(j + 1) * n])
 
         _map(fill, range(len(batch)))
         losses[first:first + len(batch)] = objective.column_losses(errors).reshape(len(batch), n) @ column_weight
     best = int(np.argmin(losses))
     return AWQScaleResult(
-        scales=awq_scales(act_mean_abs, float(alphas[best])),
+        scales=awq_scales(act_mean_abs, float(alphas[best]), weight_mean),
         alpha=float(alphas[best]),
         loss_by_alpha=losses,
         loss_rtn=float(losses[0]),
@@ -509,7 +546,8 @@ class AWQ(Algorithm):
                                                  first.block_size)
         objective = _OutputError(x)
         search = _search_scale(weights, objective, act_mean_abs, first.bits, first.block_size, first.symmetric,
-                               options.grid if options.scale_search else 1, group.scale_dtype, 8192)
+                               options.grid if options.scale_search else 1, group.scale_dtype, 8192,
+                               options.duo_scaling)
         scale = search.scales if search.alpha > 0 else None
         s = np.ones_like(search.scales) if scale is None else scale
         settings = [(st.bits, st.block_size, st.symmetric) for st in group.settings]
@@ -549,7 +587,7 @@ class AWQThen(Algorithm):
         first = group.settings[0]
         search = awq_search_scale(group.weights, stats["rows"], stats["abs_mean"], first.bits, first.block_size,
                                   first.symmetric, grid=awq.grid if awq.scale_search else 1,
-                                  scale_dtype=group.scale_dtype)
+                                  scale_dtype=group.scale_dtype, duo_scaling=awq.duo_scaling)
         scale = search.scales if search.alpha > 0 else None
         s = np.ones(group.weights[0].shape[0], dtype=np.float32) if scale is None else scale
         qweights = [self.solve_scaled(s[:, None] * weight, st, s, stats, then, group.scale_dtype)
