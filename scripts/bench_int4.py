@@ -114,6 +114,9 @@ RUNS: dict[str, tuple[str, list]] = {
                                                                      "lm_head8,mixed_layers8", GEN]),
     "onnxq awq+gptq + presets lm_head8,mixed_layers8" + SELF: ("onnxq", [*B128, "--algo", "awq+gptq", "--mixed-preset",
                                                                          "lm_head8,mixed_layers8", GEN]),
+    "onnxq awq+k_quant + presets lm_head8,mixed_layers8" + SELF: ("onnxq", [*B128, "--algo", "awq+k_quant",
+                                                                            "--mixed-preset", "lm_head8,mixed_layers8",
+                                                                            GEN]),
     "onnxq gptq, mixed 4.8 effective bits" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--effective-bits", "4.8",
                                                               "--mp-samples", "2", GEN]),
     # the tied-table default on the torch / Optimum form, Gather(E) + Transpose(E) -> MatMul (int4 b128 sym)

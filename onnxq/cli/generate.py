@@ -25,7 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("model", type=Path, help="float causal LM (.onnx, or a GenAI / Optimum model folder)")
     g.add_argument("output", type=Path, help="the .npy file to write (token ids, one stream)")
     g.add_argument("--samples", type=int, default=128, help="sequences (default 128)")
-    g.add_argument("--seq-len", type=int, default=512, help="tokens per sequence, the start token included (default 512)")
+    g.add_argument("--seq-len", type=int, default=512,
+                   help="tokens per sequence, the start token included (default 512)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1: the model's own "
                                                                   "distribution)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

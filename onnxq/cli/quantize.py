@@ -42,7 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     calib = q.add_argument_group("calibrated algorithms (--algo gptq|awq|..., optional for k_quant)")
     calib.add_argument("--algo", choices=(*ALGORITHMS, "smoothquant"),
                        help="rtn (default), hqq (no data needed), k_quant (llama.cpp's weighted scale search; "
-                            "--calib-data optional), gptq, awq, awq+gptq, awq+k_quant, teq or autoround (need --calib-data or --generate-calib); "
+                            "--calib-data optional), gptq, awq, awq+gptq, awq+k_quant, teq or autoround (need "
+                            "--calib-data or --generate-calib); "
                             "smoothquant: W8A8 (int8 weights and activations, QDQ) with SmoothQuant")
     calib.add_argument("--sq-alpha", default="auto",
                        help="SmoothQuant migration strength in [0, 1], or 'auto' (default: searched per input group)")
