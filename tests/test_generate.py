@@ -127,3 +127,17 @@ def test_errors_are_one_line_and_write_nothing(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("onnxq: error: ") and err.count("\n") == 1 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_sliding_window_cache_model_recomputes_the_prefix(tmp_path):
+    """Gemma 3's GenAI form (local attention with a window-sized KV cache, which onnxq cannot continue):
+    each step reruns the prefix with the window of zero rows, and follows the plain model's argmax."""
+    from tests.test_kv_models import _windowed
+
+    base = onnx.load(str(KV / "genai" / "model.onnx"))
+    windowed, plain = tmp_path / "windowed.onnx", tmp_path / "plain.onnx"
+    onnx.save(_windowed(base, 8, cache=True), windowed)
+    onnx.save(_windowed(base, 8, cache=False), plain)
+    ids = generate_token_ids(windowed, samples=2, seq_len=14, start=1, temperature=1e-6)
+    logits = _LM(plain, None, "float").logits(ids)
+    assert (logits[:, :-1].argmax(-1) == ids[:, 1:]).all()
