@@ -6,6 +6,7 @@
   model's inputs are filled from token ids (masks, positions, an empty KV cache).
 * :mod:`~onnxq.calibration.tokenizer`: ``tokenize`` with a ``tokenizer.json`` or an ONNX tokenizer.
 * :mod:`~onnxq.calibration.text`: ``TextReader``, windows of a tokenized text.
+* :mod:`~onnxq.calibration.generate`: ``generate_token_ids``, calibration text the float LM samples itself.
 * :mod:`~onnxq.calibration.probe`: ``ActivationProbe``, intermediate tensors of a model.
 * :mod:`~onnxq.calibration.accumulators`: streaming Hessian, mean/max ``|x|``, mean ``x^2``, row sample.
 * :mod:`~onnxq.calibration.blocks`: ``find_blocks``, weight sites grouped into
@@ -24,6 +25,7 @@ from onnxq.calibration.accumulators import (
     rows_of,
 )
 from onnxq.calibration.blocks import NORM_OPS, Block, find_blocks
+from onnxq.calibration.generate import generate_token_ids, start_token
 from onnxq.calibration.probe import ActivationProbe, collect_statistics
 from onnxq.calibration.inputs import InputFiller, InputSpec, input_specs, specs_of_session, validate_feed
 from onnxq.calibration.readers import (
@@ -59,12 +61,14 @@ __all__ = [
     "collect_statistics",
     "find_blocks",
     "find_tokenizer",
+    "generate_token_ids",
     "input_specs",
     "iter_feeds",
     "materialize",
     "rows_of",
     "save_npz",
     "specs_of_session",
+    "start_token",
     "tokenize",
     "validate_feed",
 ]
