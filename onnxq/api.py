@@ -101,7 +101,8 @@ def quantize_with_report(
     config = config or QuantConfig()
     if config.needs_calibration and calibration_data_reader is None:
         raise OnnxqError(
-            f"algorithm {config.algorithm!r} needs calibration data (calibration_data_reader, or --calib-data or --generate-calib)"
+            f"algorithm {config.algorithm!r} needs calibration data (calibration_data_reader, or --calib-data "
+            "or --generate-calib)"
         )
     calibrated = calibration_data_reader is not None and config.uses_calibration
     if not calibrated and (executor is not None or checkpoint is not None):

@@ -62,7 +62,7 @@ TORCH_PY = str(ROOT / ".venv-export" / "bin" / "python")
 ORT_TOOL = str(ROOT / "scripts" / "ort_tool_quantize.py")
 B128 = ["--block-size", "128", "--accuracy-level", "0"]
 CALIB = object()  # placeholder for the calibration flags
-GEN = object()  # placeholder for self-generated calibration: --generate-calib, same samples and length
+GEN = object()  # placeholder for the self-generated calibration ids (_generated) as --calib-data
 SELF = ", self-generated calibration"
 
 # name -> (tool, flags); tool: "onnxq", "ort", "ort-torch" (onnxruntime's tool under .venv-export), "builder"
@@ -165,10 +165,14 @@ def _texts() -> tuple[Path, Path]:
     return paths["calib"][0], paths["eval"][0]
 
 
+def _generated_path(args: argparse.Namespace) -> Path:
+    return WORK / f"calib_generated_{args.samples}x{args.seq_len}.npy"
+
+
 def _generated(args: argparse.Namespace) -> Path:
     """The self-generated calibration ids of the float model (``python -m onnxq generate``, seed 0), made once:
     ``WORK/calib_generated_SxL.npy``; the generation's wall time goes to ``WORK/calib_generated_SxL.json``."""
-    path = WORK / f"calib_generated_{args.samples}x{args.seq_len}.npy"
+    path = _generated_path(args)
     if not path.exists():
         cmd = [PY, "-m", "onnxq", "generate", str(FLOAT), str(path), "--samples", str(args.samples),
                "--seq-len", str(args.seq_len), "--quiet"]
@@ -181,7 +185,7 @@ def _generated(args: argparse.Namespace) -> Path:
 
 def _generation_note(args: argparse.Namespace) -> str:
     """What the header says of the generated calibration ids (their command and time), when they were made."""
-    record = WORK / f"calib_generated_{args.samples}x{args.seq_len}.json"
+    record = _generated_path(args).with_suffix(".json")
     if not record.exists():
         return ""
     made = json.loads(record.read_text())

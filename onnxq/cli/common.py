@@ -27,6 +27,7 @@ __all__ = [
     "calibration_reader",
     "check_output",
     "config_from",
+    "generation_start",
     "progress_bar",
     "same_file",
 ]
@@ -143,18 +144,32 @@ def calibration_reader(args: argparse.Namespace, config: QuantConfig, model: ir.
 def _generated_reader(args: argparse.Namespace, config: QuantConfig, model: ir.Model, model_file: Path) -> TextReader:
     """``--generate-calib``: ``--samples`` sequences of ``--seq-len`` tokens sampled by the float model, each
     starting with ``--bos`` (auto: the model's BOS, :func:`~onnxq.calibration.generate.start_token`)."""
-    from onnxq.calibration.generate import generate_token_ids, start_token
+    from onnxq.calibration.generate import generate_token_ids
 
-    bos = bos_option(getattr(args, "bos", "auto"))
-    if bos == "auto":
-        bos = start_token(model_file)
-        if bos is None:
-            raise OnnxqError(f"--generate-calib: no BOS token id found beside {model_file} (tokenizer.json, "
-                             "genai_config.json, config.json); give --bos ID, or --bos none for random start tokens")
     samples, seq_len = config.calibration.samples, args.seq_len
-    ids = generate_token_ids(model_file, samples=samples, seq_len=seq_len, start=bos,
+    ids = generate_token_ids(model_file, samples=samples, seq_len=seq_len,
+                             start=generation_start(getattr(args, "bos", "auto"), model_file),
                              progress=progress_bar(getattr(args, "quiet", False)))
     return TextReader(None, model, token_ids=ids.reshape(-1), seq_len=seq_len, samples=samples, bos=None)
+
+
+def generation_start(text: str, model_file: Path) -> int | None:
+    """``--bos`` for generated calibration text: auto is the model's BOS
+    (:func:`~onnxq.calibration.generate.start_token`), none a random start token, else the id.
+
+    Raises:
+        OnnxqError: a bad ``--bos``, or auto for a model that names no BOS.
+    """
+    from onnxq.calibration.generate import start_token
+
+    bos = bos_option(text)
+    if bos != "auto":
+        return bos
+    found = start_token(model_file)
+    if found is None:
+        raise OnnxqError(f"no BOS token id found beside {model_file} (tokenizer.json, genai_config.json, "
+                         "config.json); give --bos ID, or --bos none for random start tokens")
+    return found
 
 
 BOS_HELP = ("the token id each window starts with: auto (the default: the tokenizer's BOS when its tokenizer.json "

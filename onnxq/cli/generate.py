@@ -7,13 +7,12 @@ and several runs can share one generation (``quantize --generate-calib`` generat
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from onnxq.cli.common import BOS_HELP, bos_option, model_input, progress_bar, same_file
+from onnxq.atomic import commit, temp_folder
+from onnxq.cli.common import generation_start, model_input, progress_bar, same_file
 from onnxq.errors import OnnxqError
 
 __all__ = ["add_parser", "run"]
@@ -42,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     """Generate ``args.samples`` sequences with ``args.model`` and save them to ``args.output`` whole or not at all."""
     import numpy as np
 
-    from onnxq.calibration.generate import generate_token_ids, start_token
+    from onnxq.calibration.generate import generate_token_ids
 
     begin = time.perf_counter()
     model_file, _, _ = model_input(args.model)
@@ -54,23 +53,13 @@ def run(args: argparse.Namespace) -> int:
         raise OnnxqError(f"output path is the input model ({args.output}); choose another output file")
     if not args.output.parent.is_dir():
         raise OnnxqError(f"the output's folder does not exist: {args.output.parent}")
-    bos = bos_option(args.bos)
-    if bos == "auto":
-        bos = start_token(model_file)
-        if bos is None:
-            raise OnnxqError(f"no BOS token id found beside {model_file} (tokenizer.json, genai_config.json, "
-                             "config.json); give --bos ID, or --bos none for random start tokens")
-    ids = generate_token_ids(model_file, samples=args.samples, seq_len=args.seq_len, start=bos,
-                             temperature=args.temperature, seed=args.seed, batch=args.batch,
-                             progress=progress_bar(args.quiet))
-    fd, tmp = tempfile.mkstemp(prefix=f"{args.output.name}.", suffix=".tmp", dir=args.output.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, ids.reshape(-1))
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    ids = generate_token_ids(model_file, samples=args.samples, seq_len=args.seq_len,
+                             start=generation_start(args.bos, model_file), temperature=args.temperature,
+                             seed=args.seed, batch=args.batch, progress=progress_bar(args.quiet))
+    with temp_folder(args.output) as tmp:
+        written = tmp / args.output.name
+        np.save(written, ids.reshape(-1))
+        commit([(written, args.output)])
     print(f"wrote {args.output}: {args.samples} x {args.seq_len} token ids in {time.perf_counter() - begin:.1f} s "
           f"(use: quantize --calib-data {args.output} --seq-len {args.seq_len})", file=sys.stderr)
     return 0
