@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxq.calibration.inputs import InputFiller, input_specs, specs_of_session
 from onnxq.calibration.tokenizer import TOKENIZER_JSON, bos_token
 from onnxq.errors import OnnxqError
 
@@ -84,15 +85,32 @@ def _json_value(path: Path, keys: tuple[str, ...]) -> Any:
 
 
 class _Sampler:
-    """One onnxruntime session of a causal LM (:class:`onnxq.eval.metrics._LM`: the session, its input
-    filler and logits output), run a step at a time (see the module docstring)."""
+    """One onnxruntime session of a causal LM, run a step at a time (see the module docstring)."""
 
-    def __init__(self, model: Any):
-        from onnxq.eval.metrics import _LM  # eval imports onnxruntime: only when text is generated
+    def __init__(self, model: Any, threads: int | None):
+        import onnxruntime as ort
 
-        lm = _LM(model, None, "float")
-        self.session, self.filler, self.output = lm.session, lm.filler, lm.output
+        if isinstance(model, ort.InferenceSession):
+            self.session = model
+            specs = specs_of_session(model)
+        else:
+            path = Path(model)
+            if not path.is_file():
+                raise OnnxqError(f"model file not found: {path}")
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            if threads:
+                options.intra_op_num_threads = threads
+            try:
+                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises several exception types for a bad model
+                raise OnnxqError(f"onnxruntime cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
+            specs = input_specs(str(path)) if any(s.name.startswith("past_key_values.")
+                                                  for s in specs_of_session(self.session)) \
+                else specs_of_session(self.session)
+        self.filler = InputFiller(specs, "the model to generate calibration text with")
         outputs = [o.name for o in self.session.get_outputs()]
+        self.output = "logits" if "logits" in outputs else outputs[0]
         self.cached = (self.filler.has_past and not any(p.capacity for p in self.filler.past)
                        and all(p.present in outputs for p in self.filler.past))
         self.names = [self.output] + ([p.present for p in self.filler.past] if self.cached else [])
@@ -143,6 +161,7 @@ def generate_token_ids(
     temperature: float = 1.0,
     seed: int = 0,
     batch: int = 8,
+    threads: int | None = None,
     progress: Progress | None = None,
 ) -> np.ndarray:
     """``samples`` sequences of ``seq_len`` tokens sampled by the causal LM ``model`` (see the module docstring).
@@ -157,6 +176,7 @@ def generate_token_ids(
         temperature: softmax temperature (> 0); 1 samples the model's own distribution.
         seed: seed of ``numpy.random.default_rng``.
         batch: sequences generated together.
+        threads: onnxruntime intra-op threads (default: onnxruntime's).
         progress: ``progress(items, desc=, unit=, total=)`` wrapping the decoding steps.
 
     Returns:
@@ -174,7 +194,7 @@ def generate_token_ids(
                          f"got {seq_len}")
     if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
         raise OnnxqError(f"the sampling temperature must be a finite number > 0, got {temperature!r}")
-    sampler = _Sampler(model)
+    sampler = _Sampler(model, threads)
     rng = np.random.default_rng(seed)
     logger.info("generating %d calibration sequences of %d tokens (%s, temperature %g)", samples, seq_len,
                 "through the KV cache" if sampler.cached else "recomputing the prefix each step", temperature)
