@@ -154,6 +154,27 @@ def test_block_larger_than_k_is_one_block_over_k(tmp_path, capsys):
     np.testing.assert_array_equal(y, y_per_channel)  # the same values as one block over K
 
 
+def test_padding_of_k_is_reported_with_a_dividing_block(tmp_path, capsys):
+    """K = 576 at block 128 (SmolLM2's hidden size): MatMulNBits stores 5 blocks, 640 codes per column; the
+    summary says what share of the stored codes is padding, read back from the written B, and names block 64."""
+    padded, even = tmp_path / "k576.onnx", tmp_path / "k512.onnx"
+    onnx.save(matmul_model(weight((576, 48), seed=0)), padded)
+    onnx.save(matmul_model(weight((512, 48), seed=1)), even)
+    assert main(["quantize", str(padded), str(tmp_path / "q.onnx"), "--block-size", "128"]) == 0
+    out = capsys.readouterr().out
+    b = {t.name: t for t in onnx.load(tmp_path / "q.onnx").graph.initializer if t.dims and len(t.dims) == 3}
+    (blob,) = b.values()
+    n, blocks, blob_bytes = blob.dims
+    stored_codes = blocks * blob_bytes * 2  # int4: two codes a byte
+    assert (n, stored_codes) == (48, 640)
+    share = (stored_codes - 576) / stored_codes
+    assert f"the block does not divide K = 576 on 1 of 1 nodes: {share:.1%} of their stored codes are zero padding; " \
+           "block 64 divides K" in out
+    assert main(["quantize", str(even), str(tmp_path / "q2.onnx"), "--block-size", "128"]) == 0
+    assert main(["quantize", str(padded), str(tmp_path / "q3.onnx"), "--block-size", "128", "--format", "qdq"]) == 0
+    assert "zero padding" not in capsys.readouterr().out  # K a multiple of the block; QDQ stores no padding
+
+
 def _quantized(model, out, *flags):
     assert main(["quantize", str(model), str(out), "--quiet", *flags]) == 0
     return out

@@ -13,7 +13,7 @@ import pytest
 from onnxq.calibration.generate import _sample, generate_token_ids, start_token
 from onnxq.cli import main
 from onnxq.errors import OnnxqError
-from onnxq.eval.metrics import _LM
+from onnxq.calibration.lm_session import LMSession
 from tests.test_kv_models import FORMS, KV
 from tests.tiny_transformer import make_tiny_transformer
 
@@ -23,7 +23,7 @@ def test_greedy_limit_follows_the_full_forward(form):
     """KV-cache models (GenAI fp32, Optimum fp16): each token is the full forward's argmax after its prefix."""
     ids = generate_token_ids(KV / form / "model.onnx", samples=3, seq_len=12, start=1, temperature=1e-6, batch=2)
     assert ids.shape == (3, 12) and ids.dtype == np.int64 and (ids[:, 0] == 1).all()
-    logits = _LM(KV / form / "model.onnx", None, "float").logits(ids).astype(np.float64)
+    logits = LMSession(KV / form / "model.onnx", None, "float").logits(ids).astype(np.float64)
     agree = (logits[:, :-1].argmax(-1) == ids[:, 1:]).mean()
     assert agree == 1.0 if form == "genai" else agree >= 0.9, agree  # fp16 logits may tie
 
@@ -32,7 +32,7 @@ def test_a_model_without_kv_cache_recomputes_the_prefix(tmp_path):
     path = tmp_path / "lm.onnx"
     onnx.save(make_tiny_transformer(num_layers=1, hidden=32, heads=2, ffn=32, vocab=50, seed=3), path)
     ids = generate_token_ids(path, samples=2, seq_len=9, start=None, temperature=1e-6, seed=5)
-    logits = _LM(path, None, "float").logits(ids)
+    logits = LMSession(path, None, "float").logits(ids)
     assert (logits[:, :-1].argmax(-1) == ids[:, 1:]).all()
     again = generate_token_ids(path, samples=2, seq_len=9, start=None, temperature=1e-6, seed=5)
     np.testing.assert_array_equal(ids, again)
@@ -139,5 +139,5 @@ def test_a_sliding_window_cache_model_recomputes_the_prefix(tmp_path):
     onnx.save(_windowed(base, 8, cache=True), windowed)
     onnx.save(_windowed(base, 8, cache=False), plain)
     ids = generate_token_ids(windowed, samples=2, seq_len=14, start=1, temperature=1e-6)
-    logits = _LM(plain, None, "float").logits(ids)
+    logits = LMSession(plain, None, "float").logits(ids)
     assert (logits[:, :-1].argmax(-1) == ids[:, 1:]).all()

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxq.calibration.inputs import InputFiller, input_specs, specs_of_session
+from onnxq.calibration.lm_session import LMSession
 from onnxq.calibration.tokenizer import TOKENIZER_JSON, bos_token
 from onnxq.errors import OnnxqError
 
@@ -85,35 +85,15 @@ def _json_value(path: Path, keys: tuple[str, ...]) -> Any:
 
 
 class _Sampler:
-    """One onnxruntime session of a causal LM, run a step at a time (see the module docstring)."""
+    """A causal LM (:class:`~onnxq.calibration.lm_session.LMSession`) run a step at a time, through its KV
+    cache when it has one without a sliding window (see the module docstring)."""
 
     def __init__(self, model: Any, threads: int | None):
-        import onnxruntime as ort
-
-        if isinstance(model, ort.InferenceSession):
-            self.session = model
-            specs = specs_of_session(model)
-        else:
-            path = Path(model)
-            if not path.is_file():
-                raise OnnxqError(f"model file not found: {path}")
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            if threads:
-                options.intra_op_num_threads = threads
-            try:
-                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime raises several exception types for a bad model
-                raise OnnxqError(f"onnxruntime cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
-            specs = input_specs(str(path)) if any(s.name.startswith("past_key_values.")
-                                                  for s in specs_of_session(self.session)) \
-                else specs_of_session(self.session)
-        self.filler = InputFiller(specs, "the model to generate calibration text with")
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.output = "logits" if "logits" in outputs else outputs[0]
-        self.cached = (self.filler.has_past and not any(p.capacity for p in self.filler.past)
-                       and all(p.present in outputs for p in self.filler.past))
-        self.names = [self.output] + ([p.present for p in self.filler.past] if self.cached else [])
+        self.lm = LMSession(model, None, "float", threads=threads)
+        past = self.lm.filler.past
+        self.cached = (self.lm.filler.has_past and not any(p.capacity for p in past)
+                       and all(p.present in self.lm.outputs for p in past))
+        self.names = [self.lm.output] + ([p.present for p in past] if self.cached else [])
         self.past: dict[str, np.ndarray] | None = None
 
     def first(self, ids: np.ndarray) -> np.ndarray:
@@ -129,16 +109,14 @@ class _Sampler:
 
     def _run(self, ids: np.ndarray, past: dict[str, np.ndarray] | None) -> np.ndarray:
         try:
-            result = self.session.run(self.names, self.filler.feed(ids, past))
+            result = self.lm.session.run(self.names, self.lm.filler.feed(ids, past))
         except Exception as exc:  # onnxruntime's own error types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise OnnxqError(f"onnxruntime failed generating calibration text: {reason}") from None
         logits = result[0]
-        if logits.ndim != 3 or logits.shape[:2] != (ids.shape[0], ids.shape[1]):
-            raise OnnxqError(f"the model's output {self.output!r} has shape {logits.shape}; expected logits "
-                             f"[batch={ids.shape[0]}, seq={ids.shape[1]}, vocab] of a causal language model")
+        self.lm.check_logits(logits, ids.shape[0], ids.shape[1])
         if self.cached:
-            self.past = {p.name: value for p, value in zip(self.filler.past, result[1:])}
+            self.past = {p.name: value for p, value in zip(self.lm.filler.past, result[1:])}
         return logits[:, -1]
 
 

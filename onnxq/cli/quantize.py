@@ -176,6 +176,9 @@ def _run(args: argparse.Namespace) -> int:
             print(format_skipped(skipped))
         print()
         print(summary_line(records, skipped, (weights_before, model_weight_bytes(result.model))))
+        padded = _padded_blocks(config, records)
+        if padded:
+            print(padded)
         print(f"wrote {written} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -236,6 +239,25 @@ def _clamped_blocks(config: QuantConfig, records) -> str | None:
     written = sorted({r.block_size for r in clamped})
     return (f"block_size {'/'.join(map(str, asked))} is larger than K on {len(clamped)} of {len(records)} nodes: "
             f"those use one block over K (block {'/'.join(map(str, written))}: the same values, without padding)")
+
+
+def _padded_blocks(config: QuantConfig, records) -> str | None:
+    """One line when MatMulNBits pads K up to a multiple of the block (``ceil(K / block)`` blocks are
+    stored, the last one partly zeros): the share of stored codes that are padding, and the largest
+    block that divides every such K (no padding; e.g. K = 576 at block 128 stores 640 codes per column,
+    11% padding, and block 64 both divides it and stores fewer bytes with int4 and float scales)."""
+    if config.format != "nbits":
+        return None
+    padded = [r for r in records if r.shared_with is None and r.k % r.block_size]
+    if not padded:
+        return None
+    stored = sum(-(-r.k // r.block_size) * r.block_size * r.n for r in padded)
+    padding = stored - sum(r.k * r.n for r in padded)
+    ks = sorted({r.k for r in padded})
+    fits = min(min(r.k & -r.k, r.block_size) for r in padded)  # the largest power of two dividing each K
+    advice = f"; block {fits} divides K" if fits >= 16 else ""
+    return (f"note: the block does not divide K = {', '.join(map(str, ks))} on {len(padded)} of {len(records)} "
+            f"nodes: {padding / stored:.1%} of their stored codes are zero padding{advice}")
 
 
 def _smoothquant(args: argparse.Namespace, config: QuantConfig, model: ir.Model, reader) -> int:

@@ -42,7 +42,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.calibration.readers import iter_feeds
-from onnxq.calibration.inputs import InputFiller, input_specs, specs_of_session
+from onnxq.calibration.lm_session import LMSession, make_session
 from onnxq.errors import OnnxqError
 
 __all__ = [
@@ -110,39 +110,6 @@ class EmbeddingComparison:
     vectors: int
 
 
-def make_session(model: ModelLike, providers: list[str] | None = None, *,
-                 reuse_buffers: bool = True) -> ort.InferenceSession:
-    """An onnxruntime session for ``model`` (a session is returned as is).
-
-    ``reuse_buffers=False`` turns off ORT's memory pattern and buffer reuse, which some KV-cache
-    graphs (the GenAI builder's fp16 MultiHeadAttention) break when shapes change between runs.
-
-    Raises:
-        OnnxqError: the file is missing or onnxruntime cannot load it.
-    """
-    if isinstance(model, ort.InferenceSession):
-        return model
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not reuse_buffers:
-        options.enable_mem_pattern = False
-        options.enable_mem_reuse = False
-    providers = providers or ["CPUExecutionProvider"]
-    if isinstance(model, onnx.ModelProto):
-        source, where = model.SerializeToString(), "the given ModelProto"
-    elif isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if not path.is_file():
-            raise OnnxqError(f"model file not found: {path}")
-        source, where = str(path), str(path)
-    else:
-        raise OnnxqError(f"a model must be a path, an onnx.ModelProto or an InferenceSession, found {type(model).__name__}")
-    try:
-        return ort.InferenceSession(source, options, providers=providers)
-    except Exception as exc:  # onnxruntime raises several exception types for a bad model
-        raise OnnxqError(f"onnxruntime cannot load {where}: {str(exc).strip().splitlines()[0]}") from None
-
-
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """``log softmax`` over the last axis in float64: ``x - max - log(sum(exp(x - max)))``.
 
@@ -187,30 +154,6 @@ def lm_windows(
     if max_windows is not None and max_windows < count:
         indices = np.unique(np.linspace(0, count - 1, max_windows).round().astype(np.int64))
     return [(int(i) * stride, 1 if i == 0 else max(1, context - stride)) for i in indices]
-
-
-class _LM:
-    """A causal-LM session with its input filler (masks, positions, empty KV cache) and logits output."""
-
-    def __init__(self, model: ModelLike, providers: list[str] | None, what: str, reuse_buffers: bool = True):
-        self.session = make_session(model, providers, reuse_buffers=reuse_buffers)
-        self.what = what
-        specs = specs_of_session(self.session)
-        if not isinstance(model, ort.InferenceSession) and any(s.name.startswith("past_key_values.") for s in specs):
-            specs = input_specs(model)  # the graph tells a KV cache's head size (when symbolic) and window capacity
-        self.filler = InputFiller(specs, f"the {what} model")
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.output = "logits" if "logits" in outputs else outputs[0]
-
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        """ids: ``[batch, seq]`` int64 -> logits ``[batch, seq, vocab]``."""
-        batch, seq = ids.shape
-        feed = self.filler.feed(ids)
-        (logits,) = self.session.run([self.output], feed)
-        if logits.ndim != 3 or logits.shape[:2] != (batch, seq):
-            raise OnnxqError(f"the {self.what} model's output {self.output!r} has shape {logits.shape}; "
-                             f"expected logits [batch={batch}, seq={seq}, vocab]")
-        return logits
 
 
 def _token_stream(token_ids) -> np.ndarray:
@@ -286,7 +229,7 @@ def perplexity(
     """
     ids = _token_stream(token_ids)
     windows = _bos_windows(len(ids), context, stride, max_windows, bos)
-    lm = _LM(model, providers, "evaluated")
+    lm = LMSession(model, providers, "evaluated")
     nll_sum, tokens = 0.0, 0
     for group in _wrap(progress, _batches(windows, batch), "perplexity", math.ceil(len(windows) / batch)):
         window_ids = _window_ids(ids, group, context, bos)
@@ -343,8 +286,8 @@ def compare_lms(
         raise OnnxqError("compare_lms needs at least one quantized model")
     ids = _token_stream(token_ids)
     windows = _bos_windows(len(ids), context, stride, max_windows, bos)
-    reference = _LM(float_model, providers, "float")
-    others = {name: _LM(model, providers, f"quantized ({name})") for name, model in quant_models.items()}
+    reference = LMSession(float_model, providers, "float")
+    others = {name: LMSession(model, providers, f"quantized ({name})") for name, model in quant_models.items()}
     tallies = {name: _Tally() for name in others}
     nll_float, tokens = 0.0, 0
     for group in _wrap(progress, _batches(windows, batch), "compare", math.ceil(len(windows) / batch)):
@@ -438,7 +381,7 @@ def decode_check(model: ModelLike, token_ids: np.ndarray, *, prefill: int | None
     Raises:
         OnnxqError: the model has no KV cache, or too few tokens.
     """
-    lm = _LM(model, providers, "checked", reuse_buffers=False)
+    lm = LMSession(model, providers, "checked", reuse_buffers=False)
     if not lm.filler.has_past:
         raise OnnxqError("the decode check needs a KV-cache model (inputs past_key_values.N.key/value)")
     outputs = {o.name for o in lm.session.get_outputs()}
