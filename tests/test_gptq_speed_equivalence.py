@@ -12,7 +12,11 @@ x int4/int3, block 32/128, sym/asym x act order on/off x static/dynamic groups; 
 tests.test_gptq_speed_equivalence``): no code differs from the reference and the objective
 ``tr((W - Q) H (W - Q)^T)`` is within +2.2e-7 / -2.8e-7 of it (relative). The same sweep with
 a float32 factor (``--float32-factor``: the same left-looking factor, all float32) flips up to
-0.7% of the codes and moves the objective by up to 1%, which is why the factor stays float64.
+0.7% of the codes and moves the objective by up to 1%, which is why the factor stays float64
+for the paper's unshrunk Hessian. With ``hessian_shrink`` >= 0.25 (GPTQConfig's default is 0.5)
+the solver factors in float32 (``--shrink S`` runs the sweep with it, the reference on the same
+shrunk Hessian): at most 0.043% of the codes differ at 0.5 (objective +7.3e-9 / -2.1e-4) and
+0.078% at 0.25 (+8.5e-5 / -9.9e-6); at 0.1 the factor is float64 and none differ.
 """
 import numpy as np
 import pytest
@@ -95,6 +99,61 @@ def test_solver_matches_algorithm1(layer, bits, block_size, symmetric, act_order
     assert objective(w, res.qweight.dequantize(), hd) == pytest.approx(objective(w, ref_q, hd), rel=3e-4)
 
 
+SHRUNK_CASES = [
+    ("fc2", 4, 128, True, True, True, 0.5), ("q", 3, 32, False, False, True, 0.5), ("fc1", 4, 32, True, True, False, 0.5),
+    ("fc2", 4, 32, False, False, True, 0.25), ("q", 4, 128, True, True, True, 0.25),
+]
+
+
+@pytest.mark.parametrize("layer,bits,block_size,symmetric,act_order,static_groups,shrink", SHRUNK_CASES)
+def test_float32_factor_of_a_shrunk_hessian_matches_algorithm1(layer, bits, block_size, symmetric, act_order,
+                                                                static_groups, shrink):
+    """From hessian_shrink 0.25 the factor is float32 (module docstring of onnxq.algorithms.gptq); against
+    Algorithm 1 in float64 on the same shrunk Hessian the codes and objective keep the float64 solver's bounds."""
+    w, x = real_layer(layer)
+    w = w[:, :128]
+    x = x.astype(np.float64)
+    h = 2.0 / len(x) * x.T @ x
+    shrunk = (1 - shrink) * h + shrink * np.diag(np.diag(h))
+    res = gptq_solve(w, h, bits, block_size, symmetric, act_order=act_order, static_groups=static_groups,
+                     hessian_shrink=shrink)
+    ref_codes, ref_scales, ref_zps = reference_algorithm1(w, shrunk, bits, block_size, symmetric, act_order,
+                                                          static_groups)
+    codes = res.qweight.codes.reshape(w.shape[1], -1)
+    assert np.mean(codes != ref_codes) < 1e-3
+    ref_q = ((ref_codes.reshape(codes.shape[0], -1, block_size).astype(np.float32) - ref_zps[..., None])
+             * ref_scales[..., None]).reshape(codes.shape).T
+    hd = shrunk + res.damp * np.eye(len(h))
+    assert objective(w, res.qweight.dequantize(), hd) == pytest.approx(objective(w, ref_q, hd), rel=3e-4)
+
+
+def _factor_row_error(shrink: float, dtype) -> float:
+    """Worst relative row error of the factor of MiniLM fc2's Hessian (256 calibration rows, K = 1536: rank
+    256) computed in ``dtype``, against the same factor in float64."""
+    from onnxq.algorithms import gptq
+
+    _, x = real_layer("fc2")
+    x = x.astype(np.float64)
+    h = 2.0 / len(x) * x.T @ x
+    diagonal = np.diag(h).copy()
+    damp = 0.01 * float(np.mean(diagonal))
+    m = gptq._blocked_factor(h.astype(np.float32), diagonal, None, len(h), damp, shrink, dtype).astype(np.float64)
+    exact = gptq._blocked_factor(h, diagonal, None, len(h), damp, shrink, np.float64).astype(np.float64)
+    return float((np.linalg.norm(m - exact, axis=1) / np.linalg.norm(exact, axis=1)).max())
+
+
+@pytest.mark.parametrize("shrink", [0.25, 0.5, 1.0])
+def test_float32_factor_of_a_shrunk_rank_deficient_hessian_is_accurate(shrink):
+    """Each pivot keeps a fraction ``shrink`` of its diagonal entry, so the float32 factor of a rank-deficient
+    Hessian stays within a few float32 roundings of the float64 one (measured 1.2e-6 at 0.5, 2.8e-6 at 0.25);
+    unshrunk, the same factor is off by 6e-4 in its worst row, which is why shrink 0 keeps float64."""
+    from onnxq.algorithms import gptq
+
+    assert gptq._factor_dtype(shrink) is np.float32 and gptq._factor_dtype(0.0) is np.float64
+    assert _factor_row_error(shrink, np.float32) < 1e-5
+    assert _factor_row_error(0.0, np.float32) > 1e-4
+
+
 def _float32_factor(hessian, diagonal, order, kp, damp, block=256):
     """The solver's left-looking factor (``gptq._blocked_factor``'s arguments and result), all in float32."""
     k = len(diagonal)
@@ -113,9 +172,10 @@ def _float32_factor(hessian, diagonal, order, kp, damp, block=256):
     return np.tril(a)
 
 
-def sweep(float32_factor: bool = False) -> None:
+def sweep(float32_factor: bool = False, shrink: float = 0.0) -> None:
     """Print the largest code-flip fraction and objective deviation against Algorithm 1 over all
-    72 settings (first 128 output columns of each real layer)."""
+    72 settings (first 128 output columns of each real layer), the solver given ``hessian_shrink``
+    and the reference the same shrunk Hessian (its factor float32 from 0.25 on, as the solver picks)."""
     import itertools
 
     from onnxq.algorithms import gptq
@@ -129,19 +189,25 @@ def sweep(float32_factor: bool = False) -> None:
         w = w[:, :128]
         x = x.astype(np.float64)
         h = 2.0 / len(x) * x.T @ x
-        res = gptq_solve(w, h, bits, block_size, symmetric, act_order=act_order, static_groups=static_groups)
-        ref_codes, ref_scales, ref_zps = reference_algorithm1(w, h, bits, block_size, symmetric, act_order, static_groups)
+        shrunk = (1 - shrink) * h + shrink * np.diag(np.diag(h))
+        res = gptq_solve(w, h, bits, block_size, symmetric, act_order=act_order, static_groups=static_groups,
+                         hessian_shrink=shrink)
+        ref_codes, ref_scales, ref_zps = reference_algorithm1(w, shrunk, bits, block_size, symmetric, act_order,
+                                                              static_groups)
         flips = max(flips, float(np.mean(res.qweight.codes.reshape(w.shape[1], -1) != ref_codes)))
         ref_q = ((ref_codes.reshape(ref_codes.shape[0], -1, block_size).astype(np.float32) - ref_zps[..., None])
                  * ref_scales[..., None]).reshape(ref_codes.shape).T
-        hd = h + res.damp * np.eye(len(h))
+        hd = shrunk + res.damp * np.eye(len(h))
         rel = objective(w, res.qweight.dequantize(), hd) / objective(w, ref_q, hd) - 1
         high, low = max(high, rel), min(low, rel)
-    print(f"{'float32' if float32_factor else 'float64'} factor: at most {100 * flips:.3f}% of the codes differ, "
+    factor = "float32" if float32_factor or gptq._factor_dtype(shrink) is np.float32 else "float64"
+    print(f"{factor} factor, shrink {shrink}: at most {100 * flips:.3f}% of the codes differ, "
           f"objective within {high:+.2e} / {low:+.2e} (relative)")
 
 
 if __name__ == "__main__":
     import sys
 
-    sweep(float32_factor="--float32-factor" in sys.argv[1:])
+    args = sys.argv[1:]
+    sweep(float32_factor="--float32-factor" in args,
+          shrink=float(args[args.index("--shrink") + 1]) if "--shrink" in args else 0.0)
