@@ -8,7 +8,7 @@ Times, in this process and in this order:
   fed ``--hessian-samples`` samples of ``--tokens`` rows at ``K = 4096`` (the issue's figure is
   128 x 2048 tokens; fewer samples give the same rate), 2 * T * K^2 FLOP;
 * ``solve``: :func:`onnxq.algorithms.gptq_solve` (int4, block 128, symmetric, defaults
-  otherwise; ``--hessian-shrink 0.5`` times it as the CLI runs it, with a float32 factor) on
+  otherwise; ``--hessian-shrink 0.5`` times it as the CLI runs it, ``--float32-factor`` with that option) on
   ``K x N`` weights 4096x4096, 4096x11008 and 11008x4096 (a 7B-shaped block's q/k/v/o,
   gate/up and down projections), K^2 * N + K^3 / 3 FLOP (the triangular lazy-batch updates
   plus the Cholesky; before 2026-12-07 this script counted 2 * K^2 * N, which overstated the
@@ -139,17 +139,18 @@ def correlated_rows(t: int, k: int, seed: int) -> np.ndarray:
 
 
 def breakdown(w: np.ndarray, h: np.ndarray, solve_s: float, sgemm_s: float, repeat: int = 2,
-              shrink: float = 0.0) -> list[dict]:
+              shrink: float = 0.0, float32_factor: bool = False) -> list[dict]:
     """The solve's factor, lazy-batch GEMMs and static RTN timed alone (best of ``repeat``), and the rest."""
     k, n = w.shape
     diagonal = np.diag(h).astype(np.float64)
-    factor_s = min(timed(lambda: gptq._damped_factor(h, diagonal, None, k, 0.01, shrink)) for _ in range(repeat))
-    m = gptq._damped_factor(h, diagonal, None, k, 0.01, shrink)[0]
+    dtype = np.float32 if float32_factor else np.float64
+    factor_s = min(timed(lambda: gptq._damped_factor(h, diagonal, None, k, 0.01, shrink, dtype)) for _ in range(repeat))
+    m = gptq._damped_factor(h, diagonal, None, k, 0.01, shrink, dtype)[0]
     d = np.random.default_rng(3).standard_normal((k, n), dtype=np.float32)
     lazy = 128
     gemm_s = min(timed(lambda: [m[i1:i1 + lazy, :i1] @ d[:i1] for i1 in range(lazy, k, lazy)]) for _ in range(repeat))
     rtn_s = min(timed(lambda: quantize_weight(w, 4, 128, True)) for _ in range(repeat))
-    parts = {f"factor ({np.dtype(gptq._factor_dtype(shrink)).name})": (factor_s, k**3 / 3.0), "lazy-batch GEMMs": (gemm_s, float(k) * k * n),
+    parts = {f"factor ({np.dtype(dtype).name})": (factor_s, k**3 / 3.0), "lazy-batch GEMMs": (gemm_s, float(k) * k * n),
              "static RTN scales": (rtn_s, 0.0), "rest (rows, panels, setup)": (solve_s - factor_s - gemm_s - rtn_s, 0.0)}
     out = []
     for name, (seconds, flop) in parts.items():
@@ -263,7 +264,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hessian-shrink", type=float, default=0.0,
                         help="gptq_solve's hessian_shrink for the solve rows (0: the paper's, gptq_solve's default; "
-                             "0.5: GPTQConfig's and the CLI's default, factored in float32)")
+                             "0.5: GPTQConfig's and the CLI's default)")
+    parser.add_argument("--float32-factor", action="store_true",
+                        help="gptq_solve's float32_factor for the solve rows (needs --hessian-shrink >= 0.25)")
     parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="K x N weights to solve")
     parser.add_argument("--repeat", type=int, default=1, help="runs per solve (median reported)")
     parser.add_argument("--hessian-samples", type=int, default=8, help="samples for the Hessian stage (0: skip)")
@@ -307,13 +310,16 @@ def main() -> None:
         for _ in range(args.repeat):
             if other is not None:
                 old_times.append(timed(lambda w=w, h=h: other(w, h, 4, 128, True, hessian_shrink=shrink)))
-            new_times.append(timed(lambda w=w, h=h: gptq_solve(w, h, 4, 128, True, hessian_shrink=shrink)))
-        label = f"solve {k}x{n} b128" + (f" shrink {shrink:g}" if shrink else "")
+            new_times.append(timed(lambda w=w, h=h: gptq_solve(w, h, 4, 128, True, hessian_shrink=shrink,
+                                                               float32_factor=args.float32_factor)))
+        label = (f"solve {k}x{n} b128" + (f" shrink {shrink:g}" if shrink else "")
+                 + (" float32 factor" if args.float32_factor else ""))
         if other is not None:
             rows.append(report(f"{label} ({args.compare})", old_times, flop, sgemm_s))
         rows.append(report(label, new_times, flop, sgemm_s))
         if args.breakdown:
-            rows += breakdown(w, h, statistics.median(new_times), sgemm_s, shrink=shrink)
+            rows += breakdown(w, h, statistics.median(new_times), sgemm_s, shrink=shrink,
+                              float32_factor=args.float32_factor)
     if args.block7b:
         rows += bench_block(args.block7b.split(","), set(args.block_weights.split(",")), args.block_rows, sgemm_s)
     if args.whole_process:

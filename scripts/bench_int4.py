@@ -79,6 +79,7 @@ RUNS: dict[str, tuple[str, list]] = {
     "onnxq gptq": ("onnxq", [*B128, "--algo", "gptq", CALIB]),
     "onnxq gptq --hessian-shrink 0.5": ("onnxq", [*B128, "--algo", "gptq", "--hessian-shrink", "0.5", CALIB]),
     "onnxq gptq --hessian-shrink 0": ("onnxq", [*B128, "--algo", "gptq", "--hessian-shrink", "0", CALIB]),
+    "onnxq gptq --float32-factor": ("onnxq", [*B128, "--algo", "gptq", "--float32-factor", CALIB]),
     "onnxq awq": ("onnxq", [*B128, "--algo", "awq", CALIB]),
     "onnxq awq+gptq": ("onnxq", [*B128, "--algo", "awq+gptq", CALIB]),
     "onnxq awq+k_quant": ("onnxq", [*B128, "--algo", "awq+k_quant", CALIB]),
@@ -106,6 +107,7 @@ RUNS: dict[str, tuple[str, list]] = {
     # calibrated on token ids the fp32 model sampled itself (`onnxq generate`, made once per model: _generated)
     "onnxq gptq" + SELF: ("onnxq", [*B128, "--algo", "gptq", GEN]),
     "onnxq gptq --hessian-shrink 0" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--hessian-shrink", "0", GEN]),
+    "onnxq gptq --float32-factor" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--float32-factor", GEN]),
     "onnxq awq" + SELF: ("onnxq", [*B128, "--algo", "awq", GEN]),
     "onnxq awq+gptq" + SELF: ("onnxq", [*B128, "--algo", "awq+gptq", GEN]),
     "onnxq awq+k_quant" + SELF: ("onnxq", [*B128, "--algo", "awq+k_quant", GEN]),

@@ -57,3 +57,62 @@ def test_cli_rejects_a_bad_shrink_before_writing(tmp_path, capsys):
     assert main(["quantize", str(Path(__file__).parents[1] / "models" / "example.onnx"), str(out), "--algo", "gptq", "--hessian-shrink", "2",
                  "--calib-data", str(calib)]) == 2
     assert "hessian_shrink must be in [0, 1]" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_float32_factor(tmp_path, capsys):
+    """--float32-factor: refused below --hessian-shrink 0.25 before anything is written; at the default shrink
+    it quantizes, and its packed weights match the float64 factor's up to a few rounding flips."""
+    import onnx
+    from onnx import numpy_helper
+
+    from onnxq.cli import main
+
+    import numpy as np
+
+    model = Path(__file__).parents[1] / "models" / "example.onnx"
+    calib = tmp_path / "ids.npy"  # 16 windows of 64 tokens for the example model (vocabulary 512)
+    np.save(calib, np.random.default_rng(0).integers(0, 512, 16 * 64).astype(np.int64))
+    refused = tmp_path / "refused.onnx"
+    assert main(["quantize", str(model), str(refused), "--algo", "gptq", "--calib-data", str(calib),
+                 "--seq-len", "64", "--hessian-shrink", "0.1", "--float32-factor", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "float32 factor needs hessian_shrink >= 0.25" in err and len(err.strip().splitlines()) == 1
+    assert not refused.exists()
+    packed = {}
+    for flag in ([], ["--float32-factor"]):
+        out = tmp_path / f"q{len(flag)}.onnx"
+        assert main(["quantize", str(model), str(out), "--algo", "gptq", "--calib-data", str(calib),
+                     "--seq-len", "64", *flag]) == 0
+        settings = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("onnxq: gptq"))
+        assert ("GPTQ float32 factor" in settings) == bool(flag)
+        graph = onnx.load(out).graph
+        inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        packed[len(flag)] = [inits[n.input[1]] for n in graph.node if n.op_type == "MatMulNBits"]
+    assert packed[0] and len(packed[0]) == len(packed[1])
+    same = sum(int((a == b).sum()) for a, b in zip(packed[0], packed[1]))
+    total = sum(a.size for a in packed[0])
+    assert same / total > 0.99
+
+
+def test_gptq_algorithm_passes_float32_factor_to_the_solver():
+    """The registered GPTQ solves with GPTQConfig.float32_factor: on MiniLM's fc2 (int3 block 128, shrink 0.25,
+    no act order, one BLAS thread as conftest sets) the float32 factor flips 151 of 589,824 codes, so each
+    config must give its own solver's codes."""
+    import numpy as np
+
+    from onnxq.algorithms import SiblingGroup, get_algorithm
+    from onnxq.formats.base import WeightSettings
+    from tests.real_layers import real_layer
+
+    w, x = real_layer("fc2")
+    x = x.astype(np.float64)
+    h = (2.0 / len(x) * x.T @ x).astype(np.float32)
+    group = SiblingGroup("x", ("fc2",), [w], [WeightSettings(bits=3, block_size=128, symmetric=True)], np.float32)
+    codes = {}
+    for fast in (False, True):
+        config = GPTQConfig(hessian_shrink=0.25, act_order=False, float32_factor=fast)
+        solution = get_algorithm("gptq").solve(group, {"hessian": h}, config)
+        direct = gptq_solve(w, h, 3, 128, True, hessian_shrink=0.25, float32_factor=fast)
+        np.testing.assert_array_equal(solution.qweights[0].codes, direct.qweight.codes)
+        codes[fast] = direct.qweight.codes
+    assert (codes[False] != codes[True]).sum() > 0

@@ -14,9 +14,9 @@ tests.test_gptq_speed_equivalence``): no code differs from the reference and the
 a float32 factor (``--float32-factor``: the same left-looking factor, all float32) flips up to
 0.7% of the codes and moves the objective by up to 1%, which is why the factor stays float64
 for the paper's unshrunk Hessian. With ``hessian_shrink`` >= 0.25 (GPTQConfig's default is 0.5)
-the solver factors in float32 (``--shrink S`` runs the sweep with it, the reference on the same
-shrunk Hessian): at most 0.043% of the codes differ at 0.5 (objective +7.3e-9 / -2.1e-4) and
-0.078% at 0.25 (+8.5e-5 / -9.9e-6); at 0.1 the factor is float64 and none differ.
+the solver's ``float32_factor`` option is allowed (``--shrink S --float32-factor`` runs the sweep
+with it, the reference on the same shrunk Hessian): at most 0.043% of the codes differ at 0.5
+(objective +7.3e-9 / -2.1e-4) and 0.078% at 0.25 (+8.5e-5 / -9.9e-6); in float64 none differ.
 """
 import numpy as np
 import pytest
@@ -70,6 +70,28 @@ def objective(weight, q, h):
     return float(np.einsum("kn,kl,ln->", d, h, d))
 
 
+def against_algorithm1(layer, bits, block_size, symmetric, act_order, static_groups, shrink=0.0,
+                       float32_factor=False):
+    """The solver (with ``float32_factor``) and Algorithm 1 on the first 128 output columns of a real layer,
+    both on the Hessian shrunk by ``shrink``: ``(solver result, reference scales, share of codes that
+    differ, relative deviation of the solver's objective from the reference's)``."""
+    w, x = real_layer(layer)
+    w = w[:, :128]  # output columns are solved independently: a slice keeps the reference fast
+    x = x.astype(np.float64)
+    h = 2.0 / len(x) * x.T @ x
+    shrunk = (1 - shrink) * h + shrink * np.diag(np.diag(h))
+    res = gptq_solve(w, h, bits, block_size, symmetric, act_order=act_order, static_groups=static_groups,
+                     hessian_shrink=shrink, float32_factor=float32_factor)
+    ref_codes, ref_scales, ref_zps = reference_algorithm1(w, shrunk, bits, block_size, symmetric, act_order,
+                                                          static_groups)
+    codes = res.qweight.codes.reshape(w.shape[1], -1)
+    ref_q = ((ref_codes.reshape(codes.shape[0], -1, block_size).astype(np.float32) - ref_zps[..., None])
+             * ref_scales[..., None]).reshape(codes.shape).T
+    hd = shrunk + res.damp * np.eye(len(h))
+    deviation = objective(w, res.qweight.dequantize(), hd) / objective(w, ref_q, hd) - 1
+    return res, ref_scales, float(np.mean(codes != ref_codes)), deviation
+
+
 CASES = [
     ("q", 4, 32, True, False, True), ("fc1", 4, 32, False, False, True), ("fc2", 4, 128, True, False, True),
     ("q", 3, 32, False, False, True), ("fc1", 4, 32, True, True, True), ("q", 4, 32, False, False, False),
@@ -81,22 +103,14 @@ CASES = [
 def test_solver_matches_algorithm1(layer, bits, block_size, symmetric, act_order, static_groups):
     """Codes and scales agree with Algorithm 1 up to a tiny fraction of rounding flips, and the
     reconstruction objective is the same to 3e-4 (relative)."""
-    w, x = real_layer(layer)
-    w = w[:, :128]  # output columns are solved independently: a slice keeps the reference fast
-    x = x.astype(np.float64)
-    h = 2.0 / len(x) * x.T @ x
-    res = gptq_solve(w, h, bits, block_size, symmetric, act_order=act_order, static_groups=static_groups)
-    ref_codes, ref_scales, ref_zps = reference_algorithm1(w, h, bits, block_size, symmetric, act_order, static_groups)
-    codes = res.qweight.codes.reshape(w.shape[1], -1)
-    assert np.mean(codes != ref_codes) < 1e-3
+    res, ref_scales, flipped, deviation = against_algorithm1(layer, bits, block_size, symmetric, act_order,
+                                                             static_groups)
+    assert flipped < 1e-3
     if static_groups:
         np.testing.assert_array_equal(res.qweight.scales, ref_scales)
     else:  # a block's scale comes from updated rows: equal up to float32 rounding of those rows
         np.testing.assert_allclose(res.qweight.scales, ref_scales, rtol=1e-3)
-    ref_q = ((ref_codes.reshape(codes.shape[0], -1, block_size).astype(np.float32) - ref_zps[..., None])
-             * ref_scales[..., None]).reshape(codes.shape).T
-    hd = h + res.damp * np.eye(len(h))
-    assert objective(w, res.qweight.dequantize(), hd) == pytest.approx(objective(w, ref_q, hd), rel=3e-4)
+    assert abs(deviation) <= 3e-4
 
 
 SHRUNK_CASES = [
@@ -108,23 +122,28 @@ SHRUNK_CASES = [
 @pytest.mark.parametrize("layer,bits,block_size,symmetric,act_order,static_groups,shrink", SHRUNK_CASES)
 def test_float32_factor_of_a_shrunk_hessian_matches_algorithm1(layer, bits, block_size, symmetric, act_order,
                                                                 static_groups, shrink):
-    """From hessian_shrink 0.25 the factor is float32 (module docstring of onnxq.algorithms.gptq); against
+    """``float32_factor`` (allowed from hessian_shrink 0.25: module docstring of onnxq.algorithms.gptq): against
     Algorithm 1 in float64 on the same shrunk Hessian the codes and objective keep the float64 solver's bounds."""
-    w, x = real_layer(layer)
-    w = w[:, :128]
-    x = x.astype(np.float64)
+    _, _, flipped, deviation = against_algorithm1(layer, bits, block_size, symmetric, act_order, static_groups,
+                                                  shrink, float32_factor=True)
+    assert flipped < 1e-3
+    assert abs(deviation) <= 3e-4
+
+
+def test_float32_factor_needs_a_shrunk_hessian():
+    """The option rests on the shrink's bound: below 0.25 it is refused with a one-line error, in the config too."""
+    from onnxq.algorithms import GPTQConfig
+    from onnxq.errors import OnnxqError
+
+    w, x = real_layer("q")
     h = 2.0 / len(x) * x.T @ x
-    shrunk = (1 - shrink) * h + shrink * np.diag(np.diag(h))
-    res = gptq_solve(w, h, bits, block_size, symmetric, act_order=act_order, static_groups=static_groups,
-                     hessian_shrink=shrink)
-    ref_codes, ref_scales, ref_zps = reference_algorithm1(w, shrunk, bits, block_size, symmetric, act_order,
-                                                          static_groups)
-    codes = res.qweight.codes.reshape(w.shape[1], -1)
-    assert np.mean(codes != ref_codes) < 1e-3
-    ref_q = ((ref_codes.reshape(codes.shape[0], -1, block_size).astype(np.float32) - ref_zps[..., None])
-             * ref_scales[..., None]).reshape(codes.shape).T
-    hd = shrunk + res.damp * np.eye(len(h))
-    assert objective(w, res.qweight.dequantize(), hd) == pytest.approx(objective(w, ref_q, hd), rel=3e-4)
+    with pytest.raises(OnnxqError, match="float32 factor needs hessian_shrink >= 0.25"):
+        gptq_solve(w[:, :16], h, 4, 32, True, hessian_shrink=0.1, float32_factor=True)
+    with pytest.raises(OnnxqError, match="float32 factor needs hessian_shrink >= 0.25"):
+        GPTQConfig(hessian_shrink=0.0, float32_factor=True)
+    with pytest.raises(OnnxqError, match="gptq.float32_factor must be true or false"):
+        GPTQConfig(float32_factor="yes")
+    assert GPTQConfig(float32_factor=True).float32_factor
 
 
 def _factor_row_error(shrink: float, dtype) -> float:
@@ -147,18 +166,17 @@ def test_float32_factor_of_a_shrunk_rank_deficient_hessian_is_accurate(shrink):
     """Each pivot keeps a fraction ``shrink`` of its diagonal entry, so the float32 factor of a rank-deficient
     Hessian stays within a few float32 roundings of the float64 one (measured 1.2e-6 at 0.5, 2.8e-6 at 0.25);
     unshrunk, the same factor is off by 6e-4 in its worst row, which is why shrink 0 keeps float64."""
-    from onnxq.algorithms import gptq
-
-    assert gptq._factor_dtype(shrink) is np.float32 and gptq._factor_dtype(0.0) is np.float64
     assert _factor_row_error(shrink, np.float32) < 1e-5
     assert _factor_row_error(0.0, np.float32) > 1e-4
 
 
-def _float32_factor(hessian, diagonal, order, kp, damp, block=256):
-    """The solver's left-looking factor (``gptq._blocked_factor``'s arguments and result), all in float32."""
+def _float32_factor(hessian, diagonal, order, kp, damp, shrink=0.0, dtype=None, block=256):
+    """The solver's left-looking factor (``gptq._blocked_factor``'s arguments and result), all in float32
+    whatever ``dtype`` says."""
     k = len(diagonal)
     a = np.eye(kp, dtype=np.float32)
     a[:k, :k] = hessian if order is None else hessian[np.ix_(order[:k], order[:k])]
+    a[:k, :k] *= 1.0 - shrink  # the diagonal is set below
     a[np.arange(k), np.arange(k)] = diagonal + damp
     for stop in range(kp, 0, -block):
         start = max(stop - block, 0)
@@ -175,32 +193,23 @@ def _float32_factor(hessian, diagonal, order, kp, damp, block=256):
 def sweep(float32_factor: bool = False, shrink: float = 0.0) -> None:
     """Print the largest code-flip fraction and objective deviation against Algorithm 1 over all
     72 settings (first 128 output columns of each real layer), the solver given ``hessian_shrink``
-    and the reference the same shrunk Hessian (its factor float32 from 0.25 on, as the solver picks)."""
+    and the reference the same shrunk Hessian; ``float32_factor``: the solver's option from shrink
+    0.25 on, below it the test's own all-float32 factor (the solver refuses the option there)."""
     import itertools
 
     from onnxq.algorithms import gptq
 
-    if float32_factor:
+    solver_float32 = float32_factor and shrink >= gptq._FLOAT32_FACTOR_SHRINK
+    if float32_factor and not solver_float32:  # the solver refuses it there: the test's own float32 factor
         gptq._blocked_factor = _float32_factor
     flips, high, low = 0.0, -np.inf, np.inf
     for layer, bits, block_size, symmetric, act_order, static_groups in itertools.product(
             ("q", "fc1", "fc2"), (4, 3), (32, 128), (True, False), (False, True), (True, False)):
-        w, x = real_layer(layer)
-        w = w[:, :128]
-        x = x.astype(np.float64)
-        h = 2.0 / len(x) * x.T @ x
-        shrunk = (1 - shrink) * h + shrink * np.diag(np.diag(h))
-        res = gptq_solve(w, h, bits, block_size, symmetric, act_order=act_order, static_groups=static_groups,
-                         hessian_shrink=shrink)
-        ref_codes, ref_scales, ref_zps = reference_algorithm1(w, shrunk, bits, block_size, symmetric, act_order,
-                                                              static_groups)
-        flips = max(flips, float(np.mean(res.qweight.codes.reshape(w.shape[1], -1) != ref_codes)))
-        ref_q = ((ref_codes.reshape(ref_codes.shape[0], -1, block_size).astype(np.float32) - ref_zps[..., None])
-                 * ref_scales[..., None]).reshape(ref_codes.shape).T
-        hd = shrunk + res.damp * np.eye(len(h))
-        rel = objective(w, res.qweight.dequantize(), hd) / objective(w, ref_q, hd) - 1
+        _, _, flipped, rel = against_algorithm1(layer, bits, block_size, symmetric, act_order, static_groups,
+                                                shrink, solver_float32)
+        flips = max(flips, flipped)
         high, low = max(high, rel), min(low, rel)
-    factor = "float32" if float32_factor or gptq._factor_dtype(shrink) is np.float32 else "float64"
+    factor = "float32" if float32_factor else "float64"
     print(f"{factor} factor, shrink {shrink}: at most {100 * flips:.3f}% of the codes differ, "
           f"objective within {high:+.2e} / {low:+.2e} (relative)")
 

@@ -39,4 +39,4 @@ class AWQThenGPTQ(AWQThen):
                                     percdamp=options.percdamp, lazy_batch=options.lazy_batch,
                                     act_order=options.act_order, static_groups=options.static_groups,
                                     mse_clip=settings.mse_clip, scale_dtype=scale_dtype,
-                                    hessian_shrink=options.hessian_shrink)
+                                    hessian_shrink=options.hessian_shrink, float32_factor=options.float32_factor)

@@ -47,10 +47,12 @@ A shrunk Hessian (``hessian_shrink`` ``s``, the default of :class:`GPTQConfig`) 
 that far: ``H' - s diag(H) = (1 - s) H + damp I`` is positive semi-definite, and a Schur
 complement only grows with its matrix (in the Loewner order), so every ``C`` the factor takes
 is at least ``s diag(H)_SS`` and each pivot keeps at least a fraction ``s`` of its diagonal
-entry. From ``s >= 0.25`` (:data:`_FLOAT32_FACTOR_SHRINK`) the factor is float32, about twice
-as fast as float64 with half the memory; on the same real layers and settings it flipped at most
-0.043% of the codes at ``s = 0.5`` and 0.078% at ``s = 0.25`` (0.109% at ``s = 0.1``, where
-float64 stays), against Algorithm 1 run in float64 on the same shrunk Hessian.
+entry. With ``float32_factor=True`` (allowed from ``s >= 0.25``, :data:`_FLOAT32_FACTOR_SHRINK`)
+the factor is float32, about twice as fast as float64 with half the memory; on the same real
+layers and settings it flipped at most 0.043% of the codes at ``s = 0.5`` and 0.078% at
+``s = 0.25`` (0.109% at ``s = 0.1``), against Algorithm 1 run in float64 on the same shrunk
+Hessian. It is off by default: on the real LMs GPTQ's perplexity came out 0.1-1.0% higher with it
+in all five comparisons made (docs/INT4_RESULTS.md), small but always on the same side.
 
 Conventions kept from :mod:`onnxq.core.quantize`: scales are rounded to
 ``scale_dtype`` before any code is computed, codes use the same reciprocal
@@ -95,10 +97,10 @@ _CHOLESKY_RETRIES = 4  # damping tried: d, 10 d, 100 d, 1000 d
 _TRIANGULAR_BASE = 128  # below this size a triangular inverse is done by LAPACK directly
 _FACTOR_BLOCK = 256  # rows per LAPACK Cholesky in the blocked factor
 _FLOAT32_FACTOR_SHRINK = 0.25
-"""From this ``hessian_shrink`` on, the factor runs in float32 (at sgemm speed, half the memory): every
-pivot it takes is at least ``shrink * H_kk`` (module docstring), so float32 loses at most a factor
+"""The smallest ``hessian_shrink`` with which ``float32_factor`` is allowed: every pivot the factor
+takes is at least ``shrink * H_kk`` (module docstring), so float32 loses at most a factor
 ``1 / shrink`` of precision to cancellation. Measured: no more codes flipped against the float64
-Algorithm 1 than the test's 0.1% bound (0.043% at 0.5, 0.078% at 0.25, 0.109% at 0.1)."""
+Algorithm 1 than the test's 0.1% bound (0.043% at 0.5, 0.078% at 0.25; 0.109% at 0.1)."""
 _PANEL = 16  # rows of a lazy batch whose mutual updates are matrix-vector products; the rest are GEMMs
 
 
@@ -121,6 +123,9 @@ class GPTQConfig:
             self-generated calibration (SmolLM2, pydoc calibration: Shakespeare 57.25 -> 49.03,
             pydoc 16.04 -> 15.25; self-generated calibration: Shakespeare 49.84 -> 44.90;
             Gemma 3: 73.95 -> 71.61; docs/INT4_RESULTS.md). :func:`gptq_solve` keeps the paper's 0.
+        float32_factor: factor the shrunk Hessian in float32 (needs ``hessian_shrink >= 0.25``):
+            1.3-1.7x faster solves on large K (docs/SPEED.md), perplexity 0.1-1.0% higher on the
+            real LMs measured; off by default.
     """
 
     percdamp: float = 0.01
@@ -128,6 +133,7 @@ class GPTQConfig:
     act_order: bool = True
     static_groups: bool = True
     hessian_shrink: float = 0.5
+    float32_factor: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.percdamp, (int, float)) and 0 < self.percdamp < 1):
@@ -136,6 +142,7 @@ class GPTQConfig:
             raise OnnxqError(f"gptq.lazy_batch must be a positive integer, got {self.lazy_batch!r}")
         if not (isinstance(self.hessian_shrink, (int, float)) and 0 <= self.hessian_shrink <= 1):
             raise OnnxqError(f"gptq.hessian_shrink must be in [0, 1], got {self.hessian_shrink!r}")
+        _check_float32_factor(self.float32_factor, self.hessian_shrink, "gptq.")
 
 
 @dataclass(frozen=True)
@@ -211,7 +218,7 @@ def _blocked_factor(hessian: np.ndarray, diagonal: np.ndarray, order: np.ndarray
     (:func:`_reverse_cholesky`), and ``M_S,<S = M_SS^-T (H'_S,<S - M_TS^T M_T,<S)`` (one GEMM
     and a triangular solve, :func:`_solve_transposed`). K^3/3 FLOP like one LAPACK
     call, without its reversed copies; each finished block row goes to the float32 result.
-    ``dtype``: float64 unless the shrink bounds the cancellation (float32 from
+    ``dtype``: float64, or float32 where the shrink bounds the cancellation (``float32_factor``, from
     :data:`_FLOAT32_FACTOR_SHRINK`: see the module docstring).
     """
     k = len(diagonal)
@@ -244,19 +251,23 @@ def _blocked_factor(hessian: np.ndarray, diagonal: np.ndarray, order: np.ndarray
     return out
 
 
-def _factor_dtype(shrink: float) -> type:
-    """float32 where ``hessian_shrink`` bounds the factor's cancellation (:data:`_FLOAT32_FACTOR_SHRINK`), else float64."""
-    return np.float32 if shrink >= _FLOAT32_FACTOR_SHRINK else np.float64
+def _check_float32_factor(float32_factor: Any, shrink: float, prefix: str = "") -> None:
+    """Raise OnnxqError unless ``float32_factor`` is a bool allowed with ``shrink`` (:data:`_FLOAT32_FACTOR_SHRINK`)."""
+    if not isinstance(float32_factor, bool):
+        raise OnnxqError(f"{prefix}float32_factor must be true or false, got {float32_factor!r}")
+    if float32_factor and shrink < _FLOAT32_FACTOR_SHRINK:
+        raise OnnxqError(f"GPTQ's float32 factor needs hessian_shrink >= {_FLOAT32_FACTOR_SHRINK} (its accuracy "
+                         f"rests on the shrink), got {shrink}")
 
 
 def _damped_factor(hessian: np.ndarray, diagonal: np.ndarray, order: np.ndarray | None,
-                   kp: int, percdamp: float, shrink: float = 0.0) -> tuple[np.ndarray, float]:
+                   kp: int, percdamp: float, shrink: float = 0.0, dtype=np.float64) -> tuple[np.ndarray, float]:
     """Add ``percdamp * mean(diagonal)`` to the diagonal and factor; retry with 10x damping on failure."""
     mean_diag = float(np.mean(diagonal))  # > 0: the diagonal is >= 0 and dead entries are 1
     for attempt in range(_CHOLESKY_RETRIES):
         damp = percdamp * mean_diag * 10.0**attempt
         try:
-            return _blocked_factor(hessian, diagonal, order, kp, damp, shrink, _factor_dtype(shrink)), damp
+            return _blocked_factor(hessian, diagonal, order, kp, damp, shrink, dtype), damp
         except np.linalg.LinAlgError:
             logger.warning("GPTQ: Hessian not positive definite with damping %g; retrying with 10x damping", damp)
     raise OnnxqError(
@@ -315,6 +326,7 @@ def gptq_solve(
     scale_dtype: np.dtype | type = np.float32,
     blocksize: int | None = None,
     hessian_shrink: float = 0.0,
+    float32_factor: bool = False,
 ) -> GPTQResult:
     """Run GPTQ (arXiv 2210.17323, Algorithm 1) on one weight and return the result with diagnostics.
 
@@ -337,7 +349,8 @@ def gptq_solve(
             (a shrinkage estimate, as Ledoit and Wolf shrink a sample covariance towards its
             diagonal): each input channel keeps its weight, the cross-channel correlations that
             steer the error feedback are trusted less. ``1`` is RTN with the same scales; ``0`` the paper.
-            From 0.25 on, the Cholesky factor runs in float32 (about twice as fast; see the module docstring).
+        float32_factor: the Cholesky factor in float32 (about twice as fast, half the memory; allowed
+            from ``hessian_shrink >= 0.25``: see the module docstring).
 
     Returns:
         :class:`GPTQResult`. Rows of K whose ``H_kk == 0`` (inputs that were always zero) are
@@ -345,6 +358,7 @@ def gptq_solve(
     """
     lazy_batch = lazy_batch if blocksize is None else blocksize
     weight, hessian = _check_inputs(weight, hessian, bits, block_size, percdamp, lazy_batch, hessian_shrink)
+    _check_float32_factor(float32_factor, hessian_shrink)
     k, n = weight.shape
     bs = k if block_size == -1 else int(block_size)
     k_blocks = -(-k // bs)
@@ -390,7 +404,8 @@ def gptq_solve(
     else:
         order = np.arange(kp)
         work = padded
-    m, damp = _damped_factor(hessian, diagonal, order if act_order else None, kp, percdamp, float(hessian_shrink))
+    m, damp = _damped_factor(hessian, diagonal, order if act_order else None, kp, percdamp, float(hessian_shrink),
+                             np.float32 if float32_factor else np.float64)
     diag = np.diag(m).copy()
     inv_diag = np.float32(1) / diag
     # Dynamic groups need the current value of rows not yet reached: -(M^-1)[rows, :i] @ E[:i].
@@ -480,6 +495,7 @@ def gptq_quantize_weight(
     scale_dtype: np.dtype | type = np.float32,
     blocksize: int | None = None,
     hessian_shrink: float = 0.0,
+    float32_factor: bool = False,
 ) -> QuantizedWeight:
     """GPTQ-quantize ``weight: [K, N]`` given ``hessian: [K, K] = 2/n X^T X`` (arXiv 2210.17323).
 
@@ -489,7 +505,7 @@ def gptq_quantize_weight(
     return gptq_solve(
         weight, hessian, bits, block_size, symmetric, percdamp=percdamp, lazy_batch=lazy_batch,
         blocksize=blocksize, act_order=act_order, static_groups=static_groups, mse_clip=mse_clip, scale_dtype=scale_dtype,
-        hessian_shrink=hessian_shrink,
+        hessian_shrink=hessian_shrink, float32_factor=float32_factor,
     ).qweight
 
 
@@ -510,7 +526,7 @@ class GPTQ(Algorithm):
                                  percdamp=options.percdamp, lazy_batch=options.lazy_batch,
                                  act_order=options.act_order, static_groups=options.static_groups,
                                  mse_clip=s.mse_clip, scale_dtype=group.scale_dtype,
-                                 hessian_shrink=options.hessian_shrink)
+                                 hessian_shrink=options.hessian_shrink, float32_factor=options.float32_factor)
             for weight, s in zip(group.weights, group.settings)
         ]
         return Solution(qweights, [relative_error(w, q) for w, q in zip(group.weights, qweights)])

@@ -79,6 +79,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     calib.add_argument("--hessian-shrink", type=float, metavar="LAMBDA",
                        help="GPTQ: use (1 - LAMBDA) H + LAMBDA diag(H), LAMBDA in [0, 1] (default 0.5: lower "
                             "perplexity on both real LMs and text domains; 0 = the paper)")
+    calib.add_argument("--float32-factor", action="store_true", default=None,
+                       help="GPTQ: Cholesky factor in float32 (needs --hessian-shrink >= 0.25): 1.3-1.7x faster "
+                            "solves on large K, perplexity 0.1-1%% higher on the LMs measured")
     calib.add_argument("--awq-grid", type=int, help="AWQ: alphas tried in [0, 1] (default 20)")
     calib.add_argument("--no-awq-clip", action="store_true", default=None, help="AWQ: skip the clip search")
     calib.add_argument("--steps", type=int, help="TEQ / AutoRound: optimisation steps per layer (default 200)")
@@ -212,6 +215,8 @@ def _describe(config: QuantConfig, calibrated: bool, samples: int | None) -> str
     if calibrated:
         mode = "sequential" if config.calibration.sequential else "one pass"
         extras += f", {config.calibration.samples if samples is None else samples} calibration samples ({mode})"
+        if "gptq" in config.algorithm and config.gptq.float32_factor:
+            extras += ", GPTQ float32 factor"
     return (f"{config.algorithm} int{config.bits} {block} {scheme}, accuracy_level {config.accuracy_level}"
             f"{', mse clip' if config.mse_clip else ''}{extras}; {config.describe_embeddings()}")
 
