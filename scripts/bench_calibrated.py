@@ -8,7 +8,8 @@ Times, in this process and in this order:
   fed ``--hessian-samples`` samples of ``--tokens`` rows at ``K = 4096`` (the issue's figure is
   128 x 2048 tokens; fewer samples give the same rate), 2 * T * K^2 FLOP;
 * ``solve``: :func:`onnxq.algorithms.gptq_solve` (int4, block 128, symmetric, defaults
-  otherwise; ``--hessian-shrink 0.5`` times it as the CLI runs it, ``--float32-factor`` with that option) on
+  otherwise; ``--hessian-shrink 0.5 --act-order`` times it as the CLI runs it, ``--float32-factor`` with
+  that option) on
   ``K x N`` weights 4096x4096, 4096x11008 and 11008x4096 (a 7B-shaped block's q/k/v/o,
   gate/up and down projections), K^2 * N + K^3 / 3 FLOP (the triangular lazy-batch updates
   plus the Cholesky; before 2026-12-07 this script counted 2 * K^2 * N, which overstated the
@@ -265,6 +266,8 @@ def main() -> None:
     parser.add_argument("--hessian-shrink", type=float, default=0.0,
                         help="gptq_solve's hessian_shrink for the solve rows (0: the paper's, gptq_solve's default; "
                              "0.5: GPTQConfig's and the CLI's default)")
+    parser.add_argument("--act-order", action="store_true",
+                        help="gptq_solve's act_order for the solve rows (the CLI's default; gptq_solve's is off)")
     parser.add_argument("--float32-factor", action="store_true",
                         help="gptq_solve's float32_factor for the solve rows (needs --hessian-shrink >= 0.25)")
     parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="K x N weights to solve")
@@ -309,11 +312,13 @@ def main() -> None:
         new_times, old_times = [], []
         for _ in range(args.repeat):
             if other is not None:
-                old_times.append(timed(lambda w=w, h=h: other(w, h, 4, 128, True, hessian_shrink=shrink)))
+                old_times.append(timed(lambda w=w, h=h: other(w, h, 4, 128, True, hessian_shrink=shrink,
+                                                              act_order=args.act_order)))
             new_times.append(timed(lambda w=w, h=h: gptq_solve(w, h, 4, 128, True, hessian_shrink=shrink,
+                                                               act_order=args.act_order,
                                                                float32_factor=args.float32_factor)))
         label = (f"solve {k}x{n} b128" + (f" shrink {shrink:g}" if shrink else "")
-                 + (" float32 factor" if args.float32_factor else ""))
+                 + (" act order" if args.act_order else "") + (" float32 factor" if args.float32_factor else ""))
         if other is not None:
             rows.append(report(f"{label} ({args.compare})", old_times, flop, sgemm_s))
         rows.append(report(label, new_times, flop, sgemm_s))

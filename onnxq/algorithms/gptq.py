@@ -415,6 +415,9 @@ def gptq_solve(
     row_blocks = (order // bs).tolist()  # the block of the row processed at each step
 
     codes_t = np.empty((n, kp), dtype=np.uint8)  # codes, original row order, [N, K] as QuantizedWeight keeps them
+    # act order: codes by original row first (row writes), transposed into codes_t in slabs at the end; a
+    # column scatter straight into codes_t took 3x as long (0.21 s against 0.07 s at 4096x4096)
+    codes_rows = np.empty((kp, n), dtype=np.uint8) if act_order else None
     diffs = np.empty((kp, n), dtype=np.float32)  # D = W - Q, processing order
     # E = M D, a row holding w' until its panel is finished: all rows for dynamic groups, else one batch
     errors = np.empty((kp if m_inv is not None else min(lazy_batch, kp), n), dtype=np.float32)
@@ -473,8 +476,14 @@ def gptq_solve(
             finish_errors(p2)
         batch_errors = errors[i1 - base:i2 - base]
         loss += np.einsum("kn,kn->n", batch_errors, batch_errors, dtype=np.float64)
-        codes_t[:, order[i1:i2] if act_order else slice(i1, i2)] = codes_f[:i2 - i1].T
+        if codes_rows is not None:
+            codes_rows[order[i1:i2]] = codes_f[:i2 - i1]
+        else:
+            codes_t[:, i1:i2] = codes_f[:i2 - i1].T
 
+    if codes_rows is not None:
+        for start in range(0, kp, lazy_batch):
+            codes_t[:, start:start + lazy_batch] = codes_rows[start:start + lazy_batch].T
     codes = codes_t.reshape(n, k_blocks, bs)
     qweight = QuantizedWeight(codes, scales, None if symmetric else zero_points, bits, bs, k)
     return GPTQResult(qweight=qweight, loss=loss, damp=float(damp), order=order[:k].copy())
