@@ -47,6 +47,19 @@ def test_same_seed_same_ids_other_seed_other_ids():
     assert not np.array_equal(a, c) and (0 <= a).all() and (a < 49152).all()
 
 
+def test_sampler_refuses_nan_or_inf_logits():
+    """A broken model's NaN / +inf logits give a one-line error, not an arbitrary token; -inf (a masked
+    token) is an ordinary zero probability."""
+    rng = np.random.default_rng(0)
+    for bad in (np.nan, np.inf):
+        logits = np.zeros((2, 5), dtype=np.float32)
+        logits[1, 3] = bad
+        with pytest.raises(OnnxqError, match="logits hold NaN or \\+inf"):
+            _sample(logits, 1.0, rng)
+    masked = np.array([[-np.inf, 0.0, -np.inf]], dtype=np.float32)
+    assert all(_sample(masked, 1.0, rng)[0, 0] == 1 for _ in range(20))
+
+
 def test_sampler_frequencies_match_the_softmax():
     logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4, 0.0 + 1e-12]], dtype=np.float32))
     rng = np.random.default_rng(0)

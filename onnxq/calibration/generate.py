@@ -121,12 +121,26 @@ class _Sampler:
 
 
 def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
-    """One id per row of ``logits: [batch, vocab]`` from ``softmax(logits / temperature)`` -> ``[batch, 1]`` int64."""
-    scaled = logits.astype(np.float64) / temperature
-    scaled -= scaled.max(axis=-1, keepdims=True)
-    cumulative = np.cumsum(np.exp(scaled), axis=-1)
-    draws = rng.random((logits.shape[0], 1)) * cumulative[:, -1:]
-    ids = (cumulative <= draws).sum(axis=-1)
+    """One id per row of ``logits: [batch, vocab]`` from ``softmax(logits / temperature)`` -> ``[batch, 1]`` int64.
+
+    Inverse-CDF sampling in float64, in place on one copy: the id is the number of cumulative weights
+    ``<= u * total`` (a binary search: the cumulative sum of ``exp >= 0`` never decreases).
+
+    Raises:
+        OnnxqError: the logits hold NaN or +inf.
+    """
+    scaled = logits.astype(np.float64)
+    if temperature != 1:
+        scaled /= temperature
+    with np.errstate(invalid="ignore"):  # inf - inf: the NaN it makes is refused below
+        scaled -= scaled.max(axis=-1, keepdims=True)
+    np.exp(scaled, out=scaled)
+    cumulative = np.cumsum(scaled, axis=-1, out=scaled)
+    totals = cumulative[:, -1]
+    if not np.all(np.isfinite(totals)):
+        raise OnnxqError("the model's logits hold NaN or +inf: no next token can be sampled from them")
+    draws = rng.random(logits.shape[0]) * totals
+    ids = [np.searchsorted(row, draw, side="right") for row, draw in zip(cumulative, draws)]
     return np.minimum(ids, logits.shape[-1] - 1).astype(np.int64)[:, None]
 
 
