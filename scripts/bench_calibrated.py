@@ -140,13 +140,18 @@ def correlated_rows(t: int, k: int, seed: int) -> np.ndarray:
 
 
 def breakdown(w: np.ndarray, h: np.ndarray, solve_s: float, sgemm_s: float, repeat: int = 2,
-              shrink: float = 0.0, float32_factor: bool = False) -> list[dict]:
-    """The solve's factor, lazy-batch GEMMs and static RTN timed alone (best of ``repeat``), and the rest."""
+              shrink: float = 0.0, float32_factor: bool = False, act_order: bool = False) -> list[dict]:
+    """The solve's factor (of the Hessian in act order's row order when ``act_order``), lazy-batch GEMMs and
+    static RTN timed alone (best of ``repeat``), and the rest."""
     k, n = w.shape
     diagonal = np.diag(h).astype(np.float64)
+    order = np.argsort(-diagonal, kind="stable") if act_order else None
+    if order is not None:
+        diagonal = diagonal[order]
     dtype = np.float32 if float32_factor else np.float64
-    factor_s = min(timed(lambda: gptq._damped_factor(h, diagonal, None, k, 0.01, shrink, dtype)) for _ in range(repeat))
-    m = gptq._damped_factor(h, diagonal, None, k, 0.01, shrink, dtype)[0]
+    factor_s = min(timed(lambda: gptq._damped_factor(h, diagonal, order, k, 0.01, shrink, dtype))
+                   for _ in range(repeat))
+    m = gptq._damped_factor(h, diagonal, order, k, 0.01, shrink, dtype)[0]
     d = np.random.default_rng(3).standard_normal((k, n), dtype=np.float32)
     lazy = 128
     gemm_s = min(timed(lambda: [m[i1:i1 + lazy, :i1] @ d[:i1] for i1 in range(lazy, k, lazy)]) for _ in range(repeat))
@@ -324,7 +329,7 @@ def main() -> None:
         rows.append(report(label, new_times, flop, sgemm_s))
         if args.breakdown:
             rows += breakdown(w, h, statistics.median(new_times), sgemm_s, shrink=shrink,
-                              float32_factor=args.float32_factor)
+                              float32_factor=args.float32_factor, act_order=args.act_order)
     if args.block7b:
         rows += bench_block(args.block7b.split(","), set(args.block_weights.split(",")), args.block_rows, sgemm_s)
     if args.whole_process:

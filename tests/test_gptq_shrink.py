@@ -61,13 +61,13 @@ def test_cli_rejects_a_bad_shrink_before_writing(tmp_path, capsys):
 
 def test_cli_float32_factor(tmp_path, capsys):
     """--float32-factor: refused below --hessian-shrink 0.25 before anything is written; at the default shrink
-    it quantizes, and its packed weights match the float64 factor's up to a few rounding flips."""
+    it quantizes, its packed weights match the float64 factor's up to a few rounding flips, and onnxruntime
+    runs both models to nearly the same logits."""
     import onnx
     from onnx import numpy_helper
 
     from onnxq.cli import main
-
-    import numpy as np
+    from tests.graphs import run
 
     model = Path(__file__).parents[1] / "models" / "example.onnx"
     calib = tmp_path / "ids.npy"  # 16 windows of 64 tokens for the example model (vocabulary 512)
@@ -78,7 +78,8 @@ def test_cli_float32_factor(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "float32 factor needs hessian_shrink >= 0.25" in err and len(err.strip().splitlines()) == 1
     assert not refused.exists()
-    packed = {}
+    packed, logits = {}, {}
+    ids = np.random.default_rng(1).integers(0, 512, (2, 16)).astype(np.int64)
     for flag in ([], ["--float32-factor"]):
         out = tmp_path / f"q{len(flag)}.onnx"
         assert main(["quantize", str(model), str(out), "--algo", "gptq", "--calib-data", str(calib),
@@ -88,7 +89,10 @@ def test_cli_float32_factor(tmp_path, capsys):
         graph = onnx.load(out).graph
         inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         packed[len(flag)] = [inits[n.input[1]] for n in graph.node if n.op_type == "MatMulNBits"]
+        (logits[len(flag)],) = run(out, {"input_ids": ids})
     assert packed[0] and len(packed[0]) == len(packed[1])
+    assert np.isfinite(logits[1]).all()
+    assert np.linalg.norm(logits[1] - logits[0]) <= 0.05 * np.linalg.norm(logits[0])
     same = sum(int((a == b).sum()) for a, b in zip(packed[0], packed[1]))
     total = sum(a.size for a in packed[0])
     assert same / total > 0.99
@@ -98,8 +102,6 @@ def test_gptq_algorithm_passes_float32_factor_to_the_solver():
     """The registered GPTQ solves with GPTQConfig.float32_factor: on MiniLM's fc2 (int3 block 128, shrink 0.25,
     no act order, one BLAS thread as conftest sets) the float32 factor flips 151 of 589,824 codes, so each
     config must give its own solver's codes."""
-    import numpy as np
-
     from onnxq.algorithms import SiblingGroup, get_algorithm
     from onnxq.formats.base import WeightSettings
     from tests.real_layers import real_layer

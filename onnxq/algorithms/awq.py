@@ -374,9 +374,9 @@ def _search_scale(weights: list[np.ndarray], objective: _OutputError, act_mean_a
                   block_size: int, symmetric: bool, grid: int, scale_dtype, max_columns: int | None,
                   duo_scaling: bool = False) -> AWQScaleResult:
     """:func:`awq_search_scale` on checked inputs, the objective given."""
-    weight_mean = awq_weight_mean(weights, block_size) if duo_scaling else None
     if not isinstance(grid, (int, np.integer)) or grid < 1:
         raise OnnxqError(f"AWQ grid must be a positive integer, got {grid!r}")
+    weight_mean = awq_weight_mean(weights, block_size) if duo_scaling and grid > 1 else None
     k = weights[0].shape[0]
     bs = k if block_size == -1 else int(block_size)
     columns, column_weight = [], []  # the scored columns of all siblings side by side, and their loss weights

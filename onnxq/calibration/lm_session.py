@@ -68,6 +68,7 @@ class LMSession:
         session: the ``onnxruntime.InferenceSession``.
         what: how errors name the model (e.g. "float", "quantized").
         filler: fills every input but ``input_ids`` (mask, positions, KV cache).
+        outputs: the names of all the session's outputs (``present.*`` among them for a KV cache).
         output: the logits output: ``logits`` when the model has one, else its first output.
     """
 

@@ -35,7 +35,6 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -384,11 +383,10 @@ def decode_check(model: ModelLike, token_ids: np.ndarray, *, prefill: int | None
     lm = LMSession(model, providers, "checked", reuse_buffers=False)
     if not lm.filler.has_past:
         raise OnnxqError("the decode check needs a KV-cache model (inputs past_key_values.N.key/value)")
-    outputs = {o.name for o in lm.session.get_outputs()}
     if any(p.capacity for p in lm.filler.past):
         raise OnnxqError("not checked: the model has a sliding-window KV cache (GroupQueryAttention "
                          "sliding_window_cache), which this check does not drive")
-    missing = [p.present for p in lm.filler.past if p.present not in outputs]
+    missing = [p.present for p in lm.filler.past if p.present not in lm.outputs]
     if missing:
         raise OnnxqError(f"the model has past inputs but no output {missing[0]!r} to continue decoding from")
     ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
