@@ -24,9 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from onnxq.cli import convert, eval, generate, inspect, quantize, summary, unpack
-from onnxq.cli.common import EXIT_USAGE, Parser
-from onnxq.errors import OnnxqError
+from onnxq.deferred_imports import defer_sympy
+
+defer_sympy()  # before the subcommands import onnx_ir, which imports sympy (0.5 s) that no command uses
+
+from onnxq.cli import convert, eval, generate, inspect, quantize, summary, unpack  # noqa: E402
+from onnxq.cli.common import EXIT_USAGE, Parser  # noqa: E402
+from onnxq.errors import OnnxqError  # noqa: E402
 
 __all__ = ["Interrupted", "main", "build_parser"]
 
