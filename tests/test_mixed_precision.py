@@ -160,3 +160,46 @@ def test_cli_presets_upgrade_the_named_nodes(tmp_path, capsys):
     assert main(["quantize", str(KV / "genai"), str(tmp_path / "bad"), "--mixed-preset", "layers_9bit"]) == 2
     err = capsys.readouterr().err
     assert "unknown preset 'layers_9bit'" in err and not (tmp_path / "bad").exists()
+
+
+def _tied_model(table: np.ndarray) -> onnx.ModelProto:
+    """``Gather(E, ids) -> fc1 -> Relu -> fc2 -> + residual -> MatMul(h, Transpose(E))``: a torch-style tied table."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    d = table.shape[1]
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(table, "embed.weight")] + [
+        numpy_helper.from_array((rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32), f"{n}.weight")
+        for n in ("fc1", "fc2")]
+    nodes = [helper.make_node("Gather", ["embed.weight", "ids"], ["h0"], name="embed"),
+             helper.make_node("MatMul", ["h0", "fc1.weight"], ["h1"], name="fc1"),
+             helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+             helper.make_node("MatMul", ["h2", "fc2.weight"], ["h3"], name="fc2"),
+             helper.make_node("Add", ["h3", "h0"], ["h4"], name="residual"),
+             helper.make_node("Transpose", ["embed.weight"], ["w"], perm=[1, 0], name="lm_head_transpose"),
+             helper.make_node("MatMul", ["h4", "w"], ["logits"], name="lm_head")]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["b", 12])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["b", 12, len(table)])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("measure", ["all", "proxy"])
+def test_a_tied_tables_sensitivity_counts_its_gather_too(measure):
+    """The quantized model shares one packed table between the Gather and the lm_head, so the search
+    measures the lm_head with both uses replaced: the whole model run with the table fake-quantized
+    (a suffix from the lm_head's block, fed cached float embeddings, measured less than half of it)."""
+    vocab, hidden = 96, 64
+    table = (np.random.default_rng(0).standard_normal((vocab, hidden)) * 0.3).astype(np.float32)
+    model = _tied_model(table)
+    rng = np.random.default_rng(1)
+    samples = [{"ids": rng.integers(0, vocab, (1, 12)).astype(np.int64)} for _ in range(3)]
+    batch = {"ids": np.concatenate([f["ids"] for f in samples])}
+    (reference,) = run(model, batch)
+    plan = search_mixed_precision(load_model(model), QuantConfig(block_size=16), samples, 6.0, "int4_b16,int8_b16",
+                                  measure=measure)
+    fake = onnxq.core.quantize_weight(table.T, 4, 16, True).dequantize().T  # the lm_head's [K, N] blocks
+    (both_uses,) = run(_tied_model(np.ascontiguousarray(fake, dtype=np.float32)), batch)
+    assert plan.sensitivity["lm_head"]["int4_b16"] == pytest.approx(kl(reference, both_uses), rel=1e-3)
+    quantized = onnxq.quantize(model, plan.for_budget(4.0).to_config(QuantConfig(block_size=16)))
+    assert {r.name: (r.bits, r.shared_with) for r in records_of(quantized)[0]}["embed"] == (4, "lm_head")

@@ -12,7 +12,8 @@ Each weight site may take one format from a candidate list (e.g. ``int4``, ``int
    (``loss="kl"``, for logits) or the relative squared error of the outputs (``loss="mse"``).
    What makes it fast: the weights are session inputs (one session per block serves every
    measurement); only the part of the model after the group's block runs, from that block's
-   cached inputs; the samples run as one batch; and with ``measure="proxy"`` (default) only
+   cached inputs (the whole model for a weight that other nodes read too, such as a tied
+   embedding table's Gather: both of its uses are measured); the samples run as one batch; and with ``measure="proxy"`` (default) only
    the group's coarsest candidate is run through the model: the loss of each other
    candidate is that loss scaled by the ratio of the group's own output errors
    ``||X (W - Q_c(W))||^2``, measured on the same run's input rows ``X`` (a per-layer proxy
@@ -363,7 +364,10 @@ class _Measurement:
         self.output_name, self.loss_type, self.providers = output_name, loss_type, providers
         self.blocks = find_blocks(model, sites)
         block_of = {id(site.node): block.index for block in self.blocks for site in block.sites}
-        self.group_block = [min(block_of[id(site.node)] for site in group) for group in groups]
+        # a group whose weight another node also reads (a tied table's Gather, before the first block) runs
+        # from the graph's inputs: a suffix from its block, fed cached float values, would miss that reader
+        self.group_block = [0 if _read_elsewhere(group) else min(block_of[id(site.node)] for site in group)
+                            for group in groups]
         produced: dict[str, int] = {}
         for block in self.blocks:
             for name in block.outputs:
@@ -455,6 +459,18 @@ class _Measurement:
             dequantized.append(quantize_weight(site.weight(), settings.bits, settings.block_size, settings.symmetric,
                                                scale_dtype=site.dtype.numpy()).dequantize())
         return dequantized
+
+
+def _read_elsewhere(group: list[WeightSite]) -> bool:
+    """Whether a node other than the group's own (and a Transpose feeding only them) reads a group's weight."""
+    own = {id(site.node) for site in group}
+
+    def feeds_only_own(node: ir.Node) -> bool:
+        return node.op_type == "Transpose" and all(
+            not out.is_graph_output() and all(id(user) in own for user, _ in out.uses()) for out in node.outputs)
+
+    return any(id(user) not in own and not feeds_only_own(user)
+               for site in group for user, _ in site.source.uses())
 
 
 def _row_sample(x: np.ndarray, rows: int = PROXY_ROWS) -> np.ndarray:
