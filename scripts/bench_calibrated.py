@@ -40,8 +40,11 @@ factor (``gptq._damped_factor``, float64), the lazy-batch GEMMs ``M[batch, :star
 rest of the median solve time is the per-row loop, the panel GEMMs and the setup.
 
 ``--compare DIR`` also times the ``gptq_solve`` of another checkout (e.g. ``git worktree add
-/tmp/gptq_base HEAD~1``), interleaved with this one's (old, new, old, new, ...) so both see the same load. The load
-average is printed at the start and the end: the machine is shared.
+/tmp/gptq_base HEAD~1``) with the same settings (``--float32-factor`` included; before 2026-12-07 the other
+checkout's solve was run without it), interleaved with this one's in ABBA order (old, new, new, old, ...) so
+both see the same load and neither always runs first: on this machine the first of two back-to-back
+4096x4096 solves ran up to 15% slower, which made a solver that always went first look slower than an
+identical one. The load average is printed at the start and the end: the machine is shared.
 
     python scripts/bench_calibrated.py                           # everything, about 2-5 min on 2 cores
     python scripts/bench_calibrated.py --shapes 4096x4096 --repeat 3 --compare /tmp/gptq_base
@@ -53,6 +56,7 @@ average is printed at the start and the end: the machine is shared.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -309,19 +313,24 @@ def main() -> None:
         del x, acc
 
     other = load_other_solver(args.compare) if args.compare else None
+    if other is not None and args.float32_factor and "float32_factor" not in inspect.signature(other).parameters:
+        raise SystemExit(f"--float32-factor: the gptq_solve of {args.compare} has no float32_factor option")
     shrink = args.hessian_shrink
     for shape in filter(None, args.shapes.split(",")):
         k, n = (int(v) for v in shape.lower().split("x"))
         w, h = problem(k, n)
         flop = float(k) * k * n + k**3 / 3.0  # the lazy-batch products are triangular: K^2 N, not 2 K^2 N
-        new_times, old_times = [], []
-        for _ in range(args.repeat):
-            if other is not None:
-                old_times.append(timed(lambda w=w, h=h: other(w, h, 4, 128, True, hessian_shrink=shrink,
-                                                              act_order=args.act_order)))
-            new_times.append(timed(lambda w=w, h=h: gptq_solve(w, h, 4, 128, True, hessian_shrink=shrink,
-                                                               act_order=args.act_order,
-                                                               float32_factor=args.float32_factor)))
+        settings = {"hessian_shrink": shrink, "act_order": args.act_order}
+        if args.float32_factor:
+            settings["float32_factor"] = True
+        runs = {"new": lambda w=w, h=h: gptq_solve(w, h, 4, 128, True, **settings)}
+        if other is not None:
+            runs["old"] = lambda w=w, h=h: other(w, h, 4, 128, True, **settings)
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for r in range(args.repeat):  # ABBA: the first run after a switch is slower here; no solver always goes first
+            for name in (list(runs) if r % 2 else list(runs)[::-1]):
+                times[name].append(timed(runs[name]))
+        new_times, old_times = times["new"], times.get("old", [])
         label = (f"solve {k}x{n} b128" + (f" shrink {shrink:g}" if shrink else "")
                  + (" act order" if args.act_order else "") + (" float32 factor" if args.float32_factor else ""))
         if other is not None:
