@@ -170,8 +170,8 @@ def main() -> None:
     load_start = os.getloadavg()
     runs: dict[str, list[dict]] = {"onnxq": [], "ort": []}
     imports: dict[str, list[float]] = {"onnxq": [], "ort": []}
-    for _ in range(args.repeat):  # interleaved, so background load hits both tools alike
-        for tool in runs:
+    for r in range(args.repeat):  # interleaved, so background load hits both tools alike; ABBA, so neither is always first
+        for tool in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
             dst = args.workdir / tool / "model.onnx"
             shutil.rmtree(dst.parent, ignore_errors=True)  # ORT appends to an existing .data file
             dst.parent.mkdir()
