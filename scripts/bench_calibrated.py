@@ -32,7 +32,8 @@ for the clip search), beside the sgemm of the same run.
 for every algorithm of ``--algos`` as separate processes (imports included; calibrated ones with
 ``--calib-data F --samples N --seq-len L``), wall time and peak RSS (``os.wait4``), with the load
 average before and after each; ``--tree DIR`` adds the same runs from another checkout (its
-``onnxq`` package; the model and data stay the same), interleaved (DIR, this, DIR, this, ...).
+``onnxq`` package; the model and data stay the same), interleaved in ABBA order (DIR, this; this, DIR; ...
+from one algorithm to the next).
 
 ``--breakdown`` adds, per shape, the parts of the solve timed alone in the same run: the
 factor (``gptq._damped_factor``, float64), the lazy-batch GEMMs ``M[batch, :start] @ D[:start]``
@@ -342,8 +343,9 @@ def main() -> None:
     if args.block7b:
         rows += bench_block(args.block7b.split(","), set(args.block_weights.split(",")), args.block_rows, sgemm_s)
     if args.whole_process:
-        for algorithm in args.algos.split(","):
-            for tree in ([args.tree] if args.tree else []) + [ROOT]:
+        for index, algorithm in enumerate(args.algos.split(",")):
+            trees = ([args.tree] if args.tree else []) + [ROOT]
+            for tree in (trees if index % 2 == 0 else trees[::-1]):  # ABBA across algorithms
                 rows.append(whole_process(tree, args.whole_process.resolve(), algorithm, args))
     print(f"load average at end: {load()}", flush=True)
     if args.json:
