@@ -11,8 +11,8 @@ loading anything (unlike :class:`importlib.util.LazyLoader`, whose module loads 
 
 Only the command-line package (:mod:`onnxq.cli`) calls it, first thing, before it imports
 onnx_ir; library users' processes are left alone. Where either module is already imported, or
-cannot be found, it does nothing. The stand-ins are transparent: a model
-with symbolic-dimension arithmetic imports sympy at its first use (tests/test_deferred_imports.py).
+cannot be found, it does nothing. The stand-ins are transparent: symbolic-dimension arithmetic
+imports sympy at its first use (tests/test_deferred_imports.py).
 """
 from __future__ import annotations
 

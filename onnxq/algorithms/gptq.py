@@ -25,10 +25,11 @@ the rows' own buffer; inside the batch, each panel of ``_PANEL`` rows gathers th
 its batch with one more GEMM, and only the rows of its own panel are matrix-vector products; each
 row's own step is a fixed dozen of in-place numpy calls on preallocated rows (``out=``, reciprocal
 scales precomputed per block, the rounding offset and the clip bounds as rows: numpy's scalar
-operands cost microseconds a call). The feedback terms are summed before the division by ``M[k, k]``
-and before ``w_k`` is added, in this order on purpose: the terms can cancel each other, and
-regrouping (``M``'s rows pre-divided, ``w_k`` added first) flipped 0.17% of the codes against the
-float64 Algorithm 1 on the real layers and 2.1% of SmolLM2's codes against this order. The products run in float32, like the reference implementation's on GPU; ``E`` is only
+operands cost microseconds a call). The feedback terms are summed before the division by
+``M[k, k]`` and before ``w_k`` is added, in this order on purpose, as they can cancel each other:
+with ``w_k`` added first, 0.17% of the codes flipped against the float64 Algorithm 1 on the real
+layers, and with ``M``'s rows pre-divided 2.1% of SmolLM2's codes changed (docs/SPEED.md). The
+products run in float32, like the reference implementation's on GPU; ``E`` is only
 kept for the current lazy batch (all of it only for dynamic groups). Whatever the order and
 batching, the solver's loss has the closed form
 ``(W - Q)[:, n]^T H_damped (W - Q)[:, n] = sum_k e_k[n]^2``: :class:`GPTQResult.loss`.

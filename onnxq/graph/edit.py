@@ -9,7 +9,19 @@ from onnxq.graph.names import unique_name
 from onnxq.graph.sites import WeightSite
 
 __all__ = ["home_graph", "owner_graph", "register_values", "replace_site", "redirect_weight", "insert_at_source",
-           "release", "remove_unused"]
+           "release", "remove_unused", "only_used_by"]
+
+_SHAPE_READERS = ("Shape", "Size")
+"""Readers of a value's shape only: new values of the same shape (rescaled, quantized) change nothing they see."""
+
+
+def only_used_by(value: ir.Value, consumers: set[int]) -> bool:
+    """Whether every reader of ``value`` is one of ``consumers`` (node ids), or reads only its shape;
+    a graph output has a reader outside the graph."""
+    if value.is_graph_output():
+        return False
+    return all(id(user) in consumers or (user.op_type in _SHAPE_READERS and user.domain == "")
+               for user, _ in value.uses())
 
 
 def home_graph(value: ir.Value, node: ir.Node) -> ir.Graph:

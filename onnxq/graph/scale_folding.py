@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.graph.constants import add_initializer, constant_tensor
+from onnxq.graph.edit import only_used_by
 from onnxq.graph.names import unique_name
 
 __all__ = ["fold_input_scale", "NORM_GAMMA_INPUTS"]
@@ -43,18 +44,6 @@ NORM_GAMMA_INPUTS = {
     "SkipLayerNormalization": (2, 3),
     "SkipSimplifiedLayerNormalization": (2, None),
 }
-
-
-_SHAPE_READERS = ("Shape", "Size")
-"""Readers of a value's shape only: a division by per-channel scales changes nothing they see."""
-
-
-def _only_used_by(value: ir.Value, consumers: set[int]) -> bool:
-    """Whether every reader of ``value`` is a consumer, or reads only its shape."""
-    if value.is_graph_output():
-        return False
-    return all(id(user) in consumers or (user.op_type in _SHAPE_READERS and user.domain == "")
-               for user, _ in value.uses())
 
 
 def _new_constant(graph: ir.Graph, like: ir.Value, array: np.ndarray, suffix: str) -> ir.Value:
@@ -80,7 +69,7 @@ def _plan(value: ir.Value, consumers: set[int], inv: np.ndarray, graph: ir.Graph
           frozen: set[int]) -> list | None:
     """Edits ``[(node, input index, new array, label)]`` that divide ``value`` by ``s``, or None."""
     node = value.producer()
-    if node is None or node.graph is not graph or not _only_used_by(value, consumers):
+    if node is None or node.graph is not graph or not only_used_by(value, consumers):
         return None
     if (editable is not None and id(node) not in editable) or id(node) in frozen:
         return None

@@ -13,8 +13,9 @@ Each weight site may take one format from a candidate list (e.g. ``int4``, ``int
    What makes it fast: the weights are session inputs (one session per block serves every
    measurement); only the part of the model after the group's block runs, from that block's
    cached inputs (the whole model for a weight that other nodes read too, such as a tied
-   embedding table's Gather: both of its uses are measured); the samples run as one batch; and with ``measure="proxy"`` (default) only
-   the group's coarsest candidate is run through the model: the loss of each other
+   embedding table's Gather: both of its uses are measured); the samples run as one batch;
+   and with ``measure="proxy"`` (default) only the group's coarsest candidate is run through
+   the model: the loss of each other
    candidate is that loss scaled by the ratio of the group's own output errors
    ``||X (W - Q_c(W))||^2``, measured on the same run's input rows ``X`` (a per-layer proxy
    that is exact when the output loss is quadratic in the layer's output error).
@@ -53,6 +54,7 @@ from onnxq.config import NodeSettings, QuantConfig
 from onnxq.core import quantize_weight
 from onnxq.errors import OnnxqError
 from onnxq.formats import Format, WeightSettings, get_format
+from onnxq.graph.edit import only_used_by
 from onnxq.graph.sites import WeightSite
 from onnxq.passes.quantize_weights import Progress, plan_sites
 
@@ -462,15 +464,11 @@ class _Measurement:
 
 
 def _read_elsewhere(group: list[WeightSite]) -> bool:
-    """Whether a node other than the group's own (and a Transpose feeding only them) reads a group's weight."""
+    """Whether a node other than the group's own (and a Transpose feeding only them) reads a group's weight's values."""
     own = {id(site.node) for site in group}
-
-    def feeds_only_own(node: ir.Node) -> bool:
-        return node.op_type == "Transpose" and all(
-            not out.is_graph_output() and all(id(user) in own for user, _ in out.uses()) for out in node.outputs)
-
-    return any(id(user) not in own and not feeds_only_own(user)
-               for site in group for user, _ in site.source.uses())
+    own |= {id(user) for site in group for user, _ in site.source.uses()
+            if user.op_type == "Transpose" and all(only_used_by(out, own) for out in user.outputs)}
+    return not all(only_used_by(site.source, own) for site in group)
 
 
 def _row_sample(x: np.ndarray, rows: int = PROXY_ROWS) -> np.ndarray:
