@@ -222,13 +222,16 @@ def _blocked_factor(hessian: np.ndarray, diagonal: np.ndarray, order: np.ndarray
     rows ``T``, ``C = H'_SS - M_TS^T M_TS`` (``syrk``), ``M_SS`` from LAPACK ``potrf`` of ``C``
     (:func:`_reverse_cholesky`), and ``M_S,<S = M_SS^-T (H'_S,<S - M_TS^T M_T,<S)`` (one GEMM
     and a triangular solve, :func:`_solve_transposed`). K^3/3 FLOP like one LAPACK
-    call, without its reversed copies; each finished block row goes to the float32 result.
+    call, without its reversed copies; each finished block row goes to the float32 result (a
+    float32 factor is computed in the result itself: no second ``[kp, kp]`` buffer).
     ``dtype``: float64, or float32 where the shrink bounds the cancellation (``float32_factor``, from
     :data:`_FLOAT32_FACTOR_SHRINK`: see the module docstring).
     """
     k = len(diagonal)
-    a = np.empty((kp, kp), dtype=dtype) if kp == k else np.zeros((kp, kp), dtype=dtype)
-    out = np.zeros((kp, kp), dtype=np.float32)
+    in_place = np.dtype(dtype) == np.float32  # the float32 factor is computed in the result itself
+    # zeros: the result's upper block triangle (never written; calloc'd pages are not touched) and padded rows
+    a = np.zeros((kp, kp), dtype=dtype) if in_place or kp != k else np.empty((kp, kp), dtype=dtype)
+    out = a if in_place else np.zeros((kp, kp), dtype=np.float32)
     blocks = [(max(stop - _FACTOR_BLOCK, 0), stop) for stop in range(kp, 0, -_FACTOR_BLOCK)]
     for start, stop in blocks:  # the lower block triangle of H', rows start:stop
         real = min(stop, k)
@@ -252,7 +255,8 @@ def _blocked_factor(hessian: np.ndarray, diagonal: np.ndarray, order: np.ndarray
         if start:
             _solve_transposed(block, left)
         c[...] = block
-        out[start:stop, :stop] = a[start:stop, :stop]
+        if not in_place:
+            out[start:stop, :stop] = a[start:stop, :stop]
     return out
 
 
@@ -374,7 +378,7 @@ def gptq_solve(
     dead = diagonal == 0  # inputs that were always zero: H_kk = 1, weight row 0
     diagonal[dead] = 1.0
     if kp == k and not dead.any():
-        padded = weight  # read only
+        padded = np.ascontiguousarray(weight)  # read only; rows are read in place
     else:  # padded rows: zero weight, identity Hessian, hence decoupled (M is block diagonal)
         padded = np.zeros((kp, n), dtype=np.float32)
         padded[:k] = weight
@@ -405,10 +409,11 @@ def gptq_solve(
         order = np.argsort(-diagonal, kind="stable")
         diagonal = diagonal[order]
         order = np.concatenate([order, np.arange(k, kp)])
-        work = padded[order]  # row i of work is original row order[i]; never modified
     else:
         order = np.arange(kp)
-        work = padded
+    # the row processed at step i is padded[source[i]], read in place: a permuted copy of the weight
+    # cost a [K, N] buffer's allocation, first touch and copy per solve
+    source = order.tolist()
     m, damp = _damped_factor(hessian, diagonal, order if act_order else None, kp, percdamp, float(hessian_shrink),
                              np.float32 if float32_factor else np.float64)
     diag = np.diag(m).copy()
@@ -462,14 +467,16 @@ def gptq_solve(
                 if not have_params[block]:
                     pos = position[block * bs:(block + 1) * bs]  # all >= i: the block is first reached now
                     finish_errors(i)
-                    current = work[pos] - m_inv[pos, :i] @ errors[:i] if i else work[pos]
+                    rows = padded[block * bs:(block + 1) * bs]  # original rows r, at steps pos = position[r]
+                    current = rows - m_inv[pos, :i] @ errors[:i] if i else rows
                     set_params(slice(block, block + 1), current)
                 w = errors[i - base]
+                row = padded[source[i]]
                 if i > p1:  # w' = w + (M[i, :i] @ D[:i]) / M_ii, the panel's own rows last
                     np.matmul(m[i, p1:i], diffs[p1:i], out=update)
                     np.add(w, update, out=w)
                 np.multiply(w, inv_diag[i], out=w)
-                np.add(work[i], w, out=w)
+                np.add(row, w, out=w)
                 # codes as quantize_with_params: w / scale + zero point, rounded half up, clipped
                 codes = np.multiply(w, block_recips[block], out=codes_f[i - i1])
                 np.add(codes, block_zps[block], out=codes)
@@ -479,7 +486,7 @@ def gptq_solve(
                 np.minimum(codes, maxq_row, out=codes)
                 q = np.subtract(codes, block_zps[block], out=q_panel[i - p1])  # as QuantizedWeight.dequantize
                 np.multiply(q, block_scales[block], out=q)
-                np.subtract(work[i], q, out=diffs[i])
+                np.subtract(row, q, out=diffs[i])
             finish_errors(p2)
         batch_errors = errors[i1 - base:i2 - base]
         loss += np.einsum("kn,kn->n", batch_errors, batch_errors, dtype=np.float64)
