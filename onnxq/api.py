@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from typing import Any, Callable, Mapping
 
 import onnx
@@ -12,6 +13,7 @@ import onnx_ir as ir
 from onnxq.calibration.driver import calibrate_and_quantize
 from onnxq.config import QuantConfig
 from onnxq.errors import OnnxqError
+from onnxq.formats.registry import format_of_node
 from onnxq.io import load_model, save_model
 from onnxq.graph.sites import SkippedNode
 from onnxq.passes.quantize_weights import (
@@ -77,6 +79,19 @@ def quantize(
     return result.model
 
 
+def _why_nothing(model: ir.Model, skipped: list[SkippedNode]) -> str:
+    """Why a model has nothing to quantize, for the error: the skipped nodes' reasons, or that it is
+    already quantized (its quantized ops by type), or that it has no MatMul or Gemm at all."""
+    if skipped:
+        return " (skipped: " + "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) + ")"
+    quantized = Counter(node.op_type for node in model.graph.all_nodes() if format_of_node(node) is not None)
+    if quantized:
+        ops = ", ".join(f"{count} {op}" for op, count in quantized.most_common())
+        return (f" (the model is already quantized: {ops}; `python -m onnxq summary` lists them, `unpack` "
+                "restores float weights)")
+    return " (no MatMul or Gemm nodes)"
+
+
 def quantize_with_report(
     model: str | os.PathLike | ir.Model | onnx.ModelProto,
     config: QuantConfig | Mapping[str, Any] | None = None,
@@ -116,9 +131,7 @@ def quantize_with_report(
     else:
         result = QuantizeWeightsPass(config, solver, progress=progress, sink=sink)(ir_model)
     if not result.records:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in result.skipped[:5])
-        found = f" (skipped: {reasons})" if reasons else " (no MatMul or Gemm nodes)"
-        raise OnnxqError(f"no quantizable MatMul/Gemm node found{found}")
+        raise OnnxqError(f"no quantizable MatMul/Gemm node found{_why_nothing(ir_model, result.skipped)}")
     ir_model.metadata_props["onnxq.config"] = json.dumps(config.to_dict())
     return result
 

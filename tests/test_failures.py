@@ -61,6 +61,7 @@ def inputs(tmp_path_factory) -> Path:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
     onnx.save(helper.make_model(graph), root / "relu.onnx")
+    onnxq.save(onnxq.quantize(str(root / "float.onnx")), root / "quantized.onnx")  # nothing left to quantize
     w = weight((64, 16), seed=1)
     w[0, 0] = np.nan
     onnx.save(matmul_model(w), root / "nan.onnx")
@@ -133,7 +134,8 @@ CASES = [
     ("{in}/two_models", [], "holds 2 .onnx models"),
     ("{in}/ext_missing/m.onnx", [], "external data file of tensor 'W' not found"),
     ("{in}/ext_truncated/m.onnx", [], "is truncated: tensor 'W' needs bytes up to"),
-    ("{in}/relu.onnx", [], "no quantizable MatMul/Gemm node found"),
+    ("{in}/relu.onnx", [], "no quantizable MatMul/Gemm node found (no MatMul or Gemm nodes)"),
+    ("{in}/quantized.onnx", [], "no quantizable MatMul/Gemm node found (the model is already quantized: 1 MatMulNBits;"),
     ("{in}/nan.onnx", [], "NaN/Inf"),
     # -- settings
     ("{in}/float.onnx", ["--bits", "3"], "bits must be 2, 4 or 8"),
