@@ -13,7 +13,7 @@ from onnxq.calibration import save_npz
 from onnxq.cli import main
 from onnxq.formats import get_format
 from onnxq.io import load_model
-from onnxq.recipes.mixed_precision import parse_candidates, search_mixed_precision
+from onnxq.recipes.mixed_precision import _KL, parse_candidates, search_mixed_precision
 from onnxq.recipes.presets import layer_index, upgraded_layers
 from tests.graphs import run
 from tests.tiny_transformer import make_tiny_transformer
@@ -96,6 +96,21 @@ def _alone_kl(model, config, group, candidate, feed, reference):
     alone = config.with_updates(include=tuple(f"^{name}$" for name in group), bits=bits, block_size=block)
     (out,) = run(onnxq.quantize(model, alone), feed)
     return kl(reference, out)
+
+
+@pytest.mark.parametrize("noise", [1e-3, 1e-1, 3.0])
+def test_kl_matches_a_float64_reference(noise):
+    """The search's KL (one max, dot and exp per logit, chunks of positions in threads) equals
+    KL(p_ref || p_out) computed from both log-softmaxes in float64, for batch x positions not a
+    multiple of the chunk."""
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((2, 37, 5000)).astype(np.float32) * 3
+    reference[..., :20] += 10  # peaked, like an LM's next-token distribution
+    output = reference + (rng.standard_normal(reference.shape) * noise).astype(np.float32)
+    expected = kl(reference.astype(np.float64), output.astype(np.float64))
+    # float32 logits resolve a KL to about 1e-8 (the log-softmax version this replaced erred as much)
+    assert _KL(reference)(output) == pytest.approx(expected, rel=1e-4, abs=5e-8)
+    assert _KL(reference)(reference) == pytest.approx(0.0, abs=5e-8)
 
 
 def test_sensitivities_match_whole_model_runs(model):

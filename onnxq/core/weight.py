@@ -67,8 +67,10 @@ class QuantizedWeight:
 
     def dequantize_blocks(self) -> np.ndarray:
         """float32 ``[N, k_blocks, block_size]``."""
-        zp = self.effective_zero_points().astype(np.float32)[..., None]
-        return (self.codes.astype(np.float32) - zp) * self.scales.astype(np.float32)[..., None]
+        out = self.codes.astype(np.float32)  # then in place: (code - zero point) * scale
+        out -= self.effective_zero_points().astype(np.float32)[..., None]
+        out *= self.scales.astype(np.float32)[..., None]
+        return out
 
     def dequantize(self) -> np.ndarray:
         """float32 ``[K, N]``: the weight the quantized op computes with."""
