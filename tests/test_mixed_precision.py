@@ -13,6 +13,7 @@ from onnxq.calibration import save_npz
 from onnxq.cli import main
 from onnxq.formats import get_format
 from onnxq.io import load_model
+from onnxq.recipes import mixed_precision
 from onnxq.recipes.mixed_precision import _KL, parse_candidates, search_mixed_precision
 from onnxq.recipes.presets import layer_index, upgraded_layers
 from tests.graphs import run
@@ -99,10 +100,11 @@ def _alone_kl(model, config, group, candidate, feed, reference):
 
 
 @pytest.mark.parametrize("noise", [1e-3, 1e-1, 3.0])
-def test_kl_matches_a_float64_reference(noise):
+def test_kl_matches_a_float64_reference(noise, monkeypatch):
     """The search's KL (one max, dot and exp per logit, chunks of positions in threads) equals
     KL(p_ref || p_out) computed from both log-softmaxes in float64, for batch x positions not a
     multiple of the chunk."""
+    monkeypatch.setattr(mixed_precision, "_KL_CHUNK", 8 * 5000)  # 8 positions a chunk: 9 chunks and 2 rows
     rng = np.random.default_rng(0)
     reference = rng.standard_normal((2, 37, 5000)).astype(np.float32) * 3
     reference[..., :20] += 10  # peaked, like an LM's next-token distribution

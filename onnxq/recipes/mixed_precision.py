@@ -67,8 +67,9 @@ DEFAULT_CANDIDATES = "int4,int8"
 COUNTINGS = ("nominal", "stored")
 MEASURES = ("proxy", "all")
 PROXY_ROWS = 256  # input rows per group for the proxy's output-error ratios
-_KL_ROWS = 32
-"""Positions per chunk of the KL (about 6 MiB of float32 logits at a 49k vocabulary)."""
+_KL_CHUNK = 1 << 20
+"""float32 logits per chunk of the KL (4 MiB: 21 positions at a 49k vocabulary, 4 at 262k), so that a
+chunk's temporary is reused by the allocator instead of being mapped, page-faulted and unmapped."""
 _THREADS = os.cpu_count() or 1
 _CANDIDATE = re.compile(r"^int(?P<bits>[248])(?:_b(?P<block>-1|\d+))?(?:_(?P<scheme>sym|asym))?$")
 
@@ -222,7 +223,7 @@ class _KL:
     ``sum_v p_v = 1``: ``KL = sum_v p_v log p_v - sum_v p_v z'_v + log sum_v exp(z'_v)`` (the same
     decomposition as :func:`onnxq.eval.compare_lms`). The reference's ``p`` and ``sum p log p`` are
     kept; an output costs one max, subtraction, dot product and exp per logit, summed in float64,
-    on chunks of :data:`_KL_ROWS` positions in parallel threads (numpy releases the GIL). On
+    on chunks of :data:`_KL_CHUNK` logits in parallel threads (numpy releases the GIL). On
     random logits of SmolLM2's shape (512 x 49152), one thread: 0.14 s, against 0.21-3.6 s for
     the two full log-softmaxes it replaces (most of that in first-touch page faults here).
     """
@@ -234,16 +235,17 @@ class _KL:
 
     def __call__(self, output: np.ndarray) -> float:
         z = np.asarray(output, dtype=np.float32).reshape(self.p.shape)
+        chunk = max(1, _KL_CHUNK // z.shape[1])
 
         def positions(start: int) -> np.ndarray:
-            rows = slice(start, start + _KL_ROWS)
+            rows = slice(start, start + chunk)
             shifted = z[rows] - z[rows].max(axis=-1, keepdims=True)
             cross = np.einsum("tv,tv->t", self.p[rows], shifted, dtype=np.float64)
             np.exp(shifted, out=shifted)
             return self.p_log_p[rows] - cross + np.log(shifted.sum(axis=-1, dtype=np.float64))
 
         with ThreadPoolExecutor(_THREADS) as pool:
-            return float(np.concatenate(list(pool.map(positions, range(0, len(z), _KL_ROWS)))).mean())
+            return float(np.concatenate(list(pool.map(positions, range(0, len(z), chunk)))).mean())
 
 
 class _RelativeSquaredError:
@@ -452,13 +454,15 @@ class _Measurement:
         candidates = [c for c, candidate in enumerate(self.formats) if candidate.bits is not None]
         if not candidates:
             return [0.0] * len(self.formats)
-        dequantized = {c: self._dequantized(group, self.formats[c]) for c in candidates}
         measured = candidates if measure == "all" else [  # proxy: the coarsest, the best-resolved loss
             min(candidates, key=lambda c: (self.formats[c].bits, -self.formats[c].block_size))]
         losses: dict[int, float] = {}
         rows: dict[str, list[np.ndarray]] = {name: [] for name in activations}
+        kept: list[np.ndarray] = []  # proxy: the measured candidate's weights, for its own output error
+        # one candidate's quantized weights alive at a time: a tied table's are as large as the table
         for c in measured:
-            replaced = {**float_weights, **{site.source.name: _stored(site, q) for site, q in zip(group, dequantized[c])}}
+            dequantized = self._dequantized(group, self.formats[c])
+            replaced = {**float_weights, **{site.source.name: _stored(site, q) for site, q in zip(group, dequantized)}}
             values = []
             for feed, reference, loss_fn in zip(feeds, outputs, loss_fns):
                 cut = {name: reference[name] for name in probe.input_names if name in reference}
@@ -468,11 +472,15 @@ class _Measurement:
                     for name in activations:
                         rows[name].append(result[name].reshape(-1, result[name].shape[-1]))
             losses[c] = float(np.mean(values))
+            kept = dequantized if measure == "proxy" else []
+            del replaced, dequantized
         if measure == "all":
             return [losses.get(c, 0.0) for c in range(len(self.formats))]
         (probe_c,) = measured
         x = {name: _row_sample(np.concatenate(parts)) for name, parts in rows.items()}
-        errors = [_output_error(group, dequantized[c], x) if c in dequantized else 0.0 for c in range(len(self.formats))]
+        errors = [0.0] * len(self.formats)
+        for c in candidates:
+            errors[c] = _output_error(group, kept if c == probe_c else self._dequantized(group, self.formats[c]), x)
         scale = losses[probe_c] / errors[probe_c] if errors[probe_c] > 0 else 0.0
         return [e * scale for e in errors]
 
@@ -502,6 +510,13 @@ def _row_sample(x: np.ndarray, rows: int = PROXY_ROWS) -> np.ndarray:
 
 
 def _output_error(group, dequantized: list[np.ndarray], x: dict[str, np.ndarray]) -> float:
-    """``sum_i ||X_i (W_i - Q(W_i))||_F^2`` over the group's sites (``X_i``: the site's input rows)."""
-    return float(sum(np.sum((x[site.activation.name] @ (site.weight() - q)) ** 2, dtype=np.float64)
-                     for site, q in zip(group, dequantized)))
+    """``sum_i ||X_i (W_i - Q(W_i))||_F^2`` over the group's sites (``X_i``: the site's input rows).
+
+    ``dequantized`` (``Q(W_i)``, ``[K, N]`` float32 each) is overwritten with ``W_i - Q(W_i)``: no
+    temporary as large as the weight.
+    """
+    total = 0.0
+    for site, q in zip(group, dequantized):
+        difference = np.subtract(site.weight(), q, out=q)
+        total += float(np.sum((x[site.activation.name] @ difference) ** 2, dtype=np.float64))
+    return total
