@@ -223,9 +223,9 @@ class _KL:
     ``sum_v p_v = 1``: ``KL = sum_v p_v log p_v - sum_v p_v z'_v + log sum_v exp(z'_v)`` (the same
     decomposition as :func:`onnxq.eval.compare_lms`). The reference's ``p`` and ``sum p log p`` are
     kept; an output costs one max, subtraction, dot product and exp per logit, summed in float64,
-    on chunks of :data:`_KL_CHUNK` logits in parallel threads (numpy releases the GIL). On
-    random logits of SmolLM2's shape (512 x 49152), one thread: 0.14 s, against 0.21-3.6 s for
-    the two full log-softmaxes it replaces (most of that in first-touch page faults here).
+    on chunks of :data:`_KL_CHUNK` logits in parallel threads (numpy releases the GIL). The two
+    full log-softmaxes it replaces took most of Gemma 3's search (262k vocabulary: 831 s, now
+    219 s; docs/SPEED.md).
     """
 
     def __init__(self, reference: np.ndarray) -> None:
