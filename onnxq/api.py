@@ -25,7 +25,7 @@ from onnxq.passes.quantize_weights import (
     plan_sites,
 )
 
-__all__ = ["quantize", "quantize_with_report", "save", "inspect_model", "records_of", "REPORT_KEY"]
+__all__ = ["quantize", "quantize_with_report", "save", "inspect_model", "why_nothing_to_quantize", "records_of", "REPORT_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,10 @@ def quantize(
     return result.model
 
 
-def _why_nothing(model: ir.Model, skipped: list[SkippedNode]) -> str:
-    """Why a model has nothing to quantize, for the error: the skipped nodes' reasons, or that it is
-    already quantized (its quantized ops by type), or that it has no MatMul or Gemm at all."""
+def why_nothing_to_quantize(model: ir.Model, skipped: list[SkippedNode]) -> str:
+    """Why ``model`` has nothing to quantize, as a parenthesised clause for a message: the skipped
+    nodes' reasons (``skipped``: what the plan left in float), or that the model is already
+    quantized (its quantized ops by type), or that it has no MatMul or Gemm at all."""
     if skipped:
         return " (skipped: " + "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) + ")"
     quantized = Counter(node.op_type for node in model.graph.all_nodes() if format_of_node(node) is not None)
@@ -131,7 +132,7 @@ def quantize_with_report(
     else:
         result = QuantizeWeightsPass(config, solver, progress=progress, sink=sink)(ir_model)
     if not result.records:
-        raise OnnxqError(f"no quantizable MatMul/Gemm node found{_why_nothing(ir_model, result.skipped)}")
+        raise OnnxqError(f"no quantizable MatMul/Gemm node found{why_nothing_to_quantize(ir_model, result.skipped)}")
     ir_model.metadata_props["onnxq.config"] = json.dumps(config.to_dict())
     return result
 

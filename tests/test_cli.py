@@ -72,6 +72,16 @@ def test_inspect(float_model, capsys):
     assert "layers.0.mlp" in out and "int4 block 32 sym" in out and "1 nodes would be quantized" in out
 
 
+def test_inspect_says_a_quantized_model_is_already_quantized(float_model, tmp_path, capsys):
+    quantized = tmp_path / "q.onnx"
+    assert main(["quantize", str(float_model), str(quantized), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(quantized)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing would be quantized (the model is already quantized: 1 MatMulNBits;" in out
+    assert "0 nodes would be quantized" in out
+
+
 def _expect_error(capsys, argv, message, out_path=None):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

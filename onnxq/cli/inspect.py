@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from onnxq.api import inspect_model
+from onnxq.api import inspect_model, why_nothing_to_quantize
 from onnxq.cli.common import add_settings, config_from, model_input
+from onnxq.io import load_model
 from onnxq.report import format_skipped, format_table
 
 __all__ = ["add_parser", "run"]
@@ -24,7 +25,10 @@ def run(args: argparse.Namespace) -> int:
     model_file, _, defaults = model_input(args.model)
     config = config_from(args, defaults)
     planned, skipped = inspect_model(model_file, config)
-    print(format_table(("node", "op", "K", "N", "would become"), planned) if planned else "nothing would be quantized")
+    if planned:
+        print(format_table(("node", "op", "K", "N", "would become"), planned))
+    else:
+        print("nothing would be quantized" + ("" if skipped else why_nothing_to_quantize(load_model(model_file), [])))
     if skipped:
         print()
         print(format_skipped(skipped))
