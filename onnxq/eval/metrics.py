@@ -127,6 +127,48 @@ def _shift(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return shifted, exp, np.log(exp.sum(axis=-1))
 
 
+_CHUNK_LOGITS = 1 << 20
+"""Logits per chunk of scored positions (two float64 temporaries of 8 MiB each): small enough that the
+allocator reuses their memory. Whole windows of a 262k vocabulary made 537 MB temporaries per window,
+and zeroing their fresh pages cost more than the model's forward (Gemma 3 270M, docs/SPEED.md)."""
+
+
+def _chunks(positions: int, vocab: int) -> list[slice]:
+    """Slices of ``range(positions)`` holding at most :data:`_CHUNK_LOGITS` logits each (at least one row)."""
+    step = max(1, _CHUNK_LOGITS // vocab)
+    return [slice(start, start + step) for start in range(0, positions, step)]
+
+
+def _nll_sum(rows: np.ndarray, targets: np.ndarray) -> float:
+    """``sum_t -log softmax(rows[t])[targets[t]]`` for logits ``rows: [n, vocab]``, a chunk at a time."""
+    total = 0.0
+    for part in _chunks(len(targets), rows.shape[-1]):
+        shifted, _, lse = _shift(rows[part])
+        total += float((lse - shifted[np.arange(len(shifted)), targets[part]]).sum())
+    return total
+
+
+def _compare_rows(tally: "_Tally", float_rows: np.ndarray, quant_rows: np.ndarray, targets: np.ndarray) -> float:
+    """Add the quantized model's NLL, KL and top-1 agreement over ``[n, vocab]`` logits rows to ``tally``;
+    returns the float model's NLL sum over the same rows. A chunk of positions at a time."""
+    nll_float = 0.0
+    for part in _chunks(len(targets), float_rows.shape[-1]):
+        rows = np.arange(len(targets[part]))
+        shifted, p, lse = _shift(float_rows[part])
+        nll_float += float((lse - shifted[rows, targets[part]]).sum())
+        p /= p.sum(axis=-1, keepdims=True)  # softmax
+        p_sum = p.sum(axis=-1)
+        # sum_v p log p, with log p = shifted - lse (no [n, vocab] temporary)
+        p_log_p = np.einsum("ij,ij->i", p, shifted) - lse * p_sum
+        top = shifted.argmax(axis=-1)
+        shifted, _, lse = _shift(quant_rows[part])
+        tally.nll += float((lse - shifted[rows, targets[part]]).sum())
+        # KL(p || q) = sum p log p - sum p log q, log q = shifted - lse
+        tally.kl += float((p_log_p - (np.einsum("ij,ij->i", p, shifted) - lse * p_sum)).sum())
+        tally.agree += int((top == shifted.argmax(axis=-1)).sum())
+    return nll_float
+
+
 def lm_windows(
     num_tokens: int, context: int, stride: int | None = None, max_windows: int | None = None
 ) -> list[tuple[int, int]]:
@@ -233,8 +275,7 @@ def perplexity(
     for group in _wrap(progress, _batches(windows, batch), "perplexity", math.ceil(len(windows) / batch)):
         window_ids = _window_ids(ids, group, context, bos)
         for rows, targets in _scored(lm.logits(window_ids), window_ids, group, context):
-            shifted, _, lse = _shift(rows)
-            nll_sum += float((lse - shifted[np.arange(len(targets)), targets]).sum())
+            nll_sum += _nll_sum(rows, targets)
             tokens += len(targets)
     nll = nll_sum / tokens
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=tokens, windows=len(windows))
@@ -293,30 +334,20 @@ def compare_lms(
         window_ids = _window_ids(ids, group, context, bos)
         float_logits = reference.logits(window_ids)
         vocab = float_logits.shape[-1]
-        float_rows = []
-        for rows, targets in _scored(float_logits, window_ids, group, context):
-            shifted, p, lse = _shift(rows)
-            p /= p.sum(axis=-1, keepdims=True)  # softmax
-            p_sum = p.sum(axis=-1)
-            # sum_v p log p, with log p = shifted - lse (no [n, vocab] temporary)
-            p_log_p = np.einsum("ij,ij->i", p, shifted) - lse * p_sum
-            nll_float += float((lse - shifted[np.arange(len(targets)), targets]).sum())
-            tokens += len(targets)
-            float_rows.append((p, p_sum, p_log_p, shifted.argmax(axis=-1), targets))
-        del float_logits
-        for name, lm in others.items():
+        float_scored = list(_scored(float_logits, window_ids, group, context))
+        # the float model's softmax is recomputed per chunk and per quantized model: kept whole in float64
+        # it was twice the size of the logits
+        for index, (name, lm) in enumerate(others.items()):
             logits = lm.logits(window_ids)
             if logits.shape[-1] != vocab:
                 raise OnnxqError(f"the quantized model {name!r} has {logits.shape[-1]} logits per token, "
                                  f"the float model {vocab}")
-            tally = tallies[name]
-            for (p, p_sum, p_log_p, top, targets), (rows, _) in zip(float_rows,
-                                                                    _scored(logits, window_ids, group, context)):
-                shifted, _, lse = _shift(rows)
-                tally.nll += float((lse - shifted[np.arange(len(targets)), targets]).sum())
-                # KL(p || q) = sum p log p - sum p log q, log q = shifted - lse
-                tally.kl += float((p_log_p - (np.einsum("ij,ij->i", p, shifted) - lse * p_sum)).sum())
-                tally.agree += int((top == shifted.argmax(axis=-1)).sum())
+            for (float_rows, targets), (quant_rows, _) in zip(float_scored, _scored(logits, window_ids, group,
+                                                                                    context)):
+                nll = _compare_rows(tallies[name], float_rows, quant_rows, targets)
+                if index == 0:
+                    nll_float += nll
+                    tokens += len(targets)
     nll_float /= tokens
     return {name: tally.result(nll_float, tokens, len(windows)) for name, tally in tallies.items()}
 
