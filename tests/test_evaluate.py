@@ -16,6 +16,7 @@ import pytest
 
 import onnxq
 from onnxq.cli import eval as eval_command, main
+from onnxq.eval import metrics
 from onnxq.eval.metrics import (
     compare_embeddings,
     compare_lm,
@@ -142,6 +143,22 @@ def test_compare_lms_equals_separate_comparisons(models):
         alone = compare_lm(models["float"], models[key], ids, context=32)
         assert both[name].kl_mean == pytest.approx(alone.kl_mean, rel=1e-9)
         assert both[name].ppl_quant == pytest.approx(alone.ppl_quant, rel=1e-9)
+
+
+def test_chunks_of_positions_give_the_same_metrics(models, monkeypatch):
+    """Several chunks per window (the last one partial), two quantized models: the same numbers as one chunk."""
+    ids = _ids(96, seed=2)
+    quant = {"a": models["q4"], "b": models["q4_b16"]}
+    whole = compare_lms(models["float"], quant, ids, context=32, batch=2)
+    whole_ppl = perplexity(models["q4"], ids, context=32)
+    monkeypatch.setattr(metrics, "_CHUNK_LOGITS", 5 * VOCAB)  # 5 positions a chunk: 31 = 6 x 5 + 1
+    chunked = compare_lms(models["float"], quant, ids, context=32, batch=2)
+    for name in quant:
+        for field in ("nll_float", "nll_quant", "kl_mean", "top1_agreement"):
+            assert getattr(chunked[name], field) == pytest.approx(getattr(whole[name], field), rel=1e-12), field
+        assert chunked[name].tokens == whole[name].tokens == 93
+    assert perplexity(models["q4"], ids, context=32).nll == pytest.approx(whole_ppl.nll, rel=1e-12)
+    assert whole_ppl.nll == pytest.approx(whole["a"].nll_quant, rel=1e-12)
 
 
 def test_optional_inputs_are_filled(tmp_path):
