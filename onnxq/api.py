@@ -25,7 +25,8 @@ from onnxq.passes.quantize_weights import (
     plan_sites,
 )
 
-__all__ = ["quantize", "quantize_with_report", "save", "inspect_model", "why_nothing_to_quantize", "records_of", "REPORT_KEY"]
+__all__ = ["quantize", "quantize_with_report", "save", "inspect_model", "why_nothing_to_quantize", "records_of",
+           "REPORT_KEY"]
 
 logger = logging.getLogger(__name__)
 

@@ -24,11 +24,12 @@ def run(args: argparse.Namespace) -> int:
     """Print the nodes the settings would quantize, those left in float with the reason, and the totals."""
     model_file, _, defaults = model_input(args.model)
     config = config_from(args, defaults)
-    planned, skipped = inspect_model(model_file, config)
+    model = load_model(model_file)  # read once: the plan and, when nothing is planned, the reason
+    planned, skipped = inspect_model(model, config)
     if planned:
         print(format_table(("node", "op", "K", "N", "would become"), planned))
     else:
-        print("nothing would be quantized" + ("" if skipped else why_nothing_to_quantize(load_model(model_file), [])))
+        print("nothing would be quantized" + ("" if skipped else why_nothing_to_quantize(model, [])))
     if skipped:
         print()
         print(format_skipped(skipped))
