@@ -121,6 +121,14 @@ RUNS: dict[str, tuple[str, list]] = {
                                                                             GEN]),
     "onnxq gptq, mixed 4.8 effective bits" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--effective-bits", "4.8",
                                                               "--mp-samples", "2", GEN]),
+    # int4 at the builder's block 32 (ModelOpt's counting: 4 bits whatever the block), 20% of the weights in int8
+    "onnxq gptq, mixed 4.8 effective bits, int4 block 32" + SELF: ("onnxq", [
+        "--block-size", "32", "--accuracy-level", "0", "--algo", "gptq", "--effective-bits", "4.8",
+        "--candidates", "int4_b32,int8_b128", "--mp-samples", "2", GEN]),
+    # the builder's int4 file stores 5.0 bits per weight (block 32, float32 scales): a plan no larger than it
+    "onnxq gptq, mixed at the builder's size (4.99 stored bits)" + SELF: ("onnxq", [
+        "--block-size", "64", "--accuracy-level", "0", "--algo", "gptq", "--stored-bits", "4.99",
+        "--candidates", "int4_b128,int4_b64,int4_b32,int8_b128,int8_b64", "--mp-samples", "2", GEN]),
     # the tied-table default on the torch / Optimum form, Gather(E) + Transpose(E) -> MatMul (int4 b128 sym)
     "Optimum: onnxruntime default (RTN)": ("ort", ["--algo", "default", "--block-size", "128"]),
     "Optimum: onnxq rtn (default: tied table shared, 8-bit)": ("onnxq", [*B128]),
@@ -270,7 +278,7 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         f"slow), or, in the rows marked '{SELF[2:]}', {args.samples} sequences of {args.seq_len} tokens that the "
         f"fp32 model sampled itself from its BOS at temperature 1{_generation_note(args)}; evaluation: {args.windows} x 256 tokens of Shakespeare (another domain), "
         "fp32 perplexity "
-        f"{', '.join(f'{v:.3f}' for v in sorted(floats))}; KL and top-1 against the fp32 model. 'gap' is the share "
+        f"{', '.join(sorted({f'{v:.3f}' for v in floats}))}; KL and top-1 against the fp32 model. 'gap' is the share "
         "of onnxq RTN's perplexity gap to fp32 that a row recovers. Whole processes on 2 CPU cores shared with "
         "other jobs: times are indicative.",
         "",

@@ -83,6 +83,18 @@ def test_plan_respects_budget_and_groups_and_beats_uniform_int4(model, counting,
     assert {name: ("int8_b128" if b == 8 else "int4_b128") for name, b in bits.items()} == plan.assignments
 
 
+def test_equally_cheap_candidates_go_to_the_lower_loss(model):
+    # nominal counting: int4 costs 4 bits at block 32 as at block 128, so the search takes the lower loss
+    assert mixed_precision._choose([[0.5, 0.2, 0.01]], [[4.0, 4.0, 8.0]], 4.0) == ([1], 4.0)
+    plan = search_mixed_precision(load_model(model), QuantConfig(block_size=128), feeds(2, 1), 4.0,
+                                  "int4_b128,int4_b32,int8_b128")
+    for group in plan.groups:
+        losses = plan.sensitivity[group[0]]
+        best = min(("int4_b128", "int4_b32"), key=losses.get)
+        assert {plan.assignments[name] for name in group} == {best}
+    assert "int4_b32" in plan.assignments.values() and plan.effective_bits == 4.0
+
+
 def test_budget_below_the_floor_is_an_error(model):
     with pytest.raises(OnnxqError, match="stored bits per weight 4.0 is below the smallest possible"):
         search_mixed_precision(load_model(model), QuantConfig(), feeds(2, 1), 4.0, "int4_b32,int8_b32",
