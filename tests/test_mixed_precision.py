@@ -79,8 +79,15 @@ def test_plan_respects_budget_and_groups_and_beats_uniform_int4(model, counting,
     mixed_model = onnxq.quantize(model, plan.to_config(base))
     mixed = run(mixed_model, held_out)[0]
     assert kl(reference, mixed) < kl(reference, uniform) * 0.8
-    bits = {r.name: r.bits for r in records_of(mixed_model)[0]}
+    records = records_of(mixed_model)[0]
+    bits = {r.name: r.bits for r in records}
     assert {name: ("int8_b128" if b == 8 else "int4_b128") for name, b in bits.items()} == plan.assignments
+    # the plan's average under both countings, against what the quantized model holds
+    weights = sum(r.k * r.n for r in records if r.shared_with is None)
+    assert plan.bits_per_weight == pytest.approx({
+        "nominal": sum(r.k * r.n * r.bits for r in records if r.shared_with is None) / weights,
+        "stored": sum(8 * r.bytes_after for r in records if r.shared_with is None) / weights})
+    assert plan.bits_per_weight[counting] == plan.effective_bits
 
 
 def test_equally_cheap_candidates_go_to_the_lower_loss(model):
@@ -155,9 +162,14 @@ def test_cli_saves_a_plan_that_quantize_config_reuses(model, tmp_path, capsys):
     onnx.save(model, src)
     save_npz(data, feeds(4, 1))
     assert main(["quantize", str(src), str(out), "--block-size", "128", "--calib-data", str(data),
-                 "--effective-bits", "5.0", "--candidates", "int4_b128,int8_b128,float", "--quiet"]) == 0
+                 "--effective-bits", "5.0", "--candidates", "int4_b128,int8_b128,float"]) == 0
     plan = json.loads((tmp_path / "q.onnx.plan.json").read_text())
-    assert plan["_mixed_precision"]["effective_bits"] <= 5.0
+    searched = plan["_mixed_precision"]
+    assert searched["effective_bits"] <= 5.0 and searched["bits_per_weight"]["nominal"] == searched["effective_bits"]
+    stored = searched["bits_per_weight"]["stored"]
+    assert stored > searched["effective_bits"]  # scales and padding count there
+    assert (f"nominal bits per weight (budget 5.0, {stored:.3f} stored); saved to {tmp_path / 'q.onnx.plan.json'}"
+            in capsys.readouterr().out)
     assert main(["quantize", str(src), str(out2), "--config", str(tmp_path / "q.onnx.plan.json"), "--quiet"]) == 0
     first = onnx.load(out)
     second = onnx.load(out2)

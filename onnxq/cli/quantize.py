@@ -312,7 +312,8 @@ def _mixed_precision_plan(args: argparse.Namespace, config: QuantConfig, model: 
     plan.save(plan_path, config)
     if not args.quiet:
         print(format_table(("nodes (one format per group)", "format", f"{plan.loss} when alone"), plan.summary_rows()))
-        print(f"plan: {plan.effective_bits:.3f} {counting} bits per weight (budget {plan.target_bits}); "
+        print(f"plan: {plan.effective_bits:.3f} {counting} bits per weight (budget {plan.target_bits}"
+              f"{plan.other_countings()}); "
               f"saved to {plan_path}")
         print()
     return plan.to_config(config)

@@ -134,25 +134,34 @@ class MixedPrecisionPlan:
     effective_bits: float
     loss: str
     candidates: list[Candidate] = field(repr=False)
-    group_bits: list[list[float]] = field(repr=False, default_factory=list)  # [group][candidate] stored bits
     total_weights: int = 0
-    counting: str = "nominal"
+    counting: str = "nominal"  # the budget's counting, one of COUNTINGS
+    # counting -> [group][candidate] bits of the group's weights in that candidate, for every counting
+    group_bits: dict[str, list[list[float]]] = field(repr=False, default_factory=dict)
+    bits_per_weight: dict[str, float] = field(default_factory=dict)  # counting -> the plan's average
 
     def for_budget(self, effective_bits: float) -> MixedPrecisionPlan:
         """The plan for another budget from the same measured sensitivities (no new measurement)."""
         names = [c.name for c in self.candidates]
         sensitivity = [[self.sensitivity[group[0]][name] for name in names] for group in self.groups]
-        floor = sum(min(row) for row in self.group_bits) / self.total_weights
+        floor = sum(min(row) for row in self.group_bits[self.counting]) / self.total_weights
         if effective_bits < floor - 1e-9:
             raise OnnxqError(f"{self.counting} bits per weight {effective_bits} is below the smallest possible "
                              f"{floor:.3f} for candidates {names}")
-        choice, used = _choose(sensitivity, self.group_bits, effective_bits * self.total_weights)
+        choice, used = _choose(sensitivity, self.group_bits[self.counting], effective_bits * self.total_weights)
         assignments = {site: names[choice[i]] for i, group in enumerate(self.groups) for site in group}
         counts = {name: sum(1 for v in assignments.values() if v == name) for name in names}
-        logger.info("mixed precision: %.3f %s bits per weight (budget %.3f); nodes per format: %s",
-                    used / self.total_weights, self.counting, effective_bits, counts)
-        return replace(self, assignments=assignments, target_bits=float(effective_bits),
-                       effective_bits=float(used / self.total_weights))
+        per_weight = {counting: float(sum(bits[i][c] for i, c in enumerate(choice)) / self.total_weights)
+                      for counting, bits in self.group_bits.items()}
+        plan = replace(self, assignments=assignments, target_bits=float(effective_bits),
+                       effective_bits=float(used / self.total_weights), bits_per_weight=per_weight)
+        logger.info("mixed precision: %.3f %s bits per weight (budget %.3f%s); nodes per format: %s",
+                    plan.effective_bits, self.counting, effective_bits, plan.other_countings(), counts)
+        return plan
+
+    def other_countings(self) -> str:
+        """E.g. ``", 4.398 nominal"``: the plan's bits per weight under the countings it was not searched in."""
+        return "".join(f", {value:.3f} {way}" for way, value in self.bits_per_weight.items() if way != self.counting)
 
     def to_config(self, base: QuantConfig) -> QuantConfig:
         """``base`` with one exact-name override per site."""
@@ -165,7 +174,7 @@ class MixedPrecisionPlan:
         data = self.to_config(base).to_dict()
         data["_mixed_precision"] = {
             "target_bits": self.target_bits, "effective_bits": self.effective_bits, "counting": self.counting,
-            "loss": self.loss,
+            "bits_per_weight": self.bits_per_weight, "loss": self.loss,
             "assignments": self.assignments, "groups": self.groups, "sensitivity": self.sensitivity,
         }
         with open(path, "w") as f:
@@ -309,7 +318,9 @@ def search_mixed_precision(
     groups = _groups(sites)
     weights_of = lambda group: sum(s.k * s.n for s in group)
     total = sum(weights_of(g) for g in groups)
-    bits = [[sum(c.bits_per_weight(s, fmt, counting) * s.k * s.n for s in g) for c in formats] for g in groups]
+    bits_by_counting = {way: [[sum(c.bits_per_weight(s, fmt, way) * s.k * s.n for s in g) for c in formats]
+                              for g in groups] for way in COUNTINGS}
+    bits = bits_by_counting[counting]
     floor = sum(min(row) for row in bits) / total
     if effective_bits < floor - 1e-9:
         raise OnnxqError(f"{counting} bits per weight {effective_bits} is below the smallest possible {floor:.3f} "
@@ -333,9 +344,9 @@ def search_mixed_precision(
         effective_bits=0.0,
         loss=kind,
         candidates=formats,
-        group_bits=bits,
         total_weights=total,
         counting=counting,
+        group_bits=bits_by_counting,
     )
     return plan.for_budget(effective_bits)
 
