@@ -269,6 +269,23 @@ def test_probe_matches_numpy_and_leaves_model_alone():
     assert [o.name for o in model.graph.outputs] == ["logits"]
 
 
+def test_probe_writes_outputs_into_the_callers_arrays():
+    model = ir.serde.deserialize_model(make_tiny_transformer(norm="decomposed", seed=5))
+    names = activation_names(model)
+    probe = ActivationProbe(model, ["logits", names["layers.1.mlp.fc2"]])
+    ids = np.random.default_rng(1).integers(0, 97, (2, 10))
+    expected = probe.run({"input_ids": ids})
+    buffer = np.full_like(expected["logits"], np.nan)
+    for _ in range(2):  # the same array each run, filled again
+        got = probe.run({"input_ids": ids}, out={"logits": buffer})
+        assert got["logits"] is buffer
+        np.testing.assert_array_equal(buffer, expected["logits"])
+        np.testing.assert_array_equal(got[names["layers.1.mlp.fc2"]], expected[names["layers.1.mlp.fc2"]])
+        buffer[...] = np.nan
+    with pytest.raises(OnnxqError, match="onnxruntime failed on a calibration sample"):
+        probe.run({"input_ids": ids}, out={"logits": np.empty((1, 1, 1), np.float32)})  # the wrong shape
+
+
 def test_probe_prunes_to_what_the_tensors_need():
     model = ir.serde.deserialize_model(make_tiny_transformer(num_layers=2))
     name = activation_names(model)["layers.0.self_attn.q_proj"]

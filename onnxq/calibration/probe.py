@@ -126,18 +126,44 @@ class ProbeSpec:
         except Exception as exc:  # onnxruntime raises several types
             raise OnnxqError(f"onnxruntime cannot run the probe model: {str(exc).splitlines()[0]}") from None
 
-    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``{tensor name: array}`` for one feed holding the session inputs and passed-through names."""
+    def run(self, feed: Mapping[str, np.ndarray],
+            out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """``{tensor name: array}`` for one feed holding the session inputs and passed-through names.
+
+        ``out``: caller-owned C-contiguous arrays, by output name, of the exact shape and dtype the
+        run produces; onnxruntime writes those outputs into them (returned as the same arrays). A
+        large output (an LM's logits) then reuses memory already mapped instead of fresh pages
+        each run.
+        """
         result = {name: np.asarray(feed[name]) for name in self.passthrough}
         if self.outputs:
             if self._session is None:
                 self._session = self._build()
+            inputs = {n: feed[n] for n in self.session_inputs}
             try:
-                arrays = self._session.run(list(self.outputs), {n: feed[n] for n in self.session_inputs})
+                if out:
+                    result.update(self._run_into(inputs, out))
+                else:
+                    result.update(zip(self.outputs, self._session.run(list(self.outputs), inputs)))
             except Exception as exc:  # onnxruntime raises several types; e.g. token ids beyond the vocabulary
                 raise OnnxqError(f"onnxruntime failed on a calibration sample: {str(exc).splitlines()[0]}") from None
-            result.update(zip(self.outputs, arrays))
         return {name: result[name] for name in self.tensor_names}
+
+    def _run_into(self, inputs: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One run through an IO binding: the outputs named in ``out`` written into those arrays."""
+        import onnxruntime as ort
+
+        binding = self._session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.outputs:
+            if name in out:
+                binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(out[name]))
+            else:
+                binding.bind_output(name, "cpu")
+        self._session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {name: out[name] if name in out else value.numpy() for name, value in zip(self.outputs, values)}
 
 
 class ActivationProbe:
@@ -274,14 +300,16 @@ class ActivationProbe:
                          tuple(self._passthrough), tuple(v.name for v in self._outputs), tuple(self.providers),
                          self.threads)
 
-    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``{tensor name: array}`` for one feed (it must hold every name in :attr:`input_names`)."""
+    def run(self, feed: Mapping[str, np.ndarray],
+            out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """``{tensor name: array}`` for one feed (it must hold every name in :attr:`input_names`);
+        ``out``: arrays to write outputs into (:meth:`ProbeSpec.run`)."""
         missing = [n for n in self.input_names if n not in feed]
         if missing:
             raise OnnxqError(f"the probe needs {missing[0]!r} in the feed (got: {', '.join(feed) or 'nothing'})")
         if self._spec is None:
             self._spec = self.spec(feed)
-        return self._spec.run(feed)
+        return self._spec.run(feed, out)
 
     def iter_samples(self, source, max_samples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Run every feed of ``source`` (anything ``as_reader`` takes), one at a time."""

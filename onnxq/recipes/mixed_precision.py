@@ -403,6 +403,7 @@ class _Measurement:
     def __init__(self, model, sites, groups, formats, fmt, output_name, loss_type, providers) -> None:
         self.model, self.groups, self.formats, self.fmt = model, groups, formats, fmt
         self.output_name, self.loss_type, self.providers = output_name, loss_type, providers
+        self.output_buffers: list[np.ndarray] = []  # per feed: the array measured runs write the output into
         self.blocks = find_blocks(model, sites)
         block_of = {id(site.node): block.index for block in self.blocks for site in block.sites}
         # a group whose weight another node also reads (a tied table's Gather, before the first block) runs
@@ -444,6 +445,11 @@ class _Measurement:
         reference = ActivationProbe(self.model, [self.output_name, *cached], providers=self.providers)
         outputs = [reference.run({**feed, **float_weights}) for feed in feeds]
         del reference
+        # each measured run writes the model's output into one reused array per shape: an LM's logits are
+        # large (Gemma 3: 537 MB), and fresh pages for every run cost more than the loss computed on them
+        buffers: dict[tuple, np.ndarray] = {}
+        self.output_buffers = [buffers.setdefault((values[self.output_name].shape, values[self.output_name].dtype),
+                                                  np.empty_like(values[self.output_name])) for values in outputs]
         losses = [self.loss_type(values.pop(self.output_name)) for values in outputs]
         probes: dict[int, ActivationProbe] = {}
         order = sorted(range(len(self.groups)), key=lambda i: self.group_block[i])
@@ -478,9 +484,9 @@ class _Measurement:
             dequantized = self._dequantized(group, self.formats[c])
             replaced = {**float_weights, **{site.source.name: _stored(site, q) for site, q in zip(group, dequantized)}}
             values = []
-            for feed, reference, loss_fn in zip(feeds, outputs, loss_fns):
+            for feed, reference, loss_fn, buffer in zip(feeds, outputs, loss_fns, self.output_buffers):
                 cut = {name: reference[name] for name in probe.input_names if name in reference}
-                result = probe.run({**feed, **replaced, **cut})
+                result = probe.run({**feed, **replaced, **cut}, out={self.output_name: buffer})
                 values.append(loss_fn(result[self.output_name]))
                 if measure == "proxy":
                     for name in activations:
