@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxq
+from onnxq.calibration.lm_session import LMSession
 from onnxq.cli import eval as eval_command, main
 from onnxq.eval import metrics
 from onnxq.eval.metrics import (
@@ -159,6 +160,21 @@ def test_chunks_of_positions_give_the_same_metrics(models, monkeypatch):
         assert chunked[name].tokens == whole[name].tokens == 93
     assert perplexity(models["q4"], ids, context=32).nll == pytest.approx(whole_ppl.nll, rel=1e-12)
     assert whole_ppl.nll == pytest.approx(whole["a"].nll_quant, rel=1e-12)
+
+
+def test_reused_logits_are_written_over_with_each_windows_values(models):
+    lm = LMSession(str(models["q4"]))
+    windows = [_ids(32, seed=seed)[None, :] for seed in (5, 6)]
+    fresh = [lm.logits(window) for window in windows]
+    assert not np.array_equal(fresh[0], fresh[1])
+    first = lm.logits(windows[0], reuse=True)
+    np.testing.assert_array_equal(first, fresh[0])
+    second = lm.logits(windows[1], reuse=True)  # IO binding into the same array
+    assert second is first
+    np.testing.assert_array_equal(second, fresh[1])
+    both = np.concatenate(windows)  # another shape: a new array, which later calls of that shape reuse
+    assert lm.logits(both, reuse=True) is not first and lm.logits(both, reuse=True) is lm.logits(both, reuse=True)
+    np.testing.assert_allclose(lm.logits(both, reuse=True), np.concatenate(fresh), rtol=1e-5, atol=1e-5)
 
 
 def test_optional_inputs_are_filled(tmp_path):

@@ -274,7 +274,7 @@ def perplexity(
     nll_sum, tokens = 0.0, 0
     for group in _wrap(progress, _batches(windows, batch), "perplexity", math.ceil(len(windows) / batch)):
         window_ids = _window_ids(ids, group, context, bos)
-        for rows, targets in _scored(lm.logits(window_ids), window_ids, group, context):
+        for rows, targets in _scored(lm.logits(window_ids, reuse=True), window_ids, group, context):
             nll_sum += _nll_sum(rows, targets)
             tokens += len(targets)
     nll = nll_sum / tokens
@@ -332,13 +332,13 @@ def compare_lms(
     nll_float, tokens = 0.0, 0
     for group in _wrap(progress, _batches(windows, batch), "compare", math.ceil(len(windows) / batch)):
         window_ids = _window_ids(ids, group, context, bos)
-        float_logits = reference.logits(window_ids)
+        float_logits = reference.logits(window_ids, reuse=True)  # each session's array is written over per window
         vocab = float_logits.shape[-1]
         float_scored = list(_scored(float_logits, window_ids, group, context))
         # the float model's softmax is recomputed per chunk and per quantized model: kept whole in float64
         # it was twice the size of the logits
         for index, (name, lm) in enumerate(others.items()):
-            logits = lm.logits(window_ids)
+            logits = lm.logits(window_ids, reuse=True)
             if logits.shape[-1] != vocab:
                 raise OnnxqError(f"the quantized model {name!r} has {logits.shape[-1]} logits per token, "
                                  f"the float model {vocab}")
