@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,26 @@ def make_session(model: Any, providers: list[str] | None = None, *, reuse_buffer
         raise OnnxqError(f"onnxruntime cannot load {where}: {str(exc).strip().splitlines()[0]}") from None
 
 
+def run_into(session: Any, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
+             out: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run ``session`` on ``inputs`` for ``outputs`` through an IO binding, the outputs named in ``out``
+    written into those caller-owned C-contiguous arrays (of the exact shape and dtype the run gives)
+    and returned as them; the others as onnxruntime allocates them. A large output (an LM's logits)
+    then reuses memory already mapped instead of fresh pages each run."""
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    for name, value in inputs.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name in outputs:
+        if name in out:
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(out[name]))
+        else:
+            binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    return [out[name] if name in out else value.numpy() for name, value in zip(outputs, binding.get_outputs())]
+
+
 class LMSession:
     """A causal-LM session with its input filler and logits output.
 
@@ -94,20 +115,13 @@ class LMSession:
         batch, seq = ids.shape
         feed = self.filler.feed(ids)
         buffer = self._reused if reuse and self._reused is not None and self._reused.shape[:2] == (batch, seq) else None
-        if buffer is None:
-            (logits,) = self.session.run([self.output], feed)
-            self.check_logits(logits, batch, seq)
-            if reuse:
-                self._reused = logits
-            return logits
-        import onnxruntime as ort
-
-        binding = self.session.io_binding()
-        for name, value in feed.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        binding.bind_ortvalue_output(self.output, ort.OrtValue.ortvalue_from_numpy(buffer))
-        self.session.run_with_iobinding(binding)
-        return buffer
+        if buffer is not None:
+            return run_into(self.session, feed, [self.output], {self.output: buffer})[0]
+        (logits,) = self.session.run([self.output], feed)
+        self.check_logits(logits, batch, seq)
+        if reuse:
+            self._reused = logits
+        return logits
 
     def check_logits(self, logits: np.ndarray, batch: int, seq: int) -> None:
         """Raise OnnxqError unless ``logits`` is ``[batch, seq, vocab]``."""

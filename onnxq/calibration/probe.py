@@ -32,6 +32,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxq.calibration.accumulators import Accumulator
+from onnxq.calibration.lm_session import run_into
 from onnxq.calibration.readers import iter_feeds
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model
@@ -130,10 +131,8 @@ class ProbeSpec:
             out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """``{tensor name: array}`` for one feed holding the session inputs and passed-through names.
 
-        ``out``: caller-owned C-contiguous arrays, by output name, of the exact shape and dtype the
-        run produces; onnxruntime writes those outputs into them (returned as the same arrays). A
-        large output (an LM's logits) then reuses memory already mapped instead of fresh pages
-        each run.
+        ``out``: caller-owned arrays, by output name, that onnxruntime writes those outputs into
+        (:func:`~onnxq.calibration.lm_session.run_into`); returned as the same arrays.
         """
         result = {name: np.asarray(feed[name]) for name in self.passthrough}
         if self.outputs:
@@ -141,29 +140,12 @@ class ProbeSpec:
                 self._session = self._build()
             inputs = {n: feed[n] for n in self.session_inputs}
             try:
-                if out:
-                    result.update(self._run_into(inputs, out))
-                else:
-                    result.update(zip(self.outputs, self._session.run(list(self.outputs), inputs)))
+                arrays = (run_into(self._session, inputs, self.outputs, out) if out
+                          else self._session.run(list(self.outputs), inputs))
             except Exception as exc:  # onnxruntime raises several types; e.g. token ids beyond the vocabulary
                 raise OnnxqError(f"onnxruntime failed on a calibration sample: {str(exc).splitlines()[0]}") from None
+            result.update(zip(self.outputs, arrays))
         return {name: result[name] for name in self.tensor_names}
-
-    def _run_into(self, inputs: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One run through an IO binding: the outputs named in ``out`` written into those arrays."""
-        import onnxruntime as ort
-
-        binding = self._session.io_binding()
-        for name, value in inputs.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in self.outputs:
-            if name in out:
-                binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(out[name]))
-            else:
-                binding.bind_output(name, "cpu")
-        self._session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        return {name: out[name] if name in out else value.numpy() for name, value in zip(self.outputs, values)}
 
 
 class ActivationProbe:

@@ -426,7 +426,7 @@ def decode_check(model: ModelLike, token_ids: np.ndarray, *, prefill: int | None
         raise OnnxqError(f"the decode check needs prefill >= 1 and steps >= 1 within {ids.shape[1]} tokens, "
                          f"got prefill={prefill}, steps={steps}")
     # the full forward's logits at the compared positions only, [steps + 1, vocab]: in float64 the whole
-    # [seq, vocab] was 537 MB on a 262k vocabulary, and converting it took 2.4 s (Gemma 3)
+    # [seq, vocab] was 537 MB on a 262k vocabulary, and converting it took up to 3.5 s (Gemma 3, fresh pages)
     reference = lm.logits(ids[:, :prefill + steps])[0, prefill - 1:].astype(np.float64)
     names = [lm.output] + [p.present for p in lm.filler.past]
     try:

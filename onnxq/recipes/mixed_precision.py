@@ -403,7 +403,6 @@ class _Measurement:
     def __init__(self, model, sites, groups, formats, fmt, output_name, loss_type, providers) -> None:
         self.model, self.groups, self.formats, self.fmt = model, groups, formats, fmt
         self.output_name, self.loss_type, self.providers = output_name, loss_type, providers
-        self.output_buffers: list[np.ndarray] = []  # per feed: the array measured runs write the output into
         self.blocks = find_blocks(model, sites)
         block_of = {id(site.node): block.index for block in self.blocks for site in block.sites}
         # a group whose weight another node also reads (a tied table's Gather, before the first block) runs
@@ -447,9 +446,9 @@ class _Measurement:
         del reference
         # each measured run writes the model's output into one reused array per shape: an LM's logits are
         # large (Gemma 3: 537 MB), and fresh pages for every run cost more than the loss computed on them
-        buffers: dict[tuple, np.ndarray] = {}
-        self.output_buffers = [buffers.setdefault((values[self.output_name].shape, values[self.output_name].dtype),
-                                                  np.empty_like(values[self.output_name])) for values in outputs]
+        by_shape: dict[tuple, np.ndarray] = {}
+        buffers = [by_shape.setdefault((values[self.output_name].shape, values[self.output_name].dtype),
+                                       np.empty_like(values[self.output_name])) for values in outputs]
         losses = [self.loss_type(values.pop(self.output_name)) for values in outputs]
         probes: dict[int, ActivationProbe] = {}
         order = sorted(range(len(self.groups)), key=lambda i: self.group_block[i])
@@ -462,15 +461,16 @@ class _Measurement:
                 probes.clear()  # one suffix session alive at a time
                 probes[block] = ActivationProbe(self.model, [self.output_name, *self._inputs_of(block)],
                                                 feed_names=self.cuts[block], providers=self.providers)
-            sensitivity[i] = self._group(group, probes[block], activations, feeds, outputs, losses, float_weights,
-                                         measure)
+            sensitivity[i] = self._group(group, probes[block], activations, feeds, outputs, losses, buffers,
+                                         float_weights, measure)
         return sensitivity
 
     def _inputs_of(self, block: int) -> list[str]:
         return [name for group, b in zip(self.groups, self.group_block) if b == block
                 for name in dict.fromkeys(site.activation.name for site in group)]
 
-    def _group(self, group, probe, activations, feeds, outputs, loss_fns, float_weights, measure) -> list[float]:
+    def _group(self, group, probe, activations, feeds, outputs, loss_fns, buffers, float_weights,
+               measure) -> list[float]:
         candidates = [c for c, candidate in enumerate(self.formats) if candidate.bits is not None]
         if not candidates:
             return [0.0] * len(self.formats)
@@ -484,7 +484,7 @@ class _Measurement:
             dequantized = self._dequantized(group, self.formats[c])
             replaced = {**float_weights, **{site.source.name: _stored(site, q) for site, q in zip(group, dequantized)}}
             values = []
-            for feed, reference, loss_fn, buffer in zip(feeds, outputs, loss_fns, self.output_buffers):
+            for feed, reference, loss_fn, buffer in zip(feeds, outputs, loss_fns, buffers):
                 cut = {name: reference[name] for name in probe.input_names if name in reference}
                 result = probe.run({**feed, **replaced, **cut}, out={self.output_name: buffer})
                 values.append(loss_fn(result[self.output_name]))
