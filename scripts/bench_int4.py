@@ -19,6 +19,7 @@ for every row. Each row is whole processes as a user runs them: quantize (wall t
 
     python scripts/bench_int4.py [--only NAME ...] [--windows 16] [--samples 32] [--seq-len 256] [--render]
     python scripts/bench_int4.py --model gemma3 --windows 8 --only "onnxq rtn" "onnxq gptq"
+    python scripts/bench_int4.py --windows 128 --eval-only --only "onnxq rtn" "onnxq gptq"  # a larger evaluation
 
 Appends one JSON line per run to ``models/real/smollm2_kv/int4/results.jsonl`` and writes
 ``docs/INT4_RESULTS.md`` (table, commands, targets; notes below the marker are kept), mirrored into README.md.
@@ -39,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -57,6 +60,8 @@ MODELS = {  # name -> (folder, float export, builder int4 export, report, README
 REAL, FLOAT, WORK = MODELS["smollm2"][0], MODELS["smollm2"][0] / "genai-fp32", MODELS["smollm2"][0] / "int4"
 MODEL = MODELS["smollm2"]
 MARKER = "\n<!-- notes below are kept when the script rewrites this file -->\n"
+DEFAULT_WINDOWS = 16  # the committed tables' evaluation; other counts go to results_wN.jsonl / report_wN.md
+WINDOW_SUMS = ("window_tokens", "window_nll_float", "window_nll_quant")  # per eval window, for intervals
 PY = sys.executable
 TORCH_PY = str(ROOT / ".venv-export" / "bin" / "python")
 ORT_TOOL = str(ROOT / "scripts" / "ort_tool_quantize.py")
@@ -222,6 +227,11 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
     if tool == "builder":
         out = REAL / MODEL[2]
         row |= {"quantize_s": None, "peak_rss_mib": None, "command": MODEL[6]}
+    elif args.eval_only:
+        if not (out / "model.onnx").exists():
+            raise SystemExit(f"--eval-only: {out} has no model.onnx; run {name!r} without --eval-only first")
+        earlier = _rows(WORK / "results.jsonl").get(name, {})
+        row |= {key: earlier.get(key) for key in ("quantize_s", "peak_rss_mib", "command")}
     else:
         subprocess.run(["rm", "-rf", str(out)], check=True)
         if tool == "onnxq":
@@ -237,23 +247,30 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
             tail = said[-1] if said else "no output"
             row["error"] = tail.strip()[:300]
             (out.parent / f"{out.name}.log").write_text(stdout + stderr)  # the whole output, for the cause
-            return _record(row)
-    report = out.with_name(out.name + ".eval.json")
+            return _record(row, args)
+    report = out.with_name(out.name + (".eval.json" if args.windows == DEFAULT_WINDOWS
+                                       else f".eval_w{args.windows}.json"))
     _, rss, _, stderr = _run([PY, "-m", "onnxq", "eval", str(_float_of(name)), str(out), "--data", str(eval_text),
                               "--context", "256", "--max-windows", str(args.windows), "--quiet", "--json",
                               str(report)])
     if rss != rss:
         row["error"] = "eval failed: " + (stderr.strip().splitlines() or [""])[-1][:300]
-        return _record(row)
+        return _record(row, args)
     values = json.loads(report.read_text())
     row |= {"ppl_float": values["ppl_float"], "ppl_quant": values["ppl_quant"], "kl": values["kl_mean"],
-            "top1": values["top1_agreement"], "size_mib": round(_size_mib(out), 1)}
-    return _record(row)
+            "top1": values["top1_agreement"], "size_mib": round(_size_mib(out), 1),
+            **{key: values[key] for key in WINDOW_SUMS if key in values}}
+    return _record(row, args)
 
 
-def _record(row: dict) -> dict:
-    print(json.dumps(row), flush=True)
-    with open(WORK / "results.jsonl", "a") as f:
+def _results(args: argparse.Namespace) -> Path:
+    """The results file of this window count: ``results.jsonl`` for the default 16, ``results_wN.jsonl`` else."""
+    return WORK / ("results.jsonl" if args.windows == DEFAULT_WINDOWS else f"results_w{args.windows}.jsonl")
+
+
+def _record(row: dict, args: argparse.Namespace) -> dict:
+    print(json.dumps({k: v for k, v in row.items() if not k.startswith("window_")}), flush=True)
+    with open(_results(args), "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
 
@@ -266,6 +283,31 @@ def _recovered(rows: dict, name: str) -> float | None:
         return None
     gap = rtn["ppl_quant"] - rtn["ppl_float"]
     return (rtn["ppl_quant"] - row["ppl_quant"]) / gap if gap > 0 else None
+
+
+def _recovered_interval(rows: dict, name: str) -> tuple[float, float] | None:
+    """95% paired bootstrap interval over the eval windows of the gap a row recovers (the row, onnxq rtn and
+    fp32 on the same resampled windows), when both rows carry per-window sums of the same windows."""
+    from onnxq.eval.metrics import percentile_interval, resampled_sums
+
+    row, rtn = rows.get(name), rows.get("onnxq rtn")
+    if _recovered(rows, name) is None or name == "onnxq rtn" or any(key not in r for r in (row, rtn)
+                                                                   for key in WINDOW_SUMS):
+        return None
+    if row["window_tokens"] != rtn["window_tokens"] or row["window_nll_float"] != rtn["window_nll_float"]:
+        return None
+    tokens = resampled_sums(row["window_tokens"])
+    ppl_float, ppl_rtn, ppl_row = (np.exp(resampled_sums(r[key]) / tokens) for r, key in (
+        (row, "window_nll_float"), (rtn, "window_nll_quant"), (row, "window_nll_quant")))
+    return percentile_interval((ppl_rtn - ppl_row) / (ppl_rtn - ppl_float))
+
+
+def _gap_cell(rows: dict, name: str) -> str:
+    gap = _recovered(rows, name)
+    if gap is None:
+        return "-"
+    interval = _recovered_interval(rows, name)
+    return f"{100 * gap:.0f}%" + ("" if interval is None else f" ({100 * interval[0]:.0f}..{100 * interval[1]:.0f}%)")
 
 
 def _table(rows: list[dict], args: argparse.Namespace) -> str:
@@ -282,7 +324,11 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         f"fp32 model sampled itself from its BOS at temperature 1{_generation_note(args)}; evaluation: {args.windows} x 256 tokens of Shakespeare (another domain), "
         "fp32 perplexity "
         f"{', '.join(sorted({f'{v:.3f}' for v in floats}))}; KL and top-1 against the fp32 model. 'gap' is the share "
-        "of onnxq RTN's perplexity gap to fp32 that a row recovers. Whole processes on 2 CPU cores shared with "
+        "of onnxq RTN's perplexity gap to fp32 that a row recovers"
+        + (" (in brackets, where the rows carry per-window sums: its 95% paired bootstrap interval over the "
+           "evaluation windows, the row, onnxq rtn and fp32 on the same resampled windows)"
+           if any(_recovered_interval(by_name, r["run"]) for r in rows) else "")
+        + ". Whole processes on 2 CPU cores shared with "
         "other jobs: times are indicative.",
         "",
         "| run | ppl | gap recovered | KL | top-1 | size MiB | quantize s | peak RSS MiB |",
@@ -293,9 +339,8 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
             lines.append(f"| {r['run']} | failed: {r['error'].replace('|', '/')} | | | | | "
                          f"{r.get('quantize_s') or '-'} | - |")
             continue
-        gap = _recovered(by_name, r["run"])
         lines.append(
-            f"| {r['run']} | {r['ppl_quant']:.3f} | {'-' if gap is None else f'{100 * gap:.0f}%'} | {r['kl']:.4f} "
+            f"| {r['run']} | {r['ppl_quant']:.3f} | {_gap_cell(by_name, r['run'])} | {r['kl']:.4f} "
             f"| {100 * r['top1']:.1f}% | {r['size_mib']:.1f} | {r['quantize_s'] or '-'} | "
             f"{r['peak_rss_mib'] or '-'} |")
     lines += ["", "Commands:", ""] + [f"* {r['run']}: `{r['command']}`" for r in rows]
@@ -326,11 +371,24 @@ def _restore(report: Path) -> None:
     (WORK / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
+def _rows(path: Path) -> dict[str, dict]:
+    """The last record of each run in a results file (none when it is missing)."""
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["run"]: row for row in rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=tuple(MODELS), default="smollm2", help="the LM (default smollm2)")
     parser.add_argument("--only", nargs="*", help="run names (default: all)")
-    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
+                        help=f"evaluation windows of 256 tokens (default {DEFAULT_WINDOWS}, the committed tables; "
+                             "another count writes results_wN.jsonl and WORK/report_wN.md, not docs/)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate the rows' existing output folders again (their quantize columns are "
+                             "taken from results.jsonl)")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--render", action="store_true", help="only rewrite the reports from results.jsonl")
@@ -344,10 +402,13 @@ def main() -> None:
     if not args.render:
         for name in args.only or RUNS:
             bench(name, args, calib, eval_text)
-    rows = [json.loads(line) for line in (WORK / "results.jsonl").read_text().splitlines() if line.strip()]
-    rows = list({row["run"]: row for row in rows if row["run"] in RUNS}.values())
+    rows = [row for row in _rows(_results(args)).values() if row["run"] in RUNS]
     rows.sort(key=lambda row: list(RUNS).index(row["run"]))
     table = _table(rows, args)
+    if args.windows != DEFAULT_WINDOWS:
+        (WORK / f"report_w{args.windows}.md").write_text(table)
+        print(table)
+        return
     write_keeping_notes(ROOT / "docs" / MODEL[3], table, MARKER)
     lines = table.splitlines()
     mirror_into_readme(ROOT / "README.md", f"<!-- {MODEL[4]}:begin -->", f"<!-- {MODEL[4]}:end -->",

@@ -6,6 +6,7 @@ and cosines directly, so the windowing and scoring of onnxq.eval.metrics are che
 reused.
 """
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -24,7 +25,10 @@ from onnxq.eval.metrics import (
     compare_lms,
     lm_windows,
     log_softmax,
+    percentile_interval,
     perplexity,
+    perplexity_increase_interval,
+    resampled_sums,
 )
 from onnxq.errors import OnnxqError
 from tests.graphs import matmul_model, weight
@@ -135,6 +139,11 @@ def test_quantized_model_kl_matches_numpy(models):
     assert result.top1_agreement == pytest.approx(np.mean(agree))
     assert result.ppl_float == pytest.approx(np.exp(np.mean(nll_f)), rel=1e-6)
     assert result.ppl_quant == pytest.approx(np.exp(np.mean(nll_q)), rel=1e-6)
+    # per window, in window order: 31 scored tokens each
+    assert result.window_tokens == (31, 31, 31)
+    np.testing.assert_allclose(result.window_nll_float, np.reshape(nll_f, (3, 31)).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(result.window_nll_quant, np.reshape(nll_q, (3, 31)).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(result.window_kl, np.reshape(kl, (3, 31)).sum(1), rtol=1e-5)
 
 
 def test_compare_lms_equals_separate_comparisons(models):
@@ -144,6 +153,40 @@ def test_compare_lms_equals_separate_comparisons(models):
         alone = compare_lm(models["float"], models[key], ids, context=32)
         assert both[name].kl_mean == pytest.approx(alone.kl_mean, rel=1e-9)
         assert both[name].ppl_quant == pytest.approx(alone.ppl_quant, rel=1e-9)
+
+
+def test_bootstrap_spread_of_a_mean_is_the_textbook_standard_error():
+    """The bootstrap standard error of a mean of W values is sqrt(sum (x - mean)^2) / W (Efron & Tibshirani,
+    An Introduction to the Bootstrap, eq. 5.11): resampled sums / W must spread that much."""
+    values = np.random.default_rng(0).gamma(2.0, 3.0, size=50)
+    means = resampled_sums(values, resamples=20000, seed=1) / len(values)
+    expected = np.sqrt(((values - values.mean()) ** 2).sum()) / len(values)
+    assert means.std() == pytest.approx(expected, rel=0.03)
+    assert means.mean() == pytest.approx(values.mean(), rel=0.01)
+    low, high = percentile_interval(means, 0.95)
+    assert low < values.mean() < high and high - low == pytest.approx(2 * 1.96 * expected, rel=0.1)
+
+
+def test_resamples_are_paired_across_arrays_of_the_same_windows():
+    tokens = np.array([10, 20, 30, 40.0])
+    # the same draws for every array of 4 windows: a multiple of the token counts stays that multiple
+    np.testing.assert_allclose(resampled_sums(3 * tokens, seed=5), 3 * resampled_sums(tokens, seed=5))
+    assert not np.allclose(resampled_sums(tokens, seed=5), resampled_sums(tokens, seed=6))
+    with pytest.raises(OnnxqError, match="non-empty 1-D"):
+        resampled_sums([])
+
+
+def test_perplexity_increase_interval(models):
+    ids = _ids(256, seed=8)
+    same = compare_lm(models["float"], models["float"], ids, context=32)
+    assert perplexity_increase_interval(same) == (0.0, 0.0)
+    result = compare_lm(models["float"], models["q4"], ids, context=32)
+    low, high = perplexity_increase_interval(result)
+    assert result.windows == 8 and low < result.ppl_quant / result.ppl_float - 1 < high and low < high
+    narrow = perplexity_increase_interval(result, 0.5)
+    assert low <= narrow[0] < narrow[1] <= high
+    with pytest.raises(OnnxqError, match="no per-window sums"):
+        perplexity_increase_interval(dataclasses.replace(result, window_tokens=()))
 
 
 def test_chunks_of_positions_give_the_same_metrics(models, monkeypatch):
@@ -235,6 +278,10 @@ def test_cli_lm_table_and_json(models, tmp_path, capsys):
     expected = compare_lm(models["float"], models["q4"], ids, context=64, max_windows=2)
     assert values["kind"] == "lm" and values["tokens"] == expected.tokens == 126
     assert values["kl_mean"] == pytest.approx(expected.kl_mean) and values["ppl_quant"] == pytest.approx(expected.ppl_quant)
+    assert values["window_tokens"] == [63, 63] and len(values["window_nll_quant"]) == 2
+    low, high = values["ppl_increase_interval"]
+    assert low <= values["ppl_quant"] / values["ppl_float"] - 1 <= high
+    assert f"95% interval over windows {100 * low:+.2f}% .. {100 * high:+.2f}%" in printed
 
 
 @pytest.mark.parametrize("case, message", [

@@ -5,7 +5,9 @@ Two kinds of evaluation (:mod:`onnxq.eval.metrics`):
 * ``lm``: causal LMs (``input_ids -> logits``): perplexity of both models, mean
   ``KL(p_float || p_quant)`` per token and top-1 agreement, on windows of
   ``--context`` tokens of ``--data`` (a ``.npy`` of token ids, or a text file
-  tokenized by ``--tokenizer``).
+  tokenized by ``--tokenizer``). With two or more windows the quantized perplexity's
+  increase gets a 95% paired bootstrap interval over the windows, and ``--json`` holds
+  the per-window sums (``window_*``) for intervals of other statistics.
 * ``embedding``: encoders: cosine similarity of ``--output`` (default
   ``sentence_embedding``) per vector. ``--data`` is a text file (one sample per
   non-empty line, tokenized by ``--tokenizer``, at most ``--max-tokens`` ids each)
@@ -35,6 +37,8 @@ from onnxq.io import load_model
 __all__ = ["add_parser", "run"]
 
 _DECODE_STEPS = 16  # tokens decoded one at a time by the KV-cache check (after a prefill of the rest)
+_LEVEL = 0.95  # of the perplexity increase's bootstrap interval over windows
+_MIN_WINDOWS_FOR_INTERVAL = 2  # one window has nothing to resample
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -126,7 +130,8 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
-    from onnxq.eval.metrics import compare_embeddings, compare_lm, decode_check, make_session  # onnxruntime: on run
+    from onnxq.eval.metrics import (  # onnxruntime: on run
+        compare_embeddings, compare_lm, decode_check, make_session, perplexity_increase_interval)
 
     float_model = _model_file(args.float_model, "float model")
     quant_model = _model_file(args.quant_model, "quantized model")
@@ -143,6 +148,8 @@ def _evaluate(args: argparse.Namespace) -> dict:
         result = compare_lm(float_model, quant_model, ids, context=args.context, stride=args.stride,
                             max_windows=args.max_windows, batch=args.batch, progress=progress, bos=bos)
         values = {"kind": kind, **vars(result), "bos": bos}
+        if result.windows >= _MIN_WINDOWS_FOR_INTERVAL:
+            values["ppl_increase_interval"] = perplexity_increase_interval(result, _LEVEL)
         if any(v.name.startswith("past_key_values.") for v in graph.inputs):
             window = np.asarray(ids).reshape(-1)[:args.context]  # prefill + decode through the KV cache
             steps = min(_DECODE_STEPS, len(window) - 1)
@@ -165,7 +172,8 @@ def _format(values: dict) -> str:
     if values["kind"] == "lm":
         rows = [("perplexity, float", f"{values['ppl_float']:.4f}"),
                 ("perplexity, quantized", f"{values['ppl_quant']:.4f} "
-                                          f"({100 * (values['ppl_quant'] / values['ppl_float'] - 1):+.2f}%)"),
+                                          f"({100 * (values['ppl_quant'] / values['ppl_float'] - 1):+.2f}%"
+                                          + _interval(values) + ")"),
                 ("KL(float || quant), nats/token", f"{values['kl_mean']:.5f}"),
                 ("top-1 agreement", f"{100 * values['top1_agreement']:.2f}%"),
                 ("scored tokens", f"{values['tokens']} in {values['windows']} windows of {values['context']}"
@@ -185,6 +193,13 @@ def _format(values: dict) -> str:
                 ("vectors", str(values["vectors"]))]
     rows.append(("time", f"{values['seconds']:.1f} s"))
     return _table(rows)
+
+
+def _interval(values: dict) -> str:
+    if "ppl_increase_interval" not in values:
+        return ""
+    low, high = values["ppl_increase_interval"]
+    return f"; {100 * _LEVEL:.0f}% interval over windows {100 * low:+.2f}% .. {100 * high:+.2f}%"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +56,10 @@ __all__ = [
     "lm_windows",
     "log_softmax",
     "make_session",
+    "percentile_interval",
     "perplexity",
+    "perplexity_increase_interval",
+    "resampled_sums",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,6 +91,9 @@ class LMComparison:
         kl_mean: mean over scored tokens of ``KL(p_float || p_quant)`` (nats).
         top1_agreement: fraction of scored tokens where both models' most likely next token agree.
         tokens, windows: scored tokens and windows.
+        window_tokens, window_nll_float, window_nll_quant, window_kl: per window, in window order, its
+            scored tokens and the sums over them of both models' NLL and of the KL (nats): what
+            :func:`resampled_sums` draws from for an interval over windows.
     """
 
     ppl_float: float
@@ -98,6 +104,10 @@ class LMComparison:
     top1_agreement: float
     tokens: int
     windows: int
+    window_tokens: tuple[int, ...] = ()
+    window_nll_float: tuple[float, ...] = ()
+    window_nll_quant: tuple[float, ...] = ()
+    window_kl: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -281,19 +291,75 @@ def perplexity(
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=tokens, windows=len(windows))
 
 
+def resampled_sums(per_window: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """Sums of ``per_window [W]`` over bootstrap resamples of the windows -> ``[resamples]`` float64.
+
+    Each resample draws ``W`` windows with replacement (the bootstrap: Efron, "Bootstrap methods: another
+    look at the jackknife", 1979). The draws depend only on ``(W, resamples, seed)``: arrays over the same
+    windows (token counts, two models' NLL sums) resampled with the same seed are resampled together, so a
+    statistic computed from them is paired, window for window.
+
+    Raises:
+        OnnxqError: ``per_window`` empty or not 1-D, or ``resamples < 1``.
+    """
+    values = np.asarray(per_window, dtype=np.float64)
+    if values.ndim != 1 or not len(values):
+        raise OnnxqError(f"per-window values must be a non-empty 1-D sequence, got shape {values.shape}")
+    if not (isinstance(resamples, int) and resamples >= 1):
+        raise OnnxqError(f"resamples must be a positive integer, got {resamples!r}")
+    draws = np.random.default_rng(seed).multinomial(len(values), np.full(len(values), 1 / len(values)),
+                                                    size=resamples)
+    return draws @ values
+
+
+def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap ``samples [R]``: their ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles (the percentile interval)."""
+    low, high = np.quantile(np.asarray(samples, dtype=np.float64), [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def perplexity_increase_interval(result: LMComparison, level: float = 0.95, *, resamples: int = 2000,
+                                 seed: int = 0) -> tuple[float, float]:
+    """Interval over windows of ``ppl_quant / ppl_float - 1`` (paired bootstrap: both models' NLL on the same
+    resampled windows, :func:`resampled_sums`).
+
+    Raises:
+        OnnxqError: ``result`` without per-window sums.
+    """
+    if not result.window_tokens:
+        raise OnnxqError("this comparison has no per-window sums to resample")
+    tokens = resampled_sums(result.window_tokens, resamples=resamples, seed=seed)
+    nll_float = resampled_sums(result.window_nll_float, resamples=resamples, seed=seed)
+    nll_quant = resampled_sums(result.window_nll_quant, resamples=resamples, seed=seed)
+    return percentile_interval(np.expm1((nll_quant - nll_float) / tokens), level)
+
+
 class _Tally:
-    """Running sums for one quantized model."""
+    """Sums for one quantized model: NLL and KL of the open window (``nll``, ``kl``), per closed window,
+    and top-1 agreements over all."""
 
     def __init__(self) -> None:
         self.nll = 0.0
         self.kl = 0.0
         self.agree = 0
+        self.window_nll: list[float] = []
+        self.window_kl: list[float] = []
 
-    def result(self, nll_float: float, tokens: int, windows: int) -> LMComparison:
-        nll_quant = self.nll / tokens
+    def close_window(self) -> None:
+        """Record the open window's sums and start the next window at zero."""
+        self.window_nll.append(self.nll)
+        self.window_kl.append(self.kl)
+        self.nll = self.kl = 0.0
+
+    def result(self, window_nll_float: list[float], window_tokens: list[int]) -> LMComparison:
+        tokens = sum(window_tokens)
+        nll_float, nll_quant = math.fsum(window_nll_float) / tokens, math.fsum(self.window_nll) / tokens
         return LMComparison(ppl_float=math.exp(nll_float), ppl_quant=math.exp(nll_quant), nll_float=nll_float,
-                            nll_quant=nll_quant, kl_mean=self.kl / tokens, top1_agreement=self.agree / tokens,
-                            tokens=tokens, windows=windows)
+                            nll_quant=nll_quant, kl_mean=math.fsum(self.window_kl) / tokens,
+                            top1_agreement=self.agree / tokens, tokens=tokens, windows=len(window_tokens),
+                            window_tokens=tuple(window_tokens), window_nll_float=tuple(window_nll_float),
+                            window_nll_quant=tuple(self.window_nll), window_kl=tuple(self.window_kl))
 
 
 def compare_lms(
@@ -329,7 +395,8 @@ def compare_lms(
     reference = LMSession(float_model, providers, "float")
     others = {name: LMSession(model, providers, f"quantized ({name})") for name, model in quant_models.items()}
     tallies = {name: _Tally() for name in others}
-    nll_float, tokens = 0.0, 0
+    window_nll_float: list[float] = []
+    window_tokens: list[int] = []
     for group in _wrap(progress, _batches(windows, batch), "compare", math.ceil(len(windows) / batch)):
         window_ids = _window_ids(ids, group, context, bos)
         float_logits = reference.logits(window_ids, reuse=True)  # each session's array is written over per window
@@ -345,11 +412,11 @@ def compare_lms(
             for (float_rows, targets), (quant_rows, _) in zip(float_scored, _scored(logits, window_ids, group,
                                                                                     context)):
                 nll = _compare_rows(tallies[name], float_rows, quant_rows, targets)
+                tallies[name].close_window()
                 if index == 0:
-                    nll_float += nll
-                    tokens += len(targets)
-    nll_float /= tokens
-    return {name: tally.result(nll_float, tokens, len(windows)) for name, tally in tallies.items()}
+                    window_nll_float.append(nll)
+                    window_tokens.append(len(targets))
+    return {name: tally.result(window_nll_float, window_tokens) for name, tally in tallies.items()}
 
 
 def compare_lm(
