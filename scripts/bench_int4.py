@@ -317,7 +317,9 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         "# int4 on a real LM: onnxq, onnxruntime's tool and the GenAI builder side by side",
         "",
         f"`python scripts/bench_int4.py{'' if args.model == 'smollm2' else ' --model ' + args.model} "
-        f"--windows {args.windows} --samples {args.samples} --seq-len {args.seq_len}`. "
+        f"--windows {args.windows} --samples {args.samples} --seq-len {args.seq_len}"
+        f"{' --eval-only' if args.eval_only else ''}`"
+        + (" (the quantize columns are the rows' runs in results.jsonl)" if args.eval_only else "") + ". "
         f"{MODEL[5]}, int4 block 128 symmetric unless a row says otherwise; "
         f"calibration: {args.samples} x {args.seq_len} tokens of pydoc text (onnxruntime's GPTQ: 8 samples, it is "
         f"slow), or, in the rows marked '{SELF[2:]}', {args.samples} sequences of {args.seq_len} tokens that the "
