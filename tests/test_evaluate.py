@@ -174,6 +174,8 @@ def test_resamples_are_paired_across_arrays_of_the_same_windows():
     assert not np.allclose(resampled_sums(tokens, seed=5), resampled_sums(tokens, seed=6))
     with pytest.raises(OnnxqError, match="non-empty 1-D"):
         resampled_sums([])
+    with pytest.raises(OnnxqError, match=r"level must be in \(0, 1\)"):
+        percentile_interval(tokens, 95)
 
 
 def test_perplexity_increase_interval(models):

@@ -7,6 +7,9 @@
   ``KL(p_float || p_quant)`` (nats) and the top-1 agreement of the next-token
   predictions. Windows are streamed: at most one batch of logits per model is held.
 * :func:`compare_embeddings`: cosine similarity of an encoder's output vectors.
+* :func:`resampled_sums`, :func:`percentile_interval`, :func:`perplexity_increase_interval`:
+  how sure a comparison is, by a paired bootstrap over its windows (the per-window sums that
+  :class:`LMComparison` keeps).
 
 Windows (:func:`lm_windows`): the stream of ``T`` tokens is cut into windows of
 ``context`` tokens starting every ``stride`` tokens (default ``stride = context``:
@@ -314,7 +317,13 @@ def resampled_sums(per_window: Sequence[float], *, resamples: int = 2000, seed: 
 
 def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """The central ``level`` interval of bootstrap ``samples [R]``: their ``(1 - level) / 2`` and
-    ``(1 + level) / 2`` quantiles (the percentile interval)."""
+    ``(1 + level) / 2`` quantiles (the percentile interval).
+
+    Raises:
+        OnnxqError: ``level`` outside ``(0, 1)``.
+    """
+    if not 0 < level < 1:
+        raise OnnxqError(f"level must be in (0, 1), got {level!r}")
     low, high = np.quantile(np.asarray(samples, dtype=np.float64), [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
 
