@@ -152,12 +152,17 @@ def _chunks(positions: int, vocab: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, positions, step)]
 
 
+def _target_nll(shifted: np.ndarray, lse: np.ndarray, targets: np.ndarray) -> float:
+    """``sum_t -log softmax[t, targets[t]]`` from :func:`_shift`'s ``x - max`` ``[n, vocab]`` and ``lse [n]``."""
+    return float((lse - shifted[np.arange(len(targets)), targets]).sum())
+
+
 def _nll_sum(rows: np.ndarray, targets: np.ndarray) -> float:
     """``sum_t -log softmax(rows[t])[targets[t]]`` for logits ``rows: [n, vocab]``, a chunk at a time."""
     total = 0.0
     for part in _chunks(len(targets), rows.shape[-1]):
         shifted, _, lse = _shift(rows[part])
-        total += float((lse - shifted[np.arange(len(shifted)), targets[part]]).sum())
+        total += _target_nll(shifted, lse, targets[part])
     return total
 
 
@@ -166,16 +171,15 @@ def _compare_rows(tally: "_Tally", float_rows: np.ndarray, quant_rows: np.ndarra
     returns the float model's NLL sum over the same rows. A chunk of positions at a time."""
     nll_float = 0.0
     for part in _chunks(len(targets), float_rows.shape[-1]):
-        rows = np.arange(len(targets[part]))
         shifted, p, lse = _shift(float_rows[part])
-        nll_float += float((lse - shifted[rows, targets[part]]).sum())
+        nll_float += _target_nll(shifted, lse, targets[part])
         p /= p.sum(axis=-1, keepdims=True)  # softmax
         p_sum = p.sum(axis=-1)
         # sum_v p log p, with log p = shifted - lse (no [n, vocab] temporary)
         p_log_p = np.einsum("ij,ij->i", p, shifted) - lse * p_sum
         top = shifted.argmax(axis=-1)
         shifted, _, lse = _shift(quant_rows[part])
-        tally.nll += float((lse - shifted[rows, targets[part]]).sum())
+        tally.nll += _target_nll(shifted, lse, targets[part])
         # KL(p || q) = sum p log p - sum p log q, log q = shifted - lse
         tally.kl += float((p_log_p - (np.einsum("ij,ij->i", p, shifted) - lse * p_sum)).sum())
         tally.agree += int((top == shifted.argmax(axis=-1)).sum())
