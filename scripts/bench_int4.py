@@ -18,7 +18,7 @@ for every row. Each row is whole processes as a user runs them: quantize (wall t
   for what each tool does with a tied embedding.
 
     python scripts/bench_int4.py [--only NAME ...] [--windows 16] [--samples 32] [--seq-len 256] [--render]
-    python scripts/bench_int4.py --model gemma3 --windows 8 --only "onnxq rtn" "onnxq gptq"
+    python scripts/bench_int4.py --model gemma3 --only "onnxq rtn" "onnxq gptq"   # its table: 8 windows
     python scripts/bench_int4.py --windows 128 --eval-only --only "onnxq rtn" "onnxq gptq"  # a larger evaluation
 
 Appends one JSON line per run to ``models/real/smollm2_kv/int4/results.jsonl`` and writes
@@ -60,7 +60,8 @@ MODELS = {  # name -> (folder, float export, builder int4 export, report, README
 REAL, FLOAT, WORK = MODELS["smollm2"][0], MODELS["smollm2"][0] / "genai-fp32", MODELS["smollm2"][0] / "int4"
 MODEL = MODELS["smollm2"]
 MARKER = "\n<!-- notes below are kept when the script rewrites this file -->\n"
-DEFAULT_WINDOWS = 16  # the committed tables' evaluation; other counts go to results_wN.jsonl / report_wN.md
+TABLE_WINDOWS = {"smollm2": 16, "gemma3": 8}  # the committed tables' evaluation; other counts go to
+# results_wN.jsonl / report_wN.md
 WINDOW_SUMS = ("window_tokens", "window_nll_float", "window_nll_quant")  # per eval window, for intervals
 PY = sys.executable
 TORCH_PY = str(ROOT / ".venv-export" / "bin" / "python")
@@ -132,6 +133,9 @@ RUNS: dict[str, tuple[str, list]] = {
         "--candidates", "int4_b32,int8_b128", "--mp-samples", "2", GEN]),
     "onnxq awq+k_quant, mixed 4.8 effective bits, int4 block 32" + SELF: ("onnxq", [
         "--block-size", "32", "--accuracy-level", "0", "--algo", "awq+k_quant", "--effective-bits", "4.8",
+        "--candidates", "int4_b32,int8_b128", "--mp-samples", "2", GEN]),
+    "onnxq awq+gptq, mixed 4.8 effective bits, int4 block 32" + SELF: ("onnxq", [
+        "--block-size", "32", "--accuracy-level", "0", "--algo", "awq+gptq", "--effective-bits", "4.8",
         "--candidates", "int4_b32,int8_b128", "--mp-samples", "2", GEN]),
     # the builder's int4 file stores 5.0 bits per weight (block 32, float32 scales): a plan no larger than it
     "onnxq gptq, mixed at the builder's size (4.99 stored bits)" + SELF: ("onnxq", [
@@ -248,8 +252,7 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
             row["error"] = tail.strip()[:300]
             (out.parent / f"{out.name}.log").write_text(stdout + stderr)  # the whole output, for the cause
             return _record(row, args)
-    report = out.with_name(out.name + (".eval.json" if args.windows == DEFAULT_WINDOWS
-                                       else f".eval_w{args.windows}.json"))
+    report = out.with_name(out.name + (".eval.json" if _table_windows(args) else f".eval_w{args.windows}.json"))
     _, rss, _, stderr = _run([PY, "-m", "onnxq", "eval", str(_float_of(name)), str(out), "--data", str(eval_text),
                               "--context", "256", "--max-windows", str(args.windows), "--quiet", "--json",
                               str(report)])
@@ -263,9 +266,15 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
     return _record(row, args)
 
 
+def _table_windows(args: argparse.Namespace) -> bool:
+    """Whether this run evaluates on the committed table's windows (TABLE_WINDOWS)."""
+    return args.windows == TABLE_WINDOWS[args.model]
+
+
 def _results(args: argparse.Namespace) -> Path:
-    """The results file of this window count: ``results.jsonl`` for the default 16, ``results_wN.jsonl`` else."""
-    return WORK / ("results.jsonl" if args.windows == DEFAULT_WINDOWS else f"results_w{args.windows}.jsonl")
+    """The results file of this window count: ``results.jsonl`` for the committed table's, ``results_wN.jsonl``
+    for another."""
+    return WORK / ("results.jsonl" if _table_windows(args) else f"results_w{args.windows}.jsonl")
 
 
 def _record(row: dict, args: argparse.Namespace) -> dict:
@@ -385,9 +394,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=tuple(MODELS), default="smollm2", help="the LM (default smollm2)")
     parser.add_argument("--only", nargs="*", help="run names (default: all)")
-    parser.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
-                        help=f"evaluation windows of 256 tokens (default {DEFAULT_WINDOWS}, the committed tables; "
-                             "another count writes results_wN.jsonl and WORK/report_wN.md, not docs/)")
+    parser.add_argument("--windows", type=int,
+                        help="evaluation windows of 256 tokens (default: the committed table's, "
+                             f"{', '.join(f'{n} for {m}' for m, n in TABLE_WINDOWS.items())}; another count "
+                             "writes results_wN.jsonl and WORK/report_wN.md, not docs/)")
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate the rows' existing output folders again (their quantize columns are "
                              "taken from results.jsonl)")
@@ -397,6 +407,7 @@ def main() -> None:
     parser.add_argument("--restore", action="store_true",
                         help="first rebuild a missing results.jsonl from the committed report (docs/...)")
     args = parser.parse_args()
+    args.windows = args.windows or TABLE_WINDOWS[args.model]
     _select(args.model)
     if args.restore and not (WORK / "results.jsonl").exists():
         _restore(ROOT / "docs" / MODEL[3])
@@ -407,7 +418,7 @@ def main() -> None:
     rows = [row for row in _rows(_results(args)).values() if row["run"] in RUNS]
     rows.sort(key=lambda row: list(RUNS).index(row["run"]))
     table = _table(rows, args)
-    if args.windows != DEFAULT_WINDOWS:
+    if not _table_windows(args):
         (WORK / f"report_w{args.windows}.md").write_text(table)
         print(table)
         return
