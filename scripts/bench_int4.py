@@ -234,7 +234,8 @@ def bench(name: str, args: argparse.Namespace, calib: Path, eval_text: Path) -> 
     elif args.eval_only:
         if not (out / "model.onnx").exists():
             raise SystemExit(f"--eval-only: {out} has no model.onnx; run {name!r} without --eval-only first")
-        earlier = _rows(WORK / "results.jsonl").get(name, {})
+        earlier = next((rows[name] for path in [WORK / "results.jsonl", *sorted(WORK.glob("results_w*.jsonl"))]
+                        if name in (rows := _rows(path))), {})
         row |= {key: earlier.get(key) for key in ("quantize_s", "peak_rss_mib", "command")}
     else:
         subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -328,7 +329,7 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         f"`python scripts/bench_int4.py{'' if args.model == 'smollm2' else ' --model ' + args.model} "
         f"--windows {args.windows} --samples {args.samples} --seq-len {args.seq_len}"
         f"{' --eval-only' if args.eval_only else ''}`"
-        + (" (the quantize columns are the rows' runs in results.jsonl)" if args.eval_only else "") + ". "
+        + (" (the quantize columns are the rows' earlier runs)" if args.eval_only else "") + ". "
         f"{MODEL[5]}, int4 block 128 symmetric unless a row says otherwise; "
         f"calibration: {args.samples} x {args.seq_len} tokens of pydoc text (onnxruntime's GPTQ: 8 samples, it is "
         f"slow), or, in the rows marked '{SELF[2:]}', {args.samples} sequences of {args.seq_len} tokens that the "
@@ -400,7 +401,7 @@ def main() -> None:
                              "writes results_wN.jsonl and WORK/report_wN.md, not docs/)")
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate the rows' existing output folders again (their quantize columns are "
-                             "taken from results.jsonl)")
+                             "taken from results.jsonl, else from a results_wN.jsonl)")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--render", action="store_true", help="only rewrite the reports from results.jsonl")
