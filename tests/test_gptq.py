@@ -10,6 +10,7 @@ import pytest
 
 from onnxq import OnnxqError
 from onnxq.algorithms import gptq_quantize_weight, gptq_solve
+from onnxq.algorithms.awq import awq_clip_search
 from onnxq.core import quantize_weight, quantize_with_params
 from tests.real_layers import output_error, real_layer
 
@@ -213,3 +214,34 @@ def test_scales_rounded_to_scale_dtype():
     np.testing.assert_array_equal(s, s.astype(np.float16).astype(np.float32))
     d = (w - res.qweight.dequantize()).astype(np.float64)
     np.testing.assert_allclose(res.loss, np.einsum("kn,kl,ln->n", d, h + res.damp * np.eye(len(h)), d), rtol=2e-4)
+
+
+def test_clip_search_picks_awqs_clip_ratios_on_the_same_objective():
+    """With H = x^T x, GPTQ's clip search minimises the same per-block output error as AWQ's clip search
+    on x (an independent implementation), so the static scales it starts from are AWQ's."""
+    w, x = real_layer("fc2")
+    x64 = x.astype(np.float64)
+    clipped = gptq_solve(w, x64.T @ x64, 4, 128, True, clip_search=True).qweight
+    awq = awq_clip_search(w, x, 4, 128, True)
+    same = np.isclose(clipped.scales, awq.scales, rtol=1e-6)
+    assert same.mean() > 0.99 and not np.allclose(awq.scales, quantize_weight(w, 4, 128, True).scales)
+
+
+@pytest.mark.parametrize("layer", ["q", "fc1", "fc2"])
+@pytest.mark.parametrize("bits,block_size,symmetric", [(4, 128, True), (4, 128, False), (3, 128, True)])
+def test_clip_search_lowers_held_out_error_on_real_layers(layer, bits, block_size, symmetric):
+    """Calibrated on half the rows, measured on the other half (as above): the clip search's scales give
+    GPTQ a lower output error (measured: 0.65-0.95x of GPTQ's without it)."""
+    w, x = real_layer(layer)
+    half = len(x) // 2
+    h = hessian(x[:half])
+    errors = [output_error(x[half:], w, gptq_solve(w, h, bits, block_size, symmetric, percdamp=0.1, act_order=True,
+                                                    hessian_shrink=0.5, clip_search=clip).qweight.dequantize())
+              for clip in (False, True)]
+    assert errors[1] < 0.97 * errors[0]
+
+
+def test_clip_search_needs_static_groups():
+    w, x = real_layer("q")
+    with pytest.raises(OnnxqError, match="needs static_groups"):
+        gptq_solve(w, hessian(x), 4, 32, True, static_groups=False, clip_search=True)

@@ -118,3 +118,39 @@ def test_gptq_algorithm_passes_float32_factor_to_the_solver():
         np.testing.assert_array_equal(solution.qweights[0].codes, direct.qweight.codes)
         codes[fast] = direct.qweight.codes
     assert (codes[False] != codes[True]).sum() > 0
+
+
+def test_cli_gptq_clip(tmp_path, capsys):
+    """--gptq-clip: the settings line says so, the block scales differ from those without it (for gptq:
+    clipped blocks are smaller in magnitude, none larger), onnxruntime runs the model; the same for awq+gptq; refused with dynamic groups."""
+    import onnx
+    from onnx import numpy_helper
+
+    from onnxq.cli import main
+    from tests.graphs import run
+
+    model = Path(__file__).parents[1] / "models" / "example.onnx"
+    calib = tmp_path / "ids.npy"
+    np.save(calib, np.random.default_rng(0).integers(0, 512, 16 * 64).astype(np.int64))
+    ids = np.random.default_rng(1).integers(0, 512, (2, 16)).astype(np.int64)
+    for algo in ("gptq", "awq+gptq"):
+        scales = {}
+        for flag in ([], ["--gptq-clip"]):
+            out = tmp_path / f"{algo}{len(flag)}.onnx"
+            assert main(["quantize", str(model), str(out), "--algo", algo, "--calib-data", str(calib),
+                         "--seq-len", "64", *flag]) == 0
+            settings = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("onnxq:"))
+            assert ("GPTQ clip search" in settings) == bool(flag)
+            graph = onnx.load(out).graph
+            scales[bool(flag)] = np.concatenate([numpy_helper.to_array(t).ravel() for t in graph.initializer
+                                                 if t.name.endswith("_scales")])
+            assert np.isfinite(run(out, {"input_ids": ids})[0]).all()
+        assert not np.array_equal(scales[True], scales[False])
+        if algo == "gptq":  # static scales from the same weights (awq+gptq's input scales follow the calibration)
+            assert (np.abs(scales[True]) <= np.abs(scales[False]) * (1 + 1e-6)).all()
+    config = tmp_path / "dynamic.json"
+    config.write_text('{"gptq": {"static_groups": false, "clip_search": true}}')
+    refused = tmp_path / "refused.onnx"
+    assert main(["quantize", str(model), str(refused), "--algo", "gptq", "--calib-data", str(calib),
+                 "--seq-len", "64", "--config", str(config)]) == 2
+    assert "needs gptq.static_groups" in capsys.readouterr().err and not refused.exists()

@@ -5,7 +5,8 @@ sec. 3.2; :class:`onnxq.algorithms.awq.AWQThen`) picks per-input-channel scales 
 so that ``x @ W = (x / s) @ (s[:, None] * W)`` quantizes better. GPTQ (arXiv 2210.17323) then
 quantizes each ``s[:, None] * W_i`` against the Hessian of the input it will really see,
 ``x / s``: ``H' = D H D`` with ``D = diag(1 / s)``, ``H = 2/n X^T X``. The clip search of AWQ
-is not run: GPTQ's error feedback replaces it. ``alpha = 0`` (scales of one) is plain GPTQ.
+is not run (GPTQ's error feedback stands in for it), unless ``QuantConfig.gptq.clip_search``
+runs it on the scaled Hessian. ``alpha = 0`` (scales of one) is plain GPTQ.
 Options: ``QuantConfig.awq`` (``grid``, ``scale_search``, ``sample_rows``) and ``QuantConfig.gptq``.
 """
 from __future__ import annotations
@@ -39,4 +40,5 @@ class AWQThenGPTQ(AWQThen):
                                     percdamp=options.percdamp, lazy_batch=options.lazy_batch,
                                     act_order=options.act_order, static_groups=options.static_groups,
                                     mse_clip=settings.mse_clip, scale_dtype=scale_dtype,
-                                    hessian_shrink=options.hessian_shrink, float32_factor=options.float32_factor)
+                                    hessian_shrink=options.hessian_shrink, float32_factor=options.float32_factor,
+                                    clip_search=options.clip_search)

@@ -90,6 +90,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from onnxq.algorithms.awq import AWQ_CLIP_RATIOS
 from onnxq.algorithms.registry import Algorithm, SiblingGroup, Solution, register_algorithm
 from onnxq.core import ROUNDING_OFFSET, QuantizedWeight, check_quant_params, quantize_weight, relative_error
 from onnxq.errors import OnnxqError
@@ -131,6 +132,8 @@ class GPTQConfig:
         float32_factor: factor the shrunk Hessian in float32 (needs ``hessian_shrink >= 0.25``):
             1.3-1.7x faster solves on large K (docs/SPEED.md), perplexity 0.1-1.0% higher on the
             real LMs measured; off by default.
+        clip_search: each static group's clip ratio chosen on the block's output error through the
+            Hessian before the solve (:func:`gptq_solve`); off by default.
     """
 
     percdamp: float = 0.01
@@ -139,6 +142,7 @@ class GPTQConfig:
     static_groups: bool = True
     hessian_shrink: float = 0.5
     float32_factor: bool = False
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.percdamp, (int, float)) and 0 < self.percdamp < 1):
@@ -148,6 +152,8 @@ class GPTQConfig:
         if not (isinstance(self.hessian_shrink, (int, float)) and 0 <= self.hessian_shrink <= 1):
             raise OnnxqError(f"gptq.hessian_shrink must be in [0, 1], got {self.hessian_shrink!r}")
         _check_float32_factor(self.float32_factor, self.hessian_shrink, "gptq.")
+        if self.clip_search and not self.static_groups:
+            raise OnnxqError("gptq.clip_search sets the block scales up front: it needs gptq.static_groups")
 
 
 @dataclass(frozen=True)
@@ -336,6 +342,7 @@ def gptq_solve(
     blocksize: int | None = None,
     hessian_shrink: float = 0.0,
     float32_factor: bool = False,
+    clip_search: bool = False,
 ) -> GPTQResult:
     """Run GPTQ (arXiv 2210.17323, Algorithm 1) on one weight and return the result with diagnostics.
 
@@ -360,6 +367,10 @@ def gptq_solve(
             steer the error feedback are trusted less. ``1`` is RTN with the same scales; ``0`` the paper.
         float32_factor: the Cholesky factor in float32 (about twice as fast, half the memory; allowed
             from ``hessian_shrink >= 0.25``: see the module docstring).
+        clip_search: static groups only: each (output column, block)'s scale from the clip ratio in
+            :data:`~onnxq.algorithms.awq.AWQ_CLIP_RATIOS` whose round-to-nearest error ``d`` has the
+            least output error ``d^T H_bb d`` on the block's diagonal block of the (unshrunk) Hessian:
+            AWQ's clip search (arXiv 2306.00978, sec. 3.3) on GPTQ's own statistic, before the solve.
 
     Returns:
         :class:`GPTQResult`. Rows of K whose ``H_kk == 0`` (inputs that were always zero) are
@@ -368,6 +379,8 @@ def gptq_solve(
     lazy_batch = lazy_batch if blocksize is None else blocksize
     weight, hessian = _check_inputs(weight, hessian, bits, block_size, percdamp, lazy_batch, hessian_shrink)
     _check_float32_factor(float32_factor, hessian_shrink)
+    if clip_search and not static_groups:
+        raise OnnxqError("GPTQ's clip search sets the block scales up front: it needs static_groups")
     k, n = weight.shape
     bs = k if block_size == -1 else int(block_size)
     k_blocks = -(-k // bs)
@@ -402,7 +415,13 @@ def gptq_solve(
         np.divide(np.float32(1), block_scales[block], out=block_recips[block], where=block_scales[block] != 0)
         have_params[block] = True
 
-    if static_groups:
+    if static_groups and clip_search:
+        _set_clipped_params(padded, hessian, dead, bits, bs, symmetric, scale_dtype, scales, zero_points)
+        block_scales[:] = scales.T
+        block_zps[:] = zero_points.T
+        np.divide(np.float32(1), block_scales, out=block_recips, where=block_scales != 0)
+        have_params[:] = True
+    elif static_groups:
         set_params(slice(0, k_blocks), padded)
 
     if act_order:
@@ -503,6 +522,32 @@ def gptq_solve(
     return GPTQResult(qweight=qweight, loss=loss, damp=float(damp), order=order[:k].copy())
 
 
+def _set_clipped_params(padded: np.ndarray, hessian: np.ndarray, dead: np.ndarray, bits: int, bs: int,
+                        symmetric: bool, scale_dtype, scales: np.ndarray, zero_points: np.ndarray) -> None:
+    """Fill ``scales``/``zero_points [N, k_blocks]`` with each block's best clip ratio by output error
+    ``d^T H_bb d`` (``clip_search`` of :func:`gptq_solve`); ``padded: [kp, N]``, padded and dead rows zero."""
+    kp, n = padded.shape
+    k_blocks = kp // bs
+    k = hessian.shape[0]
+    operators = np.zeros((k_blocks, bs, bs), dtype=np.float32)  # diagonal blocks of H; padded rows: zero
+    for b in range(k_blocks):
+        lo, hi = b * bs, min(k, (b + 1) * bs)
+        operators[b, :hi - lo, :hi - lo] = hessian[lo:hi, lo:hi]
+    if dead.any():
+        rows = np.flatnonzero(dead)
+        operators[rows // bs, rows % bs, :] = 0.0
+        operators[rows // bs, :, rows % bs] = 0.0
+    best = np.full((k_blocks, n), np.inf, dtype=np.float32)
+    for ratio in AWQ_CLIP_RATIOS:
+        qw = quantize_weight(padded, bits, bs, symmetric, ratio=ratio, scale_dtype=scale_dtype)
+        d = (padded - qw.dequantize()).reshape(k_blocks, bs, n)
+        loss = (np.matmul(operators, d) * d).sum(axis=1)
+        better = loss < best  # strict: ratio 1.0 comes first and wins ties
+        best[better] = loss[better]
+        scales[better.T] = qw.scales[better.T]
+        zero_points[better.T] = qw.effective_zero_points()[better.T]
+
+
 def gptq_quantize_weight(
     weight: np.ndarray,
     hessian: np.ndarray,
@@ -519,6 +564,7 @@ def gptq_quantize_weight(
     blocksize: int | None = None,
     hessian_shrink: float = 0.0,
     float32_factor: bool = False,
+    clip_search: bool = False,
 ) -> QuantizedWeight:
     """GPTQ-quantize ``weight: [K, N]`` given ``hessian: [K, K] = 2/n X^T X`` (arXiv 2210.17323).
 
@@ -528,7 +574,7 @@ def gptq_quantize_weight(
     return gptq_solve(
         weight, hessian, bits, block_size, symmetric, percdamp=percdamp, lazy_batch=lazy_batch,
         blocksize=blocksize, act_order=act_order, static_groups=static_groups, mse_clip=mse_clip, scale_dtype=scale_dtype,
-        hessian_shrink=hessian_shrink, float32_factor=float32_factor,
+        hessian_shrink=hessian_shrink, float32_factor=float32_factor, clip_search=clip_search,
     ).qweight
 
 
@@ -549,7 +595,8 @@ class GPTQ(Algorithm):
                                  percdamp=options.percdamp, lazy_batch=options.lazy_batch,
                                  act_order=options.act_order, static_groups=options.static_groups,
                                  mse_clip=s.mse_clip, scale_dtype=group.scale_dtype,
-                                 hessian_shrink=options.hessian_shrink, float32_factor=options.float32_factor)
+                                 hessian_shrink=options.hessian_shrink, float32_factor=options.float32_factor,
+                                 clip_search=options.clip_search)
             for weight, s in zip(group.weights, group.settings)
         ]
         return Solution(qweights, [relative_error(w, q) for w, q in zip(group.weights, qweights)])

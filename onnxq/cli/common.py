@@ -99,7 +99,8 @@ def config_from(args: argparse.Namespace, defaults: Mapping[str, Any] | None = N
     nested = {
         "gptq": {"act_order": getattr(args, "act_order", None), "percdamp": getattr(args, "percdamp", None),
                  "hessian_shrink": getattr(args, "hessian_shrink", None),
-                 "float32_factor": getattr(args, "float32_factor", None)},
+                 "float32_factor": getattr(args, "float32_factor", None),
+                 "clip_search": getattr(args, "gptq_clip", None)},
         "awq": {"grid": getattr(args, "awq_grid", None),
                 "clip": False if getattr(args, "no_awq_clip", None) else None},
         "hqq": {"zero_point": getattr(args, "hqq_zero_point", None)},

@@ -82,6 +82,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     calib.add_argument("--float32-factor", action="store_true", default=None,
                        help="GPTQ: Cholesky factor in float32 (needs --hessian-shrink >= 0.25): 1.3-1.7x faster "
                             "solves on large K, perplexity 0.1-1%% higher on the LMs measured")
+    calib.add_argument("--gptq-clip", action="store_true", default=None,
+                       help="GPTQ: each block's clip ratio chosen on its output error through the Hessian before "
+                            "the solve (AWQ's clip search; lower KL on both real LMs, see docs/INT4_RESULTS.md)")
     calib.add_argument("--awq-grid", type=int, help="AWQ: alphas tried in [0, 1] (default 20)")
     calib.add_argument("--no-awq-clip", action="store_true", default=None, help="AWQ: skip the clip search")
     calib.add_argument("--steps", type=int, help="TEQ / AutoRound: optimisation steps per layer (default 200)")
@@ -217,6 +220,8 @@ def _describe(config: QuantConfig, calibrated: bool, samples: int | None) -> str
         extras += f", {config.calibration.samples if samples is None else samples} calibration samples ({mode})"
         if "gptq" in config.algorithm and config.gptq.float32_factor:
             extras += ", GPTQ float32 factor"
+        if "gptq" in config.algorithm and config.gptq.clip_search:
+            extras += ", GPTQ clip search"
     return (f"{config.algorithm} int{config.bits} {block} {scheme}, accuracy_level {config.accuracy_level}"
             f"{', mse clip' if config.mse_clip else ''}{extras}; {config.describe_embeddings()}")
 
