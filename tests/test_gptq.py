@@ -245,3 +245,17 @@ def test_clip_search_needs_static_groups():
     w, x = real_layer("q")
     with pytest.raises(OnnxqError, match="needs static_groups"):
         gptq_solve(w, hessian(x), 4, 32, True, static_groups=False, clip_search=True)
+
+
+def test_clip_search_in_column_chunks_is_the_same(monkeypatch):
+    """The clip search rounds a chunk of output columns at a time (bounded memory for an lm_head): 7 columns a
+    chunk, the last one partial, give the same scales and codes as one chunk."""
+    from onnxq.algorithms import gptq as gptq_module
+
+    w, x = real_layer("q")
+    h = hessian(x)
+    whole = gptq_solve(w, h, 4, 128, True, clip_search=True).qweight
+    monkeypatch.setattr(gptq_module, "_CLIP_COLUMNS", 7 * w.shape[0])
+    chunked = gptq_solve(w, h, 4, 128, True, clip_search=True).qweight
+    np.testing.assert_array_equal(chunked.scales, whole.scales)
+    np.testing.assert_array_equal(chunked.dequantize(), whole.dequantize())

@@ -405,22 +405,22 @@ def gptq_solve(
     block_recips = np.zeros((k_blocks, n), dtype=np.float32)
     have_params = np.zeros(k_blocks, dtype=bool)
 
-    def set_params(block: slice, rows: np.ndarray) -> None:
-        """Scales / zero points of ``block`` (a slice of block indices) from ``rows: [*, N]``."""
-        qw = quantize_weight(rows, bits, bs, symmetric, mse_clip=mse_clip, scale_dtype=scale_dtype)
-        scales[:, block] = qw.scales
-        zero_points[:, block] = qw.effective_zero_points()
+    def store_params(block: slice, block_scales_t: np.ndarray, block_zps_t: np.ndarray) -> None:
+        """Keep the scales / zero points ``[N, blocks]`` of ``block`` (a slice of block indices)."""
+        scales[:, block] = block_scales_t
+        zero_points[:, block] = block_zps_t
         block_scales[block] = scales[:, block].T
         block_zps[block] = zero_points[:, block].T
         np.divide(np.float32(1), block_scales[block], out=block_recips[block], where=block_scales[block] != 0)
         have_params[block] = True
 
+    def set_params(block: slice, rows: np.ndarray) -> None:
+        """Scales / zero points of ``block`` from ``rows: [*, N]`` (round-to-nearest, or MSE clip)."""
+        qw = quantize_weight(rows, bits, bs, symmetric, mse_clip=mse_clip, scale_dtype=scale_dtype)
+        store_params(block, qw.scales, qw.effective_zero_points())
+
     if static_groups and clip_search:
-        _set_clipped_params(padded, hessian, dead, bits, bs, symmetric, scale_dtype, scales, zero_points)
-        block_scales[:] = scales.T
-        block_zps[:] = zero_points.T
-        np.divide(np.float32(1), block_scales, out=block_recips, where=block_scales != 0)
-        have_params[:] = True
+        store_params(slice(0, k_blocks), *_output_clipped_params(padded, hessian, bits, bs, symmetric, scale_dtype))
     elif static_groups:
         set_params(slice(0, k_blocks), padded)
 
@@ -522,30 +522,36 @@ def gptq_solve(
     return GPTQResult(qweight=qweight, loss=loss, damp=float(damp), order=order[:k].copy())
 
 
-def _set_clipped_params(padded: np.ndarray, hessian: np.ndarray, dead: np.ndarray, bits: int, bs: int,
-                        symmetric: bool, scale_dtype, scales: np.ndarray, zero_points: np.ndarray) -> None:
-    """Fill ``scales``/``zero_points [N, k_blocks]`` with each block's best clip ratio by output error
-    ``d^T H_bb d`` (``clip_search`` of :func:`gptq_solve`); ``padded: [kp, N]``, padded and dead rows zero."""
+_CLIP_COLUMNS = 1 << 22  # elements of a [kp, columns] chunk the clip search rounds at once (16 MiB float32)
+
+
+def _output_clipped_params(padded: np.ndarray, hessian: np.ndarray, bits: int, bs: int, symmetric: bool,
+                           scale_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(scales, zero points)`` ``[N, k_blocks]`` of each block's best clip ratio by output error ``d^T H_bb d``
+    (``clip_search`` of :func:`gptq_solve`); ``padded: [kp, N]`` (padded rows zero, and zero in ``H_bb``), a
+    chunk of output columns at a time."""
     kp, n = padded.shape
-    k_blocks = kp // bs
-    k = hessian.shape[0]
-    operators = np.zeros((k_blocks, bs, bs), dtype=np.float32)  # diagonal blocks of H; padded rows: zero
+    k_blocks, k = kp // bs, hessian.shape[0]
+    operators = np.zeros((k_blocks, bs, bs), dtype=np.float32)  # the diagonal blocks of H
     for b in range(k_blocks):
         lo, hi = b * bs, min(k, (b + 1) * bs)
         operators[b, :hi - lo, :hi - lo] = hessian[lo:hi, lo:hi]
-    if dead.any():
-        rows = np.flatnonzero(dead)
-        operators[rows // bs, rows % bs, :] = 0.0
-        operators[rows // bs, :, rows % bs] = 0.0
-    best = np.full((k_blocks, n), np.inf, dtype=np.float32)
-    for ratio in AWQ_CLIP_RATIOS:
-        qw = quantize_weight(padded, bits, bs, symmetric, ratio=ratio, scale_dtype=scale_dtype)
-        d = (padded - qw.dequantize()).reshape(k_blocks, bs, n)
-        loss = (np.matmul(operators, d) * d).sum(axis=1)
-        better = loss < best  # strict: ratio 1.0 comes first and wins ties
-        best[better] = loss[better]
-        scales[better.T] = qw.scales[better.T]
-        zero_points[better.T] = qw.effective_zero_points()[better.T]
+    scales = np.empty((n, k_blocks), dtype=np.float32)
+    zero_points = np.empty((n, k_blocks), dtype=np.uint8)
+    step = max(1, _CLIP_COLUMNS // kp)
+    for start in range(0, n, step):
+        columns = padded[:, start:start + step]
+        best = np.full((k_blocks, columns.shape[1]), np.inf, dtype=np.float32)
+        for ratio in AWQ_CLIP_RATIOS:
+            qw = quantize_weight(columns, bits, bs, symmetric, ratio=ratio, scale_dtype=scale_dtype)
+            d = (columns - qw.dequantize()).reshape(k_blocks, bs, -1)
+            loss = (np.matmul(operators, d) * d).sum(axis=1)
+            better = loss < best  # strict: ratio 1.0 comes first and keeps ties
+            best[better] = loss[better]
+            chosen = better.T
+            scales[start:start + step][chosen] = qw.scales[chosen]
+            zero_points[start:start + step][chosen] = qw.effective_zero_points()[chosen]
+    return scales, zero_points
 
 
 def gptq_quantize_weight(
