@@ -1,6 +1,7 @@
 """Resumable calibration (``--checkpoint DIR``): a run interrupted after block k and resumed equals
 an uninterrupted run, byte for byte; a checkpoint of another run is refused in one line."""
 import json
+import signal
 import subprocess
 import sys
 
@@ -94,7 +95,8 @@ def test_cli_sigint_says_what_is_saved_and_the_same_command_resumes(model, tmp_p
     subprocess.run(cli(tmp_path / "whole.onnx"), check=True, capture_output=True)
     folder = tmp_path / "ckpt"
     out = tmp_path / "q.onnx"
-    process = subprocess.Popen(cli(out, "--checkpoint", str(folder)), stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(cli(out, "--checkpoint", str(folder)), stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ignored here
     lines = []
     for line in process.stderr:  # -v logs one line per finished block
         lines.append(line)

@@ -51,6 +51,14 @@ def big_model(tmp_path_factory) -> Path:
     return path
 
 
+def _default_dispositions() -> None:
+    """In the child: SIGINT, SIGTERM and SIGHUP at their defaults even if the test runner ignores them (a
+    runner started with ``nohup`` or as a background job of a script passes SIG_IGN on, and onnxq, as it
+    should, leaves an inherited SIG_IGN alone)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class _Run:
     """``python -m onnxq quantize MODEL OUT`` in a subprocess, its stderr collected as it comes."""
 
@@ -58,7 +66,7 @@ class _Run:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "onnxq", "quantize", str(model), str(out), "--external-data", "always"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even if the runner ignores it
+            preexec_fn=_default_dispositions,
         )
         self._err = bytearray()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -187,7 +195,12 @@ def test_interrupt_after_the_final_rename_says_it_is_complete(tmp_path, capsys, 
     out.parent.mkdir()
     onnx.save(matmul_model(weight((128, 64), seed=0)), model)
     monkeypatch.setattr(sys, "stdout", _SignalOnWrite())
-    assert main(["quantize", str(model), str(out)]) == 130
+    # Python's own SIGINT handler, even in a runner that inherited SIGINT ignored (a background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["quantize", str(model), str(out)]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == f"onnxq: interrupted after {out} was written; it is complete"
     assert [n.op_type for n in load_model(out).graph] == ["MatMulNBits"]
