@@ -128,15 +128,9 @@ RUNS: dict[str, tuple[str, list]] = {
     "onnxq gptq, mixed 4.8 effective bits" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--effective-bits", "4.8",
                                                               "--mp-samples", "2", GEN]),
     # int4 at the builder's block 32 (ModelOpt's counting: 4 bits whatever the block), 20% of the weights in int8
-    "onnxq gptq, mixed 4.8 effective bits, int4 block 32" + SELF: ("onnxq", [
-        "--block-size", "32", "--accuracy-level", "0", "--algo", "gptq", "--effective-bits", "4.8",
-        "--candidates", "int4_b32,int8_b128", "--mp-samples", "2", GEN]),
-    "onnxq awq+k_quant, mixed 4.8 effective bits, int4 block 32" + SELF: ("onnxq", [
-        "--block-size", "32", "--accuracy-level", "0", "--algo", "awq+k_quant", "--effective-bits", "4.8",
-        "--candidates", "int4_b32,int8_b128", "--mp-samples", "2", GEN]),
-    "onnxq awq+gptq, mixed 4.8 effective bits, int4 block 32" + SELF: ("onnxq", [
-        "--block-size", "32", "--accuracy-level", "0", "--algo", "awq+gptq", "--effective-bits", "4.8",
-        "--candidates", "int4_b32,int8_b128", "--mp-samples", "2", GEN]),
+    **{f"onnxq {algo}, mixed 4.8 effective bits, int4 block 32" + SELF: ("onnxq", [
+        "--block-size", "32", "--accuracy-level", "0", "--algo", algo, "--effective-bits", "4.8",
+        "--candidates", "int4_b32,int8_b128", "--mp-samples", "2", GEN]) for algo in ("gptq", "awq+k_quant", "awq+gptq")},
     # the builder's int4 file stores 5.0 bits per weight (block 32, float32 scales): a plan no larger than it
     "onnxq gptq, mixed at the builder's size (4.99 stored bits)" + SELF: ("onnxq", [
         "--block-size", "64", "--accuracy-level", "0", "--algo", "gptq", "--stored-bits", "4.99",
