@@ -19,10 +19,13 @@ for every row. Each row is whole processes as a user runs them: quantize (wall t
 
     python scripts/bench_int4.py [--only NAME ...] [--windows 16] [--samples 32] [--seq-len 256] [--render]
     python scripts/bench_int4.py --model gemma3 --only "onnxq rtn" "onnxq gptq"   # its table: 8 windows
-    python scripts/bench_int4.py --windows 128 --eval-only --only "onnxq rtn" "onnxq gptq"  # a larger evaluation
+    python scripts/bench_int4.py --windows 128 --only "onnxq rtn"                   # a larger evaluation: RTN,
+    python scripts/bench_int4.py --windows 128 --eval-only --only "onnxq gptq"      # then rows already quantized
 
 Appends one JSON line per run to ``models/real/smollm2_kv/int4/results.jsonl`` and writes
 ``docs/INT4_RESULTS.md`` (table, commands, targets; notes below the marker are kept), mirrored into README.md.
+Another ``--windows`` count than the table's goes to ``results_wN.jsonl`` and ``report_wN.md`` beside it, with
+each row's share of RTN's gap and its 95% paired bootstrap interval over the windows.
 
 ``--model gemma3``: the second LM, Gemma 3 270M (``scripts/export_second_lm.py``: the GenAI builder's
 fp32 export without a windowed KV cache, ``models/real/gemma3_270m/genai-fp32-fullkv``; its builder int4
