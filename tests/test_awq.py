@@ -143,6 +143,23 @@ def test_clip_search_padded_k_and_chunked_n():
     assert np.all(block_output_errors(x, w, qw) <= block_output_errors(x, w, rtn_q) * (1 + 1e-4))
 
 
+def test_clip_search_on_a_gram_matrix():
+    """``gram=`` (GPTQ's Hessian, any positive multiple of x^T x) in place of x: the same objective, so the same
+    scales (up to float rounding near ties) at K = 200 padded to block 32; exactly one of x, gram."""
+    w, x = real_layer("fc1")
+    w, x = w[:200, :256], x[:, :200]
+    from_x = awq_clip_search(w, x, 4, 32, True)
+    x64 = x.astype(np.float64)
+    from_gram = awq_clip_search(w, None, 4, 32, True, gram=2.0 / len(x) * x64.T @ x64)
+    assert np.isclose(from_gram.scales, from_x.scales, rtol=1e-6).mean() > 0.99
+    with pytest.raises(OnnxqError, match="exactly one of them"):
+        awq_clip_search(w, x, 4, 32, True, gram=x64.T @ x64)
+    with pytest.raises(OnnxqError, match="exactly one of them"):
+        awq_clip_search(w, None, 4, 32, True)
+    with pytest.raises(OnnxqError, match=r"Gram matrix of shape \[K=200, K\]"):
+        awq_clip_search(w, None, 4, 32, True, gram=np.eye(100))
+
+
 def test_scaled_weights_are_what_is_quantized():
     """Each returned QuantizedWeight is the clip-searched quantization of s * W_i on input x / s."""
     weights, x = real_siblings()

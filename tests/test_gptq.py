@@ -248,14 +248,14 @@ def test_clip_search_needs_static_groups():
 
 
 def test_clip_search_in_column_chunks_is_the_same(monkeypatch):
-    """The clip search rounds a chunk of output columns at a time (bounded memory for an lm_head): 7 columns a
-    chunk, the last one partial, give the same scales and codes as one chunk."""
-    from onnxq.algorithms import gptq as gptq_module
+    """The clip search (AWQ's, on the Hessian) rounds a chunk of output columns at a time (bounded memory for an
+    lm_head): 7 columns a chunk, the last one partial, give the same scales and codes as one chunk."""
+    from onnxq.algorithms import awq as awq_module
 
     w, x = real_layer("q")
     h = hessian(x)
     whole = gptq_solve(w, h, 4, 128, True, clip_search=True).qweight
-    monkeypatch.setattr(gptq_module, "_CLIP_COLUMNS", 7 * w.shape[0])
+    monkeypatch.setattr(awq_module, "_BATCH_ELEMENTS", 7 * len(awq_module.AWQ_CLIP_RATIOS) * w.shape[0])
     chunked = gptq_solve(w, h, 4, 128, True, clip_search=True).qweight
     np.testing.assert_array_equal(chunked.scales, whole.scales)
     np.testing.assert_array_equal(chunked.dequantize(), whole.dequantize())

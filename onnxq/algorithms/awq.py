@@ -218,18 +218,19 @@ class _OutputError:
     Through ``G = x^T x`` (float32 ``[K, K]``, ``d^T G d``) when ``T > K``, else through ``x``
     (``||x d||^2``); per K-block (clip search) through the ``[bs, bs]`` diagonal blocks of ``G``
     when ``T > bs``, else the ``[T, bs]`` column blocks of ``x``. The cheaper form is used each time.
+    With ``x = None`` the objective is ``d^T G d`` for the ``gram`` given (e.g. GPTQ's Hessian).
     """
 
-    def __init__(self, x: np.ndarray, gram: np.ndarray | None = None):
+    def __init__(self, x: np.ndarray | None, gram: np.ndarray | None = None):
         self.x = x
-        t, k = x.shape
-        self.gram = gram if gram is not None or t <= k else x.T @ x  # numpy computes x^T x with syrk
+        self.gram = gram if gram is not None or x.shape[0] <= x.shape[1] else x.T @ x  # numpy: syrk
         self._blocks: dict[int, tuple[np.ndarray, bool]] = {}
 
     def scaled(self, s: np.ndarray) -> _OutputError:
         """The same for the input ``x / s`` (Gram matrix ``G / (s s^T)``)."""
         inv = np.float32(1) / s
-        return _OutputError(self.x * inv, None if self.gram is None else self.gram * inv[:, None] * inv[None, :])
+        return _OutputError(None if self.x is None else self.x * inv,
+                            None if self.gram is None else self.gram * inv[:, None] * inv[None, :])
 
     def column_losses(self, d: np.ndarray) -> np.ndarray:
         """float64 ``[n]``: ``||x d[:, j]||^2`` for ``d: [K, n]`` (one matrix product)."""
@@ -255,8 +256,8 @@ class _OutputError:
     def _block_operators(self, k_blocks: int, bs: int) -> tuple[np.ndarray, bool]:
         """``([k_blocks, bs, bs] Gram blocks, True)`` or ``([k_blocks, T, bs] blocks of x, False)``."""
         if bs not in self._blocks:
-            t, k = self.x.shape
-            if t > bs:
+            k = self.gram.shape[0] if self.x is None else self.x.shape[1]
+            if self.x is None or self.x.shape[0] > bs:
                 ops = np.zeros((k_blocks, bs, bs), dtype=np.float32)
                 for b in range(k_blocks):
                     lo, hi = b * bs, min(k, (b + 1) * bs)
@@ -266,6 +267,7 @@ class _OutputError:
                         ops[b, :hi - lo, :hi - lo] = self.x[:, lo:hi].T @ self.x[:, lo:hi]
                 self._blocks[bs] = ops, True
             else:
+                t = self.x.shape[0]
                 padded = np.zeros((t, k_blocks * bs), dtype=np.float32)
                 padded[:, :k] = self.x
                 self._blocks[bs] = np.ascontiguousarray(padded.reshape(t, k_blocks, bs).transpose(1, 0, 2)), False
@@ -417,13 +419,14 @@ def _search_scale(weights: list[np.ndarray], objective: _OutputError, act_mean_a
 
 def awq_clip_search(
     weight: np.ndarray,
-    x: np.ndarray,
+    x: np.ndarray | None,
     bits: int = 4,
     block_size: int = 32,
     symmetric: bool = True,
     *,
     ratios: Sequence[float] = AWQ_CLIP_RATIOS,
     scale_dtype: np.dtype | type = np.float32,
+    gram: np.ndarray | None = None,
 ) -> QuantizedWeight:
     """RTN with a per-(output column, block) clip ratio chosen on the output error (arXiv 2306.00978).
 
@@ -433,14 +436,21 @@ def awq_clip_search(
 
     Args:
         weight: ``[K, N]``; not modified.
-        x: ``[T, K]`` sample of the input this weight sees.
+        x: ``[T, K]`` sample of the input this weight sees, or None with ``gram``.
         bits, block_size, symmetric, scale_dtype: as :func:`~onnxq.core.quantize_weight`.
         ratios: clip ratios tried (each in ``(0, 1]``).
+        gram: instead of ``x``, its Gram matrix ``x^T x`` ``[K, K]`` or any positive multiple (GPTQ's
+            Hessian): the losses become ``d^T G_bb d`` on its diagonal blocks.
     """
     _check(bits, block_size)
     weight = _as_weight(weight)
-    x = _as_input(x, weight.shape[0])
-    return _clip_search(weight, _OutputError(x), bits, block_size, symmetric, ratios, scale_dtype)
+    k = weight.shape[0]
+    if (x is None) == (gram is None):
+        raise OnnxqError("AWQ's clip search takes an input sample x or its Gram matrix, exactly one of them")
+    if gram is not None and np.shape(gram) != (k, k):
+        raise OnnxqError(f"AWQ expected a Gram matrix of shape [K={k}, K], got {np.shape(gram)}")
+    objective = _OutputError(_as_input(x, k)) if x is not None else _OutputError(None, np.asarray(gram))
+    return _clip_search(weight, objective, bits, block_size, symmetric, ratios, scale_dtype)
 
 
 def _clip_search(weight: np.ndarray, objective: _OutputError, bits: int, block_size: int, symmetric: bool,

@@ -90,7 +90,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from onnxq.algorithms.awq import AWQ_CLIP_RATIOS
+from onnxq.algorithms.awq import awq_clip_search
 from onnxq.algorithms.registry import Algorithm, SiblingGroup, Solution, register_algorithm
 from onnxq.core import ROUNDING_OFFSET, QuantizedWeight, check_quant_params, quantize_weight, relative_error
 from onnxq.errors import OnnxqError
@@ -152,8 +152,7 @@ class GPTQConfig:
         if not (isinstance(self.hessian_shrink, (int, float)) and 0 <= self.hessian_shrink <= 1):
             raise OnnxqError(f"gptq.hessian_shrink must be in [0, 1], got {self.hessian_shrink!r}")
         _check_float32_factor(self.float32_factor, self.hessian_shrink, "gptq.")
-        if self.clip_search and not self.static_groups:
-            raise OnnxqError("gptq.clip_search sets the block scales up front: it needs gptq.static_groups")
+        _check_clip_search(self.clip_search, self.static_groups, "gptq.")
 
 
 @dataclass(frozen=True)
@@ -266,6 +265,13 @@ def _blocked_factor(hessian: np.ndarray, diagonal: np.ndarray, order: np.ndarray
     return out
 
 
+def _check_clip_search(clip_search: bool, static_groups: bool, prefix: str = "") -> None:
+    """Raise OnnxqError when ``clip_search`` is asked for without static groups (it sets every block's scales
+    before the solve)."""
+    if clip_search and not static_groups:
+        raise OnnxqError(f"{prefix}clip_search sets the block scales up front: it needs {prefix}static_groups")
+
+
 def _check_float32_factor(float32_factor: Any, shrink: float, prefix: str = "") -> None:
     """Raise OnnxqError unless ``float32_factor`` is a bool allowed with ``shrink`` (:data:`_FLOAT32_FACTOR_SHRINK`)."""
     if not isinstance(float32_factor, bool):
@@ -370,7 +376,8 @@ def gptq_solve(
         clip_search: static groups only: each (output column, block)'s scale from the clip ratio in
             :data:`~onnxq.algorithms.awq.AWQ_CLIP_RATIOS` whose round-to-nearest error ``d`` has the
             least output error ``d^T H_bb d`` on the block's diagonal block of the (unshrunk) Hessian:
-            AWQ's clip search (arXiv 2306.00978, sec. 3.3) on GPTQ's own statistic, before the solve.
+            AWQ's clip search (arXiv 2306.00978, sec. 3.3; :func:`~onnxq.algorithms.awq.awq_clip_search`
+            with ``gram=H``) on GPTQ's own statistic, before the solve.
 
     Returns:
         :class:`GPTQResult`. Rows of K whose ``H_kk == 0`` (inputs that were always zero) are
@@ -379,8 +386,7 @@ def gptq_solve(
     lazy_batch = lazy_batch if blocksize is None else blocksize
     weight, hessian = _check_inputs(weight, hessian, bits, block_size, percdamp, lazy_batch, hessian_shrink)
     _check_float32_factor(float32_factor, hessian_shrink)
-    if clip_search and not static_groups:
-        raise OnnxqError("GPTQ's clip search sets the block scales up front: it needs static_groups")
+    _check_clip_search(clip_search, static_groups)
     k, n = weight.shape
     bs = k if block_size == -1 else int(block_size)
     k_blocks = -(-k // bs)
@@ -419,8 +425,9 @@ def gptq_solve(
         qw = quantize_weight(rows, bits, bs, symmetric, mse_clip=mse_clip, scale_dtype=scale_dtype)
         store_params(block, qw.scales, qw.effective_zero_points())
 
-    if static_groups and clip_search:
-        store_params(slice(0, k_blocks), *_output_clipped_params(padded, hessian, bits, bs, symmetric, scale_dtype))
+    if static_groups and clip_search:  # dead rows are zero in padded, and in H
+        clipped = awq_clip_search(padded[:k], None, bits, bs, symmetric, scale_dtype=scale_dtype, gram=hessian)
+        store_params(slice(0, k_blocks), clipped.scales, clipped.effective_zero_points())
     elif static_groups:
         set_params(slice(0, k_blocks), padded)
 
@@ -520,38 +527,6 @@ def gptq_solve(
     codes = codes_t.reshape(n, k_blocks, bs)
     qweight = QuantizedWeight(codes, scales, None if symmetric else zero_points, bits, bs, k)
     return GPTQResult(qweight=qweight, loss=loss, damp=float(damp), order=order[:k].copy())
-
-
-_CLIP_COLUMNS = 1 << 22  # elements of a [kp, columns] chunk the clip search rounds at once (16 MiB float32)
-
-
-def _output_clipped_params(padded: np.ndarray, hessian: np.ndarray, bits: int, bs: int, symmetric: bool,
-                           scale_dtype) -> tuple[np.ndarray, np.ndarray]:
-    """``(scales, zero points)`` ``[N, k_blocks]`` of each block's best clip ratio by output error ``d^T H_bb d``
-    (``clip_search`` of :func:`gptq_solve`); ``padded: [kp, N]`` (padded rows zero, and zero in ``H_bb``), a
-    chunk of output columns at a time."""
-    kp, n = padded.shape
-    k_blocks, k = kp // bs, hessian.shape[0]
-    operators = np.zeros((k_blocks, bs, bs), dtype=np.float32)  # the diagonal blocks of H
-    for b in range(k_blocks):
-        lo, hi = b * bs, min(k, (b + 1) * bs)
-        operators[b, :hi - lo, :hi - lo] = hessian[lo:hi, lo:hi]
-    scales = np.empty((n, k_blocks), dtype=np.float32)
-    zero_points = np.empty((n, k_blocks), dtype=np.uint8)
-    step = max(1, _CLIP_COLUMNS // kp)
-    for start in range(0, n, step):
-        columns = padded[:, start:start + step]
-        best = np.full((k_blocks, columns.shape[1]), np.inf, dtype=np.float32)
-        for ratio in AWQ_CLIP_RATIOS:
-            qw = quantize_weight(columns, bits, bs, symmetric, ratio=ratio, scale_dtype=scale_dtype)
-            d = (columns - qw.dequantize()).reshape(k_blocks, bs, -1)
-            loss = (np.matmul(operators, d) * d).sum(axis=1)
-            better = loss < best  # strict: ratio 1.0 comes first and keeps ties
-            best[better] = loss[better]
-            chosen = better.T
-            scales[start:start + step][chosen] = qw.scales[chosen]
-            zero_points[start:start + step][chosen] = qw.effective_zero_points()[chosen]
-    return scales, zero_points
 
 
 def gptq_quantize_weight(
