@@ -215,6 +215,10 @@ class QuantConfig:
             raise OnnxqError(f"{self.algorithm}.zero_point 'float' needs asymmetric quantization (--asym)")
         if not fmt.int_codes and self.algorithm != "rtn":
             raise OnnxqError(f"format {self.format!r} supports only algorithm 'rtn', got {self.algorithm!r}")
+        algorithm = get_algorithm(self.algorithm)
+        if algorithm.float_target(algorithm.options_of(self)) and not self.calibration.sequential:
+            raise OnnxqError("gptq.float_target needs sequential calibration: in one pass the inputs are the float "
+                             "model's already")
         self._precheck(fmt, self._node_settings({}), "")
         for kind in ("include", "exclude"):
             for pattern in getattr(self, kind):

@@ -119,6 +119,9 @@ RUNS: dict[str, tuple[str, list]] = {
     "onnxq gptq --float32-factor" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--float32-factor", GEN]),
     "onnxq awq" + SELF: ("onnxq", [*B128, "--algo", "awq", GEN]),
     "onnxq awq+gptq" + SELF: ("onnxq", [*B128, "--algo", "awq+gptq", GEN]),
+    # the norm-fed weights fitted to the float model's outputs (GPTAQ's asymmetric calibration)
+    "onnxq gptq --float-target" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--float-target", GEN]),
+    "onnxq awq+gptq --float-target" + SELF: ("onnxq", [*B128, "--algo", "awq+gptq", "--float-target", GEN]),
     "onnxq awq+k_quant" + SELF: ("onnxq", [*B128, "--algo", "awq+k_quant", GEN]),
     "onnxq k_quant" + SELF: ("onnxq", [*B128, "--algo", "k_quant", GEN]),
     "onnxq gptq + presets lm_head8,mixed_layers8" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--mixed-preset",

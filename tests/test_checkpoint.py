@@ -13,7 +13,7 @@ import pytest
 import onnxq
 from onnxq import OnnxqError, QuantConfig
 from onnxq.calibration import save_npz
-from onnxq.config import AWQConfig, CalibrationConfig
+from onnxq.config import AWQConfig, CalibrationConfig, GPTQConfig
 from tests.tiny_transformer import make_tiny_transformer
 
 VOCAB = 97
@@ -30,7 +30,9 @@ def feeds(count=8, seq=24, seed=1):
 
 
 def config(algorithm, sequential=True):
-    return QuantConfig(algorithm=algorithm, block_size=32, awq=AWQConfig(grid=5),
+    """``algorithm``; ``"gptq float target"``: GPTQ with ``gptq.float_target`` (a float path cached too)."""
+    return QuantConfig(algorithm=algorithm.split()[0], block_size=32, awq=AWQConfig(grid=5),
+                       gptq=GPTQConfig(float_target=algorithm.endswith("float target")),
                        calibration=CalibrationConfig(samples=8, sequential=sequential))
 
 
@@ -52,7 +54,8 @@ class StopAfter:
             yield item
 
 
-@pytest.mark.parametrize("algorithm,sequential,stop", [("gptq", True, 2), ("awq", True, 1), ("awq", False, 3)])
+@pytest.mark.parametrize("algorithm,sequential,stop", [("gptq", True, 2), ("awq", True, 1), ("awq", False, 3),
+                                                       ("gptq float target", True, 3)])
 def test_interrupted_then_resumed_equals_uninterrupted(model, tmp_path, algorithm, sequential, stop):
     whole = initializers(onnxq.quantize(model, config(algorithm, sequential), feeds()))
     folder = tmp_path / "ckpt"

@@ -13,7 +13,7 @@ import pytest
 import onnxq
 from onnxq import OnnxqError, QuantConfig
 from onnxq.calibration import save_npz
-from onnxq.config import AWQConfig, CalibrationConfig
+from onnxq.config import AWQConfig, CalibrationConfig, GPTQConfig
 from tests.graphs import run
 from tests.tiny_transformer import make_tiny_transformer
 
@@ -42,7 +42,9 @@ def feeds(count=12, seq=32, seed=1):
 
 
 def config(algorithm, sequential=True):
-    return QuantConfig(algorithm=algorithm, block_size=32, awq=AWQConfig(grid=5),
+    """``algorithm``; ``"... float target"``: with ``gptq.float_target`` (the float path sharded too)."""
+    return QuantConfig(algorithm=algorithm.split()[0], block_size=32, awq=AWQConfig(grid=5),
+                       gptq=GPTQConfig(float_target=algorithm.endswith("float target")),
                        calibration=CalibrationConfig(samples=12, sequential=sequential))
 
 
@@ -64,7 +66,8 @@ def output_error(quantized, reference_model) -> float:
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
-@pytest.mark.parametrize("algorithm,sequential", [("gptq", True), ("awq", True), ("gptq", False), ("awq+gptq", True)])
+@pytest.mark.parametrize("algorithm,sequential", [("gptq", True), ("awq", True), ("gptq", False), ("awq+gptq", True),
+                                                  ("awq+gptq float target", True)])
 def test_ray_equals_in_process(model, executor, algorithm, sequential):
     """Samples sharded over 2 workers, statistics merged: codes equal the in-process run's (a Hessian
     summed in another order may flip a code at a rounding tie; here none did, and the bound is 0.1%)."""

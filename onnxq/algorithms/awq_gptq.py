@@ -6,7 +6,9 @@ so that ``x @ W = (x / s) @ (s[:, None] * W)`` quantizes better. GPTQ (arXiv 221
 quantizes each ``s[:, None] * W_i`` against the Hessian of the input it will really see,
 ``x / s``: ``H' = D H D`` with ``D = diag(1 / s)``, ``H = 2/n X^T X``. The clip search of AWQ
 is not run (GPTQ's error feedback stands in for it), unless ``QuantConfig.gptq.clip_search``
-runs it on the scaled Hessian. ``alpha = 0`` (scales of one) is plain GPTQ.
+runs it on the scaled Hessian, and ``QuantConfig.gptq.float_target`` fits the scaled weight to the
+float model's outputs (the cross product scaled as the Hessian is). ``alpha = 0`` (scales of one)
+is plain GPTQ.
 Options: ``QuantConfig.awq`` (``grid``, ``scale_search``, ``sample_rows``) and ``QuantConfig.gptq``.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from onnxq.algorithms.awq import AWQThen
-from onnxq.algorithms.gptq import gptq_quantize_weight
+from onnxq.algorithms.gptq import float_target_weight, gptq_quantize_weight
 from onnxq.algorithms.registry import register_algorithm
 from onnxq.core import QuantizedWeight
 
@@ -32,10 +34,15 @@ class AWQThenGPTQ(AWQThen):
     then_options = "gptq"
     then_label = "GPTQ"
 
+    def float_target(self, options: tuple[Any, Any]) -> bool:
+        return options[1].float_target
+
     def solve_scaled(self, weight: np.ndarray, settings: Any, s: np.ndarray, stats: Mapping[str, Any],
                      options: Any, scale_dtype) -> QuantizedWeight:
         inv = 1.0 / s.astype(np.float64)
         hessian = stats["hessian"] * inv[:, None] * inv[None, :]
+        if "cross" in stats:
+            weight = float_target_weight(weight, hessian, stats["cross"] * inv[:, None] * inv[None, :], options.percdamp)
         return gptq_quantize_weight(weight, hessian, settings.bits, settings.block_size, settings.symmetric,
                                     percdamp=options.percdamp, lazy_batch=options.lazy_batch,
                                     act_order=options.act_order, static_groups=options.static_groups,

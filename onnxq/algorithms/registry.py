@@ -17,6 +17,9 @@ Statistics (names the driver knows how to accumulate, per input tensor ``x: [T, 
 * ``"abs_mean"``: mean ``|x|`` per channel ``[K]`` (AWQ);
 * ``"sq_mean"``: mean ``x^2`` per channel ``[K]`` float64 (k_quant's importance, ``diag(H) / 2``);
 * ``"rows"``: a reservoir sample of rows ``[T', K]`` (AWQ, TEQ, AutoRound);
+* ``"cross"``: ``C = 2/n X_q^T X_f`` float64 ``[K, K]``, the quantized model's input rows against
+  the float model's (GPTQ's float target); not declared in ``statistics``: the driver adds it
+  for an algorithm whose :meth:`Algorithm.float_target` says so, on the inputs it applies to;
 * ``"count"`` is always given: the number of rows seen.
 """
 from __future__ import annotations
@@ -109,6 +112,11 @@ class Algorithm(ABC):
     def collected_statistics(self) -> tuple[str, ...]:
         """What the calibration driver collects for it: the needed statistics, then the optional ones."""
         return self.statistics + tuple(s for s in self.optional_statistics if s not in self.statistics)
+
+    def float_target(self, options: Any) -> bool:
+        """Whether its solve fits the float model's outputs, and so wants the ``"cross"`` statistic
+        (the quantized model's inputs against the float model's) where the driver can give it."""
+        return False
 
     def float_zero_points(self, options: Any) -> bool:
         """Whether its solutions carry float zero points (only formats that store them can take them)."""

@@ -24,10 +24,12 @@ __all__ = [
     "Accumulator",
     "AbsMaxAccumulator",
     "AbsMeanAccumulator",
+    "CrossAccumulator",
     "HessianAccumulator",
     "MeanSquareAccumulator",
     "RowSampler",
     "cap_outlier_tokens",
+    "outlier_token_weights",
     "rows_of",
 ]
 
@@ -71,6 +73,22 @@ def rows_of(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     return rows
 
 
+def outlier_token_weights(rows: np.ndarray, ratio: float) -> np.ndarray | None:
+    """Per-row factors ``[T]`` float64 that scale every row of ``rows: [T, K]`` whose squared norm
+    exceeds ``ratio`` times the median squared norm down to exactly that cap (1 for the others), or
+    None when no row is capped (or ``ratio <= 0``). :func:`cap_outlier_tokens` applies them."""
+    if ratio <= 0 or rows.shape[0] == 0:
+        return None
+    norms = np.einsum("tk,tk->t", rows, rows, dtype=np.float64)
+    cap = ratio * float(np.median(norms))
+    over = norms > cap
+    if cap <= 0 or not over.any():
+        return None
+    weights = np.ones(rows.shape[0])
+    weights[over] = np.sqrt(cap / norms[over])
+    return weights
+
+
 def cap_outlier_tokens(rows: np.ndarray, ratio: float) -> np.ndarray:
     """Rows ``[T, K]`` with every row whose squared norm exceeds ``ratio`` times the median
     squared norm of ``rows`` scaled down to exactly that cap (the others unchanged; a new array
@@ -87,16 +105,8 @@ def cap_outlier_tokens(rows: np.ndarray, ratio: float) -> np.ndarray:
     ``ratio <= 0`` returns ``rows`` unchanged. The calibration executor applies it to the
     Hessian only (:class:`~onnxq.calibration.executor.StatisticsPlan`).
     """
-    if ratio <= 0 or rows.shape[0] == 0:
-        return rows
-    norms = np.einsum("tk,tk->t", rows, rows, dtype=np.float64)
-    cap = ratio * float(np.median(norms))
-    over = norms > cap
-    if cap <= 0 or not over.any():
-        return rows
-    out = np.array(rows, copy=True)
-    out[over] *= np.sqrt(cap / norms[over]).astype(out.dtype)[:, None]
-    return out
+    weights = outlier_token_weights(rows, ratio)
+    return rows if weights is None else rows * weights.astype(rows.dtype)[:, None]
 
 
 class _ChannelStat:
@@ -159,6 +169,60 @@ class HessianAccumulator(_ChannelStat):
         """Add another shard's sum and row count."""
         self._check_merge(other)
         self._sum = self._sum + other._sum  # a new array: a shard's arrays from Ray's object store are read-only
+        self.count += other.count
+
+
+class CrossAccumulator(_ChannelStat):
+    """``C = 2/n * sum_rows x_q^T x_f``: ``[K, K]`` float64, the cross product of a quantized model's
+    input rows ``x_q`` with the float model's rows ``x_f`` of the same tokens, on the scale of
+    :class:`HessianAccumulator` (``C == H`` when the two agree). GPTQ's float target
+    (:func:`onnxq.algorithms.gptq.float_target_weight`) reads it.
+
+    ``ratio``: each token's pair of rows is scaled by the factor
+    :func:`outlier_token_weights` gives ``x_q``'s rows, so ``C`` and a Hessian accumulated from
+    :func:`cap_outlier_tokens` rows weigh the tokens alike.
+    """
+
+    def __init__(self, k: int, ratio: float = 0.0):
+        super().__init__(k)
+        self.ratio = float(ratio)
+        self._sum = np.zeros((k, k), np.float64)
+
+    @property
+    def cross(self) -> np.ndarray:
+        """``[K, K]`` float64 ``2/n * sum x_q^T x_f`` (zeros before any row; a new array)."""
+        return self._sum * (2.0 / self.count) if self.count else self._sum.copy()
+
+    def update_pair(self, x_quant: np.ndarray, x_float: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Add the rows of ``x_quant`` and ``x_float`` (both ``[..., K]``, the same tokens; masked rows dropped).
+
+        Raises:
+            OnnxqError: the two differ in shape, or hold NaN/Inf.
+        """
+        if np.shape(x_quant) != np.shape(x_float):
+            raise OnnxqError(f"quantized-path activations {np.shape(x_quant)} and float-path activations "
+                             f"{np.shape(x_float)} differ in shape")
+        rows_q = self._rows(x_quant, mask)
+        rows_f = self._rows(x_float, mask)
+        if rows_q.shape[0] == 0:
+            return
+        weights = outlier_token_weights(rows_q, self.ratio)
+        rows_q = np.ascontiguousarray(rows_q, dtype=np.float32)
+        rows_f = np.ascontiguousarray(rows_f, dtype=np.float32)
+        if weights is not None:
+            factors = weights.astype(np.float32)[:, None]
+            rows_q, rows_f = rows_q * factors, rows_f * factors
+        self._sum += rows_q.T @ rows_f
+        self.count += rows_q.shape[0]
+
+    def update(self, x: np.ndarray, mask: np.ndarray | None = None, sample: int | None = None) -> None:
+        """Rows that are the same in both models (``x_f == x_q``): adds what a Hessian would."""
+        self.update_pair(x, x, mask)
+
+    def merge(self, other: "CrossAccumulator") -> None:
+        """Add another shard's sum and row count."""
+        self._check_merge(other)
+        self._sum = self._sum + other._sum
         self.count += other.count
 
 

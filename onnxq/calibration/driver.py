@@ -23,6 +23,15 @@ and a rerun resumes after the last one (:mod:`onnxq.calibration.checkpoint`).
 
 Within a block all input tensors come from the float block (q/k/v and o, or
 up/gate and down, are calibrated together, not one after the other).
+
+GPTQ's float target (``gptq.float_target``, sequential mode only) runs a second, float path beside
+the quantized one: step 4 also runs the block as it was before its rewrite on the float path's
+cached values (kept under :data:`~onnxq.calibration.executor.FLOAT_PATH` names), and step 1 also
+accumulates ``X_q^T X_f`` (the ``"cross"`` statistic) for each input tensor that a normalization
+produces (:func:`~onnxq.graph.scale_folding.is_norm_output`: q/k/v, up/gate), except where a site's
+output reaches a graph output (the lm_head) or its packed weight is read by an embedding Gather too. The
+residual-stream writers (o_proj, down_proj) keep plain GPTQ: fitted to the float outputs as well,
+they took SmolLM2-135M's perplexity from 50 to 289 (docs/INT4_RESULTS.md, sixth session).
 One-pass mode runs the float model once and collects every input tensor's
 statistics in that single pass: faster, but each layer is calibrated on float
 inputs that the quantized model will never produce.
@@ -55,8 +64,8 @@ from onnxq.config import QuantConfig
 from onnxq.core import QuantizedWeight
 from onnxq.errors import OnnxqError
 from onnxq.formats import WeightSettings, get_format
-from onnxq.graph.scale_folding import fold_input_scale
-from onnxq.graph.sites import WeightSite, find_gather_sites, finite_weight
+from onnxq.graph.scale_folding import fold_input_scale, is_norm_output
+from onnxq.graph.sites import WeightSite, find_gather_sites, finite_weight, reaches_graph_output
 from onnxq.passes.quantize_weights import Progress, QuantizeResult, QuantizeWeightsPass, plan_sites, solver_for
 
 __all__ = ["BlockReport", "CalibrationResult", "calibrate_and_quantize"]
@@ -144,6 +153,8 @@ class _Driver:
         self.checkpoint: Checkpoint | None = None
         self.samples = 0
         self._warned_rows = False
+        self.float_target = self.algorithm.float_target(self.options)
+        self._excluded_from_float_target: set[int] = set()  # ids: nodes of sites reaching a graph output; tables
 
     def run(self, model: ir.Model, calibration_data, executor=None, checkpoint=None) -> CalibrationResult:
         config = self.config
@@ -157,6 +168,10 @@ class _Driver:
         main = [plan.site for plan in planned if plan.site.node.graph is model.graph]
         nested = {id(plan.site.node) for plan in planned if plan.site.node.graph is not model.graph}
         if main:
+            if self.float_target:
+                site_nodes = {id(site.node) for site in main}
+                self._excluded_from_float_target = {id(site.source) for site in find_gather_sites(model)[0]} | {
+                    id(site.node) for site in main if reaches_graph_output(site, model.graph, site_nodes)}
             blocks = find_blocks(model, main)
             if checkpoint is not None:
                 self.checkpoint = Checkpoint(checkpoint, fingerprint(model, config.to_dict(), feeds), len(blocks))
@@ -214,11 +229,19 @@ class _Driver:
         types of inputs the graph leaves undeclared)."""
         return ActivationProbe(model, names, feed_names=feed_names, providers=self.providers).spec(example)
 
-    def _plan(self, names: list[str]) -> StatisticsPlan:
+    def _plan(self, names: list[str], cross_names: tuple[str, ...] = ()) -> StatisticsPlan:
         statistics = tuple(self.algorithm.collected_statistics)
         rows = self.algorithm.sample_rows(self.options) if "rows" in statistics else 0
         return StatisticsPlan(tuple(names), statistics, rows,
-                              outlier_token_ratio=float(self.config.calibration.outlier_token_ratio))
+                              outlier_token_ratio=float(self.config.calibration.outlier_token_ratio),
+                              cross_names=cross_names)
+
+    def _float_target_names(self, block: Block) -> tuple[str, ...]:
+        """The block's input tensors whose groups are fitted to the float model's outputs (module docstring)."""
+        excluded = self._excluded_from_float_target
+        return tuple(name for name, sites in block.input_groups.items()
+                     if is_norm_output(sites[0].activation)
+                     and not any(id(site.node) in excluded or id(site.source) in excluded for site in sites))
 
     def _replayed(self, block: Block) -> list[GroupSolution]:
         groups = self.checkpoint.load_block(block.index)
@@ -253,7 +276,13 @@ class _Driver:
                 continue
             names = list(block.input_groups)
             example = self.executor.example()  # one fetch per block (a remote one on Ray), for both probes
-            stats, stages = self.executor.collect(self._probe(model, names, block.inputs, example), self._plan(names))
+            needed = [name for name in block.outputs if last_use.get(name, -1) > block.index]
+            # the float path's next values: this block before its rewrite (a probe holds its own weights)
+            float_probe = self._probe(model, needed, block.inputs, example) if self.float_target and needed else None
+            plan = self._plan(names, self._float_target_names(block) if self.float_target else ())
+            if plan.cross_names:
+                logger.info("block %d: float target for %s", block.index, ", ".join(plan.cross_names))
+            stats, stages = self.executor.collect(self._probe(model, names, block.inputs, example), plan)
             stages["collect"] = time.perf_counter() - start
             mark = time.perf_counter()
             groups = self._solve(block.input_groups, stats)
@@ -264,9 +293,9 @@ class _Driver:
             self._rewrite_solved(model, solved)
             stages["write"] = time.perf_counter() - mark
             mark = time.perf_counter()
-            needed = [name for name in block.outputs if last_use.get(name, -1) > block.index]
             keep = frozenset(name for name, last in last_use.items() if last > block.index)
-            self.executor.advance(self._probe(model, needed, block.inputs, example) if needed else None, keep)
+            self.executor.advance(self._probe(model, needed, block.inputs, example) if needed else None, keep,
+                                  float_probe)
             stages["advance"] = time.perf_counter() - mark
             if self.checkpoint is not None:
                 mark = time.perf_counter()
@@ -307,7 +336,8 @@ class _Driver:
         values: dict[str, Any] = {"count": next(iter(accumulators.values())).count}
         for stat, accumulator in accumulators.items():
             values[stat] = {"hessian": lambda a: a.hessian, "abs_mean": lambda a: a.value(),
-                            "sq_mean": lambda a: a.value(), "rows": lambda a: a.rows()}[stat](accumulator)
+                            "sq_mean": lambda a: a.value(), "rows": lambda a: a.rows(),
+                            "cross": lambda a: a.cross}[stat](accumulator)
         if "hessian" in accumulators and values["count"] < 2 * k and not self._warned_rows:
             self._warned_rows = True
             logger.warning("%s: only %d calibration rows for %r (K=%d): the solution may overfit; give more "

@@ -8,7 +8,9 @@ sample's cached activations (the inputs of the next blocks), and offers four ope
   every sample and return the merged statistics (:func:`accumulate_shard` per shard of samples,
   :func:`merge_statistics` over the shards);
 * :meth:`Executor.advance`: run the quantized block on every sample and keep, in each sample's
-  cache, only what later blocks read (:func:`advance_shard`);
+  cache, only what later blocks read (:func:`advance_shard`); with a float probe, also run the
+  block as it was before quantization on the float path's values (GPTQ's float target), which
+  the cache keeps under :data:`FLOAT_PATH` + name;
 * :meth:`Executor.solve`: run the algorithm's weight solves (:func:`run_solve`), possibly in
   parallel; an iterator of the results in job order;
 * :meth:`Executor.cache` / :meth:`Executor.restore`: each sample's cached activations, for
@@ -32,6 +34,7 @@ import numpy as np
 from onnxq.calibration.accumulators import (
     AbsMeanAccumulator,
     Accumulator,
+    CrossAccumulator,
     HessianAccumulator,
     MeanSquareAccumulator,
     RowSampler,
@@ -42,19 +45,26 @@ from onnxq.calibration.probe import ProbeSpec
 from onnxq.errors import OnnxqError
 
 __all__ = [
+    "FLOAT_PATH",
     "Executor",
     "InProcessExecutor",
     "SolveJob",
     "StatisticsPlan",
     "accumulate_shard",
     "advance_shard",
+    "float_feed",
     "make_executor",
     "merge_statistics",
+    "quantized_feed",
     "run_solve",
 ]
 
 Feed = dict[str, np.ndarray]
 Statistics = dict[str, dict[str, Accumulator]]
+
+FLOAT_PATH = "float-path:"
+"""Prefix of the cached values the float model computes (``FLOAT_PATH + name``), kept beside the
+quantized model's for GPTQ's float target; a name without one reads the same in both models."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,10 @@ class StatisticsPlan:
             (:func:`~onnxq.calibration.accumulators.cap_outlier_tokens`; 0: rows as they are). The
             other statistics always see the rows as they are: on SmolLM2-135M the cap made AWQ's
             and k-quant's results worse and GPTQ's better (docs/INT4_RESULTS.md).
+        cross_names: names (of ``names``) that also get the ``cross`` statistic
+            (:class:`~onnxq.calibration.accumulators.CrossAccumulator`: these inputs in the
+            quantized model against the float model's, from the cache's :data:`FLOAT_PATH` values;
+            capped like the Hessian).
     """
 
     names: tuple[str, ...]
@@ -79,6 +93,7 @@ class StatisticsPlan:
     sample_rows: int = 0
     seed: int = 0
     outlier_token_ratio: float = 0.0
+    cross_names: tuple[str, ...] = ()
 
     def accumulators(self, k: int) -> dict[str, Accumulator]:
         """Fresh accumulators for one input tensor of ``k`` channels."""
@@ -108,8 +123,15 @@ def run_solve(job: SolveJob):
     return get_algorithm(job.algorithm).solve(job.group, job.values, job.options)
 
 
-def _sample_feed(feed: Feed, cache: Feed) -> Feed:
-    return {**feed, **cache}
+def quantized_feed(feed: Feed, cache: Feed) -> Feed:
+    """What the quantized model reads: the graph inputs and the cached values (not the float path's)."""
+    return {**feed, **{name: value for name, value in cache.items() if not name.startswith(FLOAT_PATH)}}
+
+
+def float_feed(feed: Feed, cache: Feed) -> Feed:
+    """What the float model reads: :func:`quantized_feed` with the float path's values in place of theirs."""
+    return {**quantized_feed(feed, cache), **{name[len(FLOAT_PATH):]: value for name, value in cache.items()
+                                            if name.startswith(FLOAT_PATH)}}
 
 
 def accumulate_shard(spec: ProbeSpec, plan: StatisticsPlan, feeds: Sequence[Feed], cache: Sequence[Feed],
@@ -130,18 +152,23 @@ def accumulate_shard(spec: ProbeSpec, plan: StatisticsPlan, feeds: Sequence[Feed
     seconds = {"forward": 0.0, "statistics": 0.0}
     for feed, cached, index in zip(feeds, cache, indices):
         start = time.perf_counter()
-        activations = spec.run(_sample_feed(feed, cached))
+        activations = spec.run(quantized_feed(feed, cached))
+        float_activations = spec.run(float_feed(feed, cached)) if plan.cross_names else {}
         middle = time.perf_counter()
         mask = feed.get("attention_mask")
         for name in plan.names:
             x = activations[name]
             if name not in stats:
                 stats[name] = plan.accumulators(x.shape[-1])
+                if name in plan.cross_names:
+                    stats[name]["cross"] = CrossAccumulator(x.shape[-1], plan.outlier_token_ratio)
             rows_mask = mask if mask is not None and mask.size * x.shape[-1] == x.size else None
             for kind, accumulator in stats[name].items():
                 if kind == "hessian" and plan.outlier_token_ratio > 0:
                     rows = cap_outlier_tokens(rows_of(x, rows_mask), plan.outlier_token_ratio)
                     accumulator.update(rows, sample=index)
+                elif kind == "cross":
+                    accumulator.update_pair(x, float_activations[name], rows_mask)
                 else:
                     accumulator.update(x, rows_mask, sample=index)
         seconds["forward"] += middle - start
@@ -163,15 +190,20 @@ def merge_statistics(parts: Sequence[Statistics]) -> Statistics:
 
 
 def advance_shard(spec: ProbeSpec | None, feeds: Sequence[Feed], cache: Sequence[Feed],
-                  keep: frozenset[str]) -> list[Feed]:
+                  keep: frozenset[str], float_spec: ProbeSpec | None = None) -> list[Feed]:
     """Each sample's new cache: ``spec``'s outputs on the sample (the block's values later blocks
-    read) added to its cache, then only the names in ``keep`` kept."""
+    read) added to its cache, and ``float_spec``'s outputs on the float path's values (the same
+    block before quantization) under :data:`FLOAT_PATH` + name; then only the names in ``keep``
+    (with or without that prefix) kept."""
     advanced = []
     for feed, cached in zip(feeds, cache):
         values = dict(cached)
         if spec is not None:
-            values.update(spec.run(_sample_feed(feed, cached)))
-        advanced.append({name: array for name, array in values.items() if name in keep})
+            values.update(spec.run(quantized_feed(feed, cached)))
+        if float_spec is not None:
+            values.update({FLOAT_PATH + name: array for name, array in float_spec.run(float_feed(feed, cached)).items()})
+        advanced.append({name: array for name, array in values.items()
+                         if name in keep or (name.startswith(FLOAT_PATH) and name[len(FLOAT_PATH):] in keep)})
     return advanced
 
 
@@ -187,7 +219,7 @@ class Executor(Protocol):
 
     def collect(self, spec: ProbeSpec, plan: StatisticsPlan) -> tuple[Statistics, dict[str, float]]: ...
 
-    def advance(self, spec: ProbeSpec | None, keep: frozenset[str]) -> None: ...
+    def advance(self, spec: ProbeSpec | None, keep: frozenset[str], float_spec: ProbeSpec | None = None) -> None: ...
 
     def solve(self, jobs: Iterable[SolveJob]) -> Iterator: ...
 
@@ -214,13 +246,13 @@ class InProcessExecutor:
 
     def example(self) -> Feed:
         """The first sample's feed and cached activations (for the types of a probe's inputs)."""
-        return _sample_feed(self._feeds[0], self._cache[0])
+        return quantized_feed(self._feeds[0], self._cache[0])
 
     def collect(self, spec: ProbeSpec, plan: StatisticsPlan) -> tuple[Statistics, dict[str, float]]:
         return accumulate_shard(spec, plan, self._feeds, self._cache, range(len(self._feeds)))
 
-    def advance(self, spec: ProbeSpec | None, keep: frozenset[str]) -> None:
-        self._cache = advance_shard(spec, self._feeds, self._cache, keep)
+    def advance(self, spec: ProbeSpec | None, keep: frozenset[str], float_spec: ProbeSpec | None = None) -> None:
+        self._cache = advance_shard(spec, self._feeds, self._cache, keep, float_spec)
 
     def solve(self, jobs: Iterable[SolveJob]) -> Iterator:
         """Each job's solution, in order, computed when asked for (one job's statistics at a time)."""

@@ -38,6 +38,7 @@ from onnxq.calibration.executor import (
     accumulate_shard,
     advance_shard,
     merge_statistics,
+    quantized_feed,
     run_solve,
 )
 from onnxq.calibration.probe import ProbeSpec
@@ -76,9 +77,10 @@ def _collect_task(spec: ProbeSpec, plan: StatisticsPlan, feeds: list[Feed], cach
     return accumulate_shard(_one_thread(spec), plan, feeds, cache, indices)
 
 
-def _advance_task(spec: ProbeSpec | None, feeds: list[Feed], cache: list[Feed], keep: frozenset[str]) -> list[Feed]:
+def _advance_task(spec: ProbeSpec | None, feeds: list[Feed], cache: list[Feed], keep: frozenset[str],
+                  float_spec: ProbeSpec | None = None) -> list[Feed]:
     _fault_point("advance")
-    return advance_shard(_one_thread(spec), feeds, cache, keep)
+    return advance_shard(_one_thread(spec), feeds, cache, keep, _one_thread(float_spec))
 
 
 def _solve_task(algorithm: str, group, values: dict, options):
@@ -87,7 +89,7 @@ def _solve_task(algorithm: str, group, values: dict, options):
 
 
 def _first_task(feeds: list[Feed], cache: list[Feed]) -> Feed:
-    return {**feeds[0], **cache[0]}
+    return quantized_feed(feeds[0], cache[0])
 
 
 class RayExecutor:
@@ -181,9 +183,10 @@ class RayExecutor:
                 seconds[key] += part_seconds[key]
         return merged, seconds
 
-    def advance(self, spec: ProbeSpec | None, keep: frozenset[str]) -> None:
+    def advance(self, spec: ProbeSpec | None, keep: frozenset[str], float_spec: ProbeSpec | None = None) -> None:
         spec_ref = self._ray.put(spec)
-        self._cache = [self._advance.remote(spec_ref, feeds, cache, keep)
+        float_ref = self._ray.put(float_spec)
+        self._cache = [self._advance.remote(spec_ref, feeds, cache, keep, float_ref)
                        for feeds, cache in zip(self._feeds, self._cache)]
         # wait, so that this block's time is this block's (a failed shard is raised by the next get)
         self._ray.wait(self._cache, num_returns=len(self._cache), fetch_local=False)

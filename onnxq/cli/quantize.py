@@ -86,6 +86,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="GPTQ: each block's clip ratio chosen on its output error through the Hessian before "
                             "the solve (AWQ's clip search; off by default: it lowered SmolLM2's KL by 15%% but raised "
                             "Gemma 3's perplexity, docs/INT4_RESULTS.md)")
+    calib.add_argument("--float-target", action="store_true", default=None,
+                       help="GPTQ (and awq+gptq): fit the weights that read a norm (q/k/v, up/gate) to the float "
+                            "model's outputs, not to their own on the quantized model's inputs (GPTAQ's asymmetric "
+                            "calibration; sequential only; a second, float forward per block). Off by default: it "
+                            "lowered the KL by 20%% on both real LMs, perplexity moved both ways (docs/INT4_RESULTS.md)")
     calib.add_argument("--awq-grid", type=int, help="AWQ: alphas tried in [0, 1] (default 20)")
     calib.add_argument("--no-awq-clip", action="store_true", default=None, help="AWQ: skip the clip search")
     calib.add_argument("--steps", type=int, help="TEQ / AutoRound: optimisation steps per layer (default 200)")
@@ -223,6 +228,8 @@ def _describe(config: QuantConfig, calibrated: bool, samples: int | None) -> str
             extras += ", GPTQ float32 factor"
         if "gptq" in config.algorithm and config.gptq.clip_search:
             extras += ", GPTQ clip search"
+        if "gptq" in config.algorithm and config.gptq.float_target:
+            extras += ", GPTQ float target"
     return (f"{config.algorithm} int{config.bits} {block} {scheme}, accuracy_level {config.accuracy_level}"
             f"{', mse clip' if config.mse_clip else ''}{extras}; {config.describe_embeddings()}")
 

@@ -32,7 +32,7 @@ from onnxq.graph.constants import add_initializer, constant_tensor
 from onnxq.graph.edit import only_used_by
 from onnxq.graph.names import unique_name
 
-__all__ = ["fold_input_scale", "NORM_GAMMA_INPUTS"]
+__all__ = ["fold_input_scale", "is_norm_output", "NORM_GAMMA_INPUTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,31 @@ NORM_GAMMA_INPUTS = {
     "SkipLayerNormalization": (2, 3),
     "SkipSimplifiedLayerNormalization": (2, None),
 }
+
+
+def is_norm_output(value: ir.Value) -> bool:
+    """Whether ``value: [..., K]`` is a normalization's output: output 0 of a :data:`NORM_GAMMA_INPUTS`
+    op, or a decomposed norm's end as a torch export writes it: ``Mul(a, gamma)`` with a constant
+    per-channel ``gamma``, possibly followed by ``Add(., beta)`` with a constant ``beta``."""
+    node = value.producer()
+    if node is None:
+        return False
+    if node.op_type in NORM_GAMMA_INPUTS:
+        return node.outputs[0] is value
+    if node.op_type not in ("Mul", "Add") or node.domain != "" or len(node.inputs) != 2:
+        return False
+    k = value.shape[-1] if value.shape is not None and len(value.shape) else None
+    for index in (0, 1):
+        constant, other = node.inputs[index], node.inputs[1 - index]
+        tensor = constant_tensor(constant)
+        if tensor is None or other is None or constant_tensor(other) is not None:
+            continue
+        shape = tuple(tensor.shape.numpy())
+        if not shape or any(d != 1 for d in shape[:-1]) or shape[-1] != (k if isinstance(k, int) else shape[-1]) \
+                or shape[-1] < 2:  # a per-channel vector, not a scalar factor
+            continue
+        return node.op_type == "Mul" or is_norm_output(other)
+    return False
 
 
 def _new_constant(graph: ir.Graph, like: ir.Value, array: np.ndarray, suffix: str) -> ir.Value:

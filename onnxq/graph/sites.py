@@ -26,7 +26,7 @@ from onnxq.errors import OnnxqError
 from onnxq.graph.constants import constant_source
 
 __all__ = ["WeightSite", "SkippedNode", "find_weight_sites", "find_gather_sites", "FLOAT_TYPES", "node_display_name",
-           "finite_weight"]
+           "finite_weight", "reaches_graph_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -232,3 +232,27 @@ def _transpose_of_constant(value: ir.Value | None) -> ir.Node | None:
     if inner is None or len(inner[1].shape) != 2 or (perm is not None and list(perm.as_ints()) != [1, 0]):
         return None
     return producer
+
+
+_MAX_HOPS = 16
+
+
+def reaches_graph_output(site: WeightSite, graph: ir.Graph, site_nodes: set[int]) -> bool:
+    """Whether the site's output reaches a graph output without passing another weight site (``site_nodes``:
+    ids of the weight sites' nodes) within :data:`_MAX_HOPS` nodes: the lm_head, also behind a Cast or a softcap."""
+    outputs = {id(v) for v in graph.outputs}
+    frontier, seen = [site.node], set()
+    for _ in range(_MAX_HOPS):
+        following = []
+        for node in frontier:
+            for value in node.outputs:
+                if id(value) in outputs:
+                    return True
+                for user, _ in value.uses():
+                    if id(user) not in seen and id(user) not in site_nodes:
+                        seen.add(id(user))
+                        following.append(user)
+        if not following:
+            return False
+        frontier = following
+    return False

@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from onnxq.config import QuantConfig
 from onnxq.errors import OnnxqError
-from onnxq.graph.sites import WeightSite
+from onnxq.graph.sites import reaches_graph_output
 from onnxq.passes.quantize_weights import plan_sites
 
 __all__ = ["PRESETS", "layer_index", "preset_overrides", "upgraded_layers"]
@@ -29,7 +29,6 @@ __all__ = ["PRESETS", "layer_index", "preset_overrides", "upgraded_layers"]
 PRESETS = ("lm_head8", "mixed_layers8")
 _LAYER = re.compile(r"(?:^|[./_])(?:layers?|h|blocks?|decoder[._]layers)[./_](\d+)(?=[./_]|$)")
 _SENSITIVE = re.compile(r"(?:^|[./_])(?:qkv_proj|v_proj|down_proj)(?=[./_]|$)")
-_MAX_HOPS = 16
 
 
 def layer_index(name: str) -> int | None:
@@ -42,26 +41,6 @@ def upgraded_layers(num_layers: int) -> list[int]:
     """The layers ``mixed_layers`` upgrades: the first and last eighth, and every third in between."""
     eighth = num_layers / 8
     return [i for i in range(num_layers) if i < eighth or i >= 7 * eighth or (i - round(eighth)) % 3 == 2]
-
-
-def _reaches_output(site: WeightSite, graph: ir.Graph, site_nodes: set[int]) -> bool:
-    """The site's output reaches a graph output without passing another weight site."""
-    outputs = {id(v) for v in graph.outputs}
-    frontier, seen = [site.node], set()
-    for _ in range(_MAX_HOPS):
-        following = []
-        for node in frontier:
-            for value in node.outputs:
-                if id(value) in outputs:
-                    return True
-                for user, _ in value.uses():
-                    if id(user) not in seen and id(user) not in site_nodes:
-                        seen.add(id(user))
-                        following.append(user)
-        if not following:
-            return False
-        frontier = following
-    return False
 
 
 def preset_overrides(model: ir.Model, config: QuantConfig, presets: Sequence[str]) -> dict[str, dict]:
@@ -79,7 +58,7 @@ def preset_overrides(model: ir.Model, config: QuantConfig, presets: Sequence[str
     chosen: list[str] = []
     if "lm_head8" in presets:
         site_nodes = {id(s.node) for s in sites}
-        last = [s for s in sites if _reaches_output(s, model.graph, site_nodes)]
+        last = [s for s in sites if reaches_graph_output(s, model.graph, site_nodes)]
         if not last:
             raise OnnxqError("preset lm_head8: no quantized MatMul reaches a graph output")
         chosen.append(last[-1].name)
