@@ -198,3 +198,21 @@ def test_cli_float_target(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "float_target needs sequential calibration" in err[0]
     assert not (tmp_path / "p.onnx").exists()
+
+
+@pytest.mark.parametrize("form", ["genai", "optimum"])
+def test_exporters_kv_models_fit_qkv_and_up_gate(form, tmp_path, caplog):
+    """On the GenAI builder's and Optimum's KV-cache LMs: q/k/v reach the ``present`` graph outputs
+    through attention, yet they are norm-fed and fitted; the lm_head (tied) is not."""
+    import logging
+
+    from tests.test_kv_models import KV, TEXT
+
+    (tmp_path / "calib.txt").write_text(TEXT)
+    caplog.set_level(logging.INFO, logger="onnxq.calibration.driver")
+    assert main(["quantize", str(KV / form), str(tmp_path / "out"), "--quiet", "--algo", "gptq", "--float-target",
+                 "--calib-data", str(tmp_path / "calib.txt"), "--samples", "2", "--seq-len", "32"]) == 0
+    fitted = [m.split("float target for ", 1)[1] for m in caplog.messages if "float target for" in m]
+    norm = "Mul_1_output_0" if form == "optimum" else "output_0"
+    assert fitted == [f"/model/layers.{i}/{n}/{norm}" for i in range(2)
+                      for n in ("input_layernorm", "post_attention_layernorm")]

@@ -28,8 +28,8 @@ GPTQ's float target (``gptq.float_target``, sequential mode only) runs a second,
 the quantized one: step 4 also runs the block as it was before its rewrite on the float path's
 cached values (kept under :data:`~onnxq.calibration.executor.FLOAT_PATH` names), and step 1 also
 accumulates ``X_q^T X_f`` (the ``"cross"`` statistic) for each input tensor that a normalization
-produces (:func:`~onnxq.graph.scale_folding.is_norm_output`: q/k/v, up/gate), except where a site's
-output reaches a graph output (the lm_head) or its packed weight is read by an embedding Gather too. The
+produces (:func:`~onnxq.graph.scale_folding.is_norm_output`: q/k/v, up/gate), except the lm_head
+(the last site whose output reaches a graph output) and a weight an embedding Gather reads too. The
 residual-stream writers (o_proj, down_proj) keep plain GPTQ: fitted to the float outputs as well,
 they took SmolLM2-135M's perplexity from 50 to 289 (docs/INT4_RESULTS.md, sixth session).
 One-pass mode runs the float model once and collects every input tensor's
@@ -154,7 +154,7 @@ class _Driver:
         self.samples = 0
         self._warned_rows = False
         self.float_target = self.algorithm.float_target(self.options)
-        self._excluded_from_float_target: set[int] = set()  # ids: nodes of sites reaching a graph output; tables
+        self._excluded_from_float_target: set[int] = set()  # ids: the lm_head's node; tables
 
     def run(self, model: ir.Model, calibration_data, executor=None, checkpoint=None) -> CalibrationResult:
         config = self.config
@@ -168,10 +168,12 @@ class _Driver:
         main = [plan.site for plan in planned if plan.site.node.graph is model.graph]
         nested = {id(plan.site.node) for plan in planned if plan.site.node.graph is not model.graph}
         if main:
-            if self.float_target:
+            if self.float_target:  # the lm_head: the last site reaching a graph output (not the KV-cache outputs
+                # that q/k/v reach through attention); a table an embedding Gather shares
                 site_nodes = {id(site.node) for site in main}
+                heads = [site for site in main if reaches_graph_output(site, model.graph, site_nodes)]
                 self._excluded_from_float_target = {id(site.source) for site in find_gather_sites(model)[0]} | {
-                    id(site.node) for site in main if reaches_graph_output(site, model.graph, site_nodes)}
+                    id(site.node) for site in heads[-1:]}
             blocks = find_blocks(model, main)
             if checkpoint is not None:
                 self.checkpoint = Checkpoint(checkpoint, fingerprint(model, config.to_dict(), feeds), len(blocks))
