@@ -89,7 +89,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     calib.add_argument("--float-target", action="store_true", default=None,
                        help="GPTQ (and awq+gptq): fit the weights that read a norm (q/k/v, up/gate) to the float "
                             "model's outputs, not to their own on the quantized model's inputs (GPTAQ's asymmetric "
-                            "calibration; sequential only; a second, float forward per block). Off by default: it "
+                            "calibration; sequential only; a float path run beside the quantized one). Off by default: it "
                             "lowered the KL by 20%% on both real LMs, perplexity moved both ways (docs/INT4_RESULTS.md)")
     calib.add_argument("--awq-grid", type=int, help="AWQ: alphas tried in [0, 1] (default 20)")
     calib.add_argument("--no-awq-clip", action="store_true", default=None, help="AWQ: skip the clip search")
