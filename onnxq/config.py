@@ -217,8 +217,8 @@ class QuantConfig:
             raise OnnxqError(f"format {self.format!r} supports only algorithm 'rtn', got {self.algorithm!r}")
         algorithm = get_algorithm(self.algorithm)
         if algorithm.float_target(algorithm.options_of(self)) and not self.calibration.sequential:
-            raise OnnxqError("gptq.float_target needs sequential calibration: in one pass the inputs are the float "
-                             "model's already")
+            raise OnnxqError(f"{algorithm.options_field or 'gptq'}.float_target needs sequential calibration: in one "
+                             "pass the inputs are the float model's already")
         self._precheck(fmt, self._node_settings({}), "")
         for kind in ("include", "exclude"):
             for pattern in getattr(self, kind):

@@ -121,6 +121,7 @@ RUNS: dict[str, tuple[str, list]] = {
     "onnxq awq+gptq" + SELF: ("onnxq", [*B128, "--algo", "awq+gptq", GEN]),
     # the norm-fed weights fitted to the float model's outputs (GPTAQ's asymmetric calibration)
     "onnxq gptq --float-target" + SELF: ("onnxq", [*B128, "--algo", "gptq", "--float-target", GEN]),
+    "onnxq awq --float-target" + SELF: ("onnxq", [*B128, "--algo", "awq", "--float-target", GEN]),
     "onnxq awq+gptq --float-target" + SELF: ("onnxq", [*B128, "--algo", "awq+gptq", "--float-target", GEN]),
     "onnxq awq+k_quant" + SELF: ("onnxq", [*B128, "--algo", "awq+k_quant", GEN]),
     "onnxq k_quant" + SELF: ("onnxq", [*B128, "--algo", "k_quant", GEN]),

@@ -12,10 +12,11 @@ import pytest
 import onnxq
 import onnxq.algorithms.gptq
 from onnxq import OnnxqError, QuantConfig
-from onnxq.algorithms.gptq import GPTQConfig, float_target_weight, gptq_quantize_weight
+from onnxq.algorithms.float_target import float_target_weight
+from onnxq.algorithms.gptq import GPTQConfig, gptq_quantize_weight
 from onnxq.calibration.accumulators import CrossAccumulator, HessianAccumulator, cap_outlier_tokens
 from onnxq.cli import main
-from onnxq.config import CalibrationConfig
+from onnxq.config import AWQConfig, CalibrationConfig
 from tests.graphs import run
 from tests.real_layers import LAYERS, real_layer
 from tests.tiny_transformer import NORMS, make_tiny_transformer, reference_forward
@@ -163,7 +164,8 @@ def test_the_driver_pairs_the_quantized_inputs_with_the_float_models(norm, monke
     np.testing.assert_allclose(first["cross"], first["hessian"], rtol=1e-5, atol=1e-6)
 
 
-def test_float_target_runs_and_beats_rtn(tmp_path):
+@pytest.mark.parametrize("algorithm", ["gptq", "awq", "awq+gptq"])
+def test_float_target_runs_and_beats_rtn(algorithm):
     """End to end, held-out tokens: the float-target model's logits are closer to the float model's than RTN's."""
     model = make_tiny_transformer(num_layers=2, hidden=128, ffn=256, vocab=VOCAB, seed=3)
     feed = {"input_ids": np.random.default_rng(99).integers(0, VOCAB, (4, 32)).astype(np.int64)}
@@ -173,16 +175,54 @@ def test_float_target_runs_and_beats_rtn(tmp_path):
         (y,) = run(quantized, feed)
         return float(np.linalg.norm(y - reference) / np.linalg.norm(reference))
 
-    fitted = onnxq.quantize(model, _config(float_target=True), _feeds(16, 32))
+    config = QuantConfig(algorithm=algorithm, block_size=32, gptq=GPTQConfig(float_target=True),
+                         awq=AWQConfig(grid=5, float_target=True), calibration=CalibrationConfig(samples=16))
+    fitted = onnxq.quantize(model, config, _feeds(16, 32))
     assert error(fitted) < 0.8 * error(onnxq.quantize(model, QuantConfig(block_size=32)))
 
 
-@pytest.mark.parametrize("algorithm", ["gptq", "awq+gptq"])
+def test_awq_searches_the_float_target(monkeypatch):
+    """AWQ with the float target: the norm-fed groups get the Hessian and the cross product, and the scale
+    search runs on :func:`float_target_weight` of the weights; o_proj, fc2 and the lm_head on the weights."""
+    import onnxq.algorithms.awq as awq
+
+    model = make_tiny_transformer(num_layers=1, hidden=64, ffn=128, vocab=VOCAB, seed=5)
+    searched = {}
+    real_search = awq._search_scale
+
+    def spy(weights, *args, **kwargs):
+        searched[len(searched)] = [np.array(w) for w in weights]
+        return real_search(weights, *args, **kwargs)
+
+    monkeypatch.setattr(awq, "_search_scale", spy)
+    seen = []
+    real_solve = awq.AWQ.solve
+
+    def solve_spy(self, group, stats, options):
+        seen.append((group.names, [np.array(w) for w in group.weights], dict(stats)))
+        return real_solve(self, group, stats, options)
+
+    monkeypatch.setattr(awq.AWQ, "solve", solve_spy)
+    onnxq.quantize(model, QuantConfig(algorithm="awq", block_size=32, awq=AWQConfig(grid=3, float_target=True),
+                                      calibration=CalibrationConfig(samples=4)), _feeds(4))
+    fitted = [names[0] for names, _, stats in seen if "cross" in stats]
+    assert fitted == ["layers.0.self_attn.q_proj", "layers.0.mlp.fc1"]
+    for i, (names, weights, stats) in enumerate(seen):
+        if "cross" in stats:
+            expected = [float_target_weight(w, stats["hessian"], stats["cross"]) for w in weights]
+        else:
+            expected = weights
+        for got, want in zip(searched[i], expected):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq+gptq", "awq"])
 def test_one_pass_with_a_float_target_is_refused(algorithm):
-    with pytest.raises(OnnxqError, match="needs sequential calibration"):
-        QuantConfig(algorithm=algorithm, gptq=GPTQConfig(float_target=True),
-                    calibration=CalibrationConfig(sequential=False))
-    QuantConfig(algorithm="awq", gptq=GPTQConfig(float_target=True), calibration=CalibrationConfig(sequential=False))
+    options = {"awq": AWQConfig(float_target=True)} if algorithm == "awq" else {"gptq": GPTQConfig(float_target=True)}
+    with pytest.raises(OnnxqError, match=f"{algorithm.split('+')[-1]}.float_target needs sequential calibration"):
+        QuantConfig(algorithm=algorithm, calibration=CalibrationConfig(sequential=False), **options)
+    # another algorithm's option is not this one's
+    QuantConfig(algorithm="teq", calibration=CalibrationConfig(sequential=False), **options)
 
 
 def test_cli_float_target(tmp_path, capsys):
@@ -193,7 +233,7 @@ def test_cli_float_target(tmp_path, capsys):
     common = ["--block-size", "32", "--algo", "gptq", "--float-target", "--calib-data", str(tmp_path / "ids.npy"),
               "--samples", "4", "--seq-len", "16"]
     assert main(["quantize", str(source), str(tmp_path / "q.onnx"), *common]) == 0
-    assert "GPTQ float target" in capsys.readouterr().err
+    assert ", float target" in capsys.readouterr().err
     assert main(["quantize", str(source), str(tmp_path / "p.onnx"), *common, "--one-pass"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "float_target needs sequential calibration" in err[0]

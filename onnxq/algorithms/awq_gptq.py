@@ -18,7 +18,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from onnxq.algorithms.awq import AWQThen
-from onnxq.algorithms.gptq import float_target_weight, gptq_quantize_weight
+from onnxq.algorithms.float_target import float_target_weight
+from onnxq.algorithms.gptq import gptq_quantize_weight
 from onnxq.algorithms.registry import register_algorithm
 from onnxq.core import QuantizedWeight
 

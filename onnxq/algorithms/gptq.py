@@ -91,11 +91,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from onnxq.algorithms.awq import awq_clip_search
+from onnxq.algorithms.float_target import float_target_weight
 from onnxq.algorithms.registry import Algorithm, SiblingGroup, Solution, register_algorithm
 from onnxq.core import ROUNDING_OFFSET, QuantizedWeight, check_quant_params, quantize_weight, relative_error
 from onnxq.errors import OnnxqError
 
-__all__ = ["GPTQConfig", "GPTQ", "GPTQResult", "float_target_weight", "gptq_solve", "gptq_quantize_weight"]
+__all__ = ["GPTQConfig", "GPTQ", "GPTQResult", "gptq_solve", "gptq_quantize_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +136,12 @@ class GPTQConfig:
         clip_search: each static group's clip ratio chosen on the block's output error through the
             Hessian before the solve (:func:`gptq_solve`); off by default.
         float_target: in sequential calibration, a weight that reads a normalization's output is
-            fitted to the float model's output of the same tokens, not to its own float output
-            on the quantized model's inputs (:func:`float_target_weight`, then GPTQ on it). On the
-            real LMs it lowered the KL to the float model by 20% (SmolLM2 0.204 -> 0.162, Gemma 3
-            0.215 -> 0.175) while perplexity moved both ways (SmolLM2 49.80 -> 50.67, Gemma 3
-            57.95 -> 57.45; docs/INT4_RESULTS.md, sixth session); off by default.
+            fitted to the float model's output of the same tokens, not to its own float output on
+            the quantized model's inputs (:func:`~onnxq.algorithms.float_target.float_target_weight`,
+            then GPTQ on it). On the real LMs it lowered the KL to the float model by 20% (SmolLM2
+            0.204 -> 0.162, Gemma 3 0.215 -> 0.175) while perplexity moved both ways (SmolLM2
+            49.80 -> 50.67, Gemma 3 57.95 -> 57.45; docs/INT4_RESULTS.md, sixth session); off by
+            default.
     """
 
     percdamp: float = 0.01
@@ -337,51 +339,6 @@ def _all_finite(values: np.ndarray) -> bool:
     """No NaN or inf in ``values``: one sum (NaN and inf propagate), the elementwise test only if it overflows."""
     with np.errstate(all="ignore"):
         return bool(np.isfinite(np.sum(values))) or bool(np.all(np.isfinite(values)))
-
-
-def float_target_weight(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray,
-                        percdamp: float = 0.01) -> np.ndarray:
-    """The weight GPTQ should aim at when its inputs are a quantized model's (asymmetric calibration,
-    as in GPTAQ, Li et al., ICML 2025).
-
-    Sequential GPTQ minimizes ``||X_q (W_hat - W)||^2``: it keeps the layer's float function on
-    the inputs ``X_q: [T, K]`` the quantized model produces. What the model needs is the float
-    model's output ``X_f W`` of the same tokens. ``||X_q W_hat - X_f W||^2`` equals
-    ``||X_q (W_hat - W*)||^2`` plus a constant, where ``W*`` is the least-squares fit of
-    ``X_f W`` on ``X_q``; so GPTQ run on ``W*`` (with the same Hessian) minimizes it. The fit is
-    regularized towards ``W`` by each input channel's own energy (a ridge penalty
-    ``sum_k H_kk ||W*_k - W_k||^2``, which halves the step of an unregularized fit when the
-    channels are uncorrelated): unregularized, it followed the differences of a few directions and
-    the real LMs' outputs broke down (docs/INT4_RESULTS.md, sixth session)::
-
-        W* = W + (H + diag(H) + 2 * percdamp * mean(diag H) * I)^-1 (C - H) W
-
-    Args:
-        weight: ``[K, N]`` float weight (``y = x @ weight``).
-        hessian: ``[K, K]`` ``H = 2/n X_q^T X_q``.
-        cross: ``[K, K]`` ``C = 2/n X_q^T X_f`` on the same rows and scale
-            (:class:`~onnxq.calibration.accumulators.CrossAccumulator`); ``C == H`` gives ``W``.
-        percdamp: damping as a fraction of ``mean(diag H)`` (GPTQ's).
-
-    Returns:
-        ``W*``: ``[K, N]`` float32.
-
-    Raises:
-        OnnxqError: shapes that do not match, or non-finite statistics.
-    """
-    weight = np.asarray(weight, dtype=np.float32)
-    k = weight.shape[0] if weight.ndim == 2 else -1
-    if weight.ndim != 2 or np.shape(hessian) != (k, k) or np.shape(cross) != (k, k):
-        raise OnnxqError(f"float target: weight {np.shape(weight)} needs a [K, K] Hessian and cross product, got "
-                         f"{np.shape(hessian)} and {np.shape(cross)}")
-    hessian, cross = np.asarray(hessian, np.float64), np.asarray(cross, np.float64)
-    if not (_all_finite(hessian) and _all_finite(cross)):
-        raise OnnxqError("float target: the Hessian or the cross product holds NaN or Inf")
-    diagonal = np.diag(hessian).copy()
-    diagonal[diagonal == 0] = 1.0  # an input that was always zero: its row of C - H is zero too
-    ridge = hessian + np.diag(diagonal + 2.0 * percdamp * float(diagonal.mean()))
-    step = np.linalg.solve(ridge, (cross - hessian) @ weight.astype(np.float64))
-    return (weight + step).astype(np.float32)
 
 
 def gptq_solve(

@@ -176,7 +176,7 @@ class CrossAccumulator(_ChannelStat):
     """``C = 2/n * sum_rows x_q^T x_f``: ``[K, K]`` float64, the cross product of a quantized model's
     input rows ``x_q`` with the float model's rows ``x_f`` of the same tokens, on the scale of
     :class:`HessianAccumulator` (``C == H`` when the two agree). GPTQ's float target
-    (:func:`onnxq.algorithms.gptq.float_target_weight`) reads it.
+    (:func:`onnxq.algorithms.float_target.float_target_weight`) reads it.
 
     ``ratio``: each token's pair of rows is scaled by the factor
     :func:`outlier_token_weights` gives ``x_q``'s rows, so ``C`` and a Hessian accumulated from

@@ -24,7 +24,7 @@ and a rerun resumes after the last one (:mod:`onnxq.calibration.checkpoint`).
 Within a block all input tensors come from the float block (q/k/v and o, or
 up/gate and down, are calibrated together, not one after the other).
 
-GPTQ's float target (``gptq.float_target``, sequential mode only) runs a second, float path beside
+The float target (``gptq.float_target`` / ``awq.float_target``, sequential mode only) runs a second, float path beside
 the quantized one: step 4 also runs the block as it was before its rewrite on the float path's
 cached values (kept under :data:`~onnxq.calibration.executor.FLOAT_PATH` names), and step 1 also
 accumulates ``X_q^T X_f`` (the ``"cross"`` statistic) for each input tensor that a normalization
@@ -233,6 +233,8 @@ class _Driver:
 
     def _plan(self, names: list[str], cross_names: tuple[str, ...] = ()) -> StatisticsPlan:
         statistics = tuple(self.algorithm.collected_statistics)
+        if cross_names and "hessian" not in statistics:  # the float target's fit needs it (AWQ)
+            statistics += ("hessian",)
         rows = self.algorithm.sample_rows(self.options) if "rows" in statistics else 0
         return StatisticsPlan(tuple(names), statistics, rows,
                               outlier_token_ratio=float(self.config.calibration.outlier_token_ratio),

@@ -102,7 +102,7 @@ def config_from(args: argparse.Namespace, defaults: Mapping[str, Any] | None = N
                  "float32_factor": getattr(args, "float32_factor", None),
                  "clip_search": getattr(args, "gptq_clip", None),
                  "float_target": getattr(args, "float_target", None)},
-        "awq": {"grid": getattr(args, "awq_grid", None),
+        "awq": {"grid": getattr(args, "awq_grid", None), "float_target": getattr(args, "float_target", None),
                 "clip": False if getattr(args, "no_awq_clip", None) else None},
         "hqq": {"zero_point": getattr(args, "hqq_zero_point", None)},
         "teq": {"steps": getattr(args, "steps", None)} if getattr(args, "algo", None) == "teq" else {},

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from onnxq.algorithms import get_algorithm
 from onnxq.api import quantize_with_report, save
 from onnxq.cli.common import (BOS_HELP, add_settings, calibration_reader, check_output, config_from, model_input,
                               progress_bar)
@@ -87,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                             "the solve (AWQ's clip search; off by default: it lowered SmolLM2's KL by 15%% but raised "
                             "Gemma 3's perplexity, docs/INT4_RESULTS.md)")
     calib.add_argument("--float-target", action="store_true", default=None,
-                       help="GPTQ (and awq+gptq): fit the weights that read a norm (q/k/v, up/gate) to the float "
+                       help="GPTQ, AWQ, awq+gptq: fit the weights that read a norm (q/k/v, up/gate) to the float "
                             "model's outputs, not to their own on the quantized model's inputs (GPTAQ's asymmetric "
                             "calibration; sequential only; a float path run beside the quantized one). Off by default: it "
                             "lowered the KL by 20%% on both real LMs, perplexity moved both ways (docs/INT4_RESULTS.md)")
@@ -228,8 +229,9 @@ def _describe(config: QuantConfig, calibrated: bool, samples: int | None) -> str
             extras += ", GPTQ float32 factor"
         if "gptq" in config.algorithm and config.gptq.clip_search:
             extras += ", GPTQ clip search"
-        if "gptq" in config.algorithm and config.gptq.float_target:
-            extras += ", GPTQ float target"
+        algorithm = get_algorithm(config.algorithm)
+        if algorithm.float_target(algorithm.options_of(config)):
+            extras += ", float target"
     return (f"{config.algorithm} int{config.bits} {block} {scheme}, accuracy_level {config.accuracy_level}"
             f"{', mse clip' if config.mse_clip else ''}{extras}; {config.describe_embeddings()}")
 
