@@ -27,8 +27,8 @@ def float_target_weight(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarr
     ``X_f W`` on ``X_q``; so GPTQ run on ``W*`` (with the same Hessian) minimizes it. The fit is
     regularized towards ``W`` by each input channel's own energy (a ridge penalty
     ``sum_k H_kk ||W*_k - W_k||^2``, which halves the step of an unregularized fit when the
-    channels are uncorrelated): unregularized, it followed the differences of a few directions and
-    the real LMs' outputs broke down (docs/INT4_RESULTS.md, sixth session)::
+    channels are uncorrelated): with twice this step, applied to every layer, SmolLM2-135M's output
+    broke down (docs/INT4_RESULTS.md, sixth session)::
 
         W* = W + (H + diag(H) + 2 * percdamp * mean(diag H) * I)^-1 (C - H) W
 
