@@ -65,7 +65,7 @@ from onnxq.core import QuantizedWeight
 from onnxq.errors import OnnxqError
 from onnxq.formats import WeightSettings, get_format
 from onnxq.graph.scale_folding import fold_input_scale, is_norm_output
-from onnxq.graph.sites import WeightSite, find_gather_sites, finite_weight, reaches_graph_output
+from onnxq.graph.sites import WeightSite, find_gather_sites, finite_weight, lm_head_site
 from onnxq.passes.quantize_weights import Progress, QuantizeResult, QuantizeWeightsPass, plan_sites, solver_for
 
 __all__ = ["BlockReport", "CalibrationResult", "calibrate_and_quantize"]
@@ -154,7 +154,8 @@ class _Driver:
         self.samples = 0
         self._warned_rows = False
         self.float_target = self.algorithm.float_target(self.options)
-        self._excluded_from_float_target: set[int] = set()  # ids: the lm_head's node; tables
+        self._lm_head: ir.Node | None = None  # not fitted to the float outputs
+        self._tables: set[int] = set()  # ids of the constants embedding Gathers read: nor are these
 
     def run(self, model: ir.Model, calibration_data, executor=None, checkpoint=None) -> CalibrationResult:
         config = self.config
@@ -168,12 +169,10 @@ class _Driver:
         main = [plan.site for plan in planned if plan.site.node.graph is model.graph]
         nested = {id(plan.site.node) for plan in planned if plan.site.node.graph is not model.graph}
         if main:
-            if self.float_target:  # the lm_head: the last site reaching a graph output (not the KV-cache outputs
-                # that q/k/v reach through attention); a table an embedding Gather shares
-                site_nodes = {id(site.node) for site in main}
-                heads = [site for site in main if reaches_graph_output(site, model.graph, site_nodes)]
-                self._excluded_from_float_target = {id(site.source) for site in find_gather_sites(model)[0]} | {
-                    id(site.node) for site in heads[-1:]}
+            if self.float_target:
+                head = lm_head_site(main, model.graph)
+                self._lm_head = None if head is None else head.node
+                self._tables = {id(site.source) for site in find_gather_sites(model)[0]}
             blocks = find_blocks(model, main)
             if checkpoint is not None:
                 self.checkpoint = Checkpoint(checkpoint, fingerprint(model, config.to_dict(), feeds), len(blocks))
@@ -242,10 +241,9 @@ class _Driver:
 
     def _float_target_names(self, block: Block) -> tuple[str, ...]:
         """The block's input tensors whose groups are fitted to the float model's outputs (module docstring)."""
-        excluded = self._excluded_from_float_target
         return tuple(name for name, sites in block.input_groups.items()
                      if is_norm_output(sites[0].activation)
-                     and not any(id(site.node) in excluded or id(site.source) in excluded for site in sites))
+                     and not any(site.node is self._lm_head or id(site.source) in self._tables for site in sites))
 
     def _replayed(self, block: Block) -> list[GroupSolution]:
         groups = self.checkpoint.load_block(block.index)

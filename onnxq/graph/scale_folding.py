@@ -64,7 +64,7 @@ def is_norm_output(value: ir.Value) -> bool:
         if tensor is None or other is None or constant_tensor(other) is not None:
             continue
         shape = tuple(tensor.shape.numpy())
-        if not shape or any(d != 1 for d in shape[:-1]) or shape[-1] != (k if isinstance(k, int) else shape[-1]) \
+        if not shape or any(d != 1 for d in shape[:-1]) or (isinstance(k, int) and shape[-1] != k) \
                 or shape[-1] < 2:  # a per-channel vector, not a scalar factor
             continue
         return node.op_type == "Mul" or is_norm_output(other)

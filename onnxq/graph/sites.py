@@ -17,6 +17,7 @@ cannot be rewritten are returned as :class:`SkippedNode` with the reason.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ from onnxq.errors import OnnxqError
 from onnxq.graph.constants import constant_source
 
 __all__ = ["WeightSite", "SkippedNode", "find_weight_sites", "find_gather_sites", "FLOAT_TYPES", "node_display_name",
-           "finite_weight", "reaches_graph_output"]
+           "finite_weight", "lm_head_site"]
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def _transpose_of_constant(value: ir.Value | None) -> ir.Node | None:
 _MAX_HOPS = 16
 
 
-def reaches_graph_output(site: WeightSite, graph: ir.Graph, site_nodes: set[int]) -> bool:
+def _reaches_graph_output(site: WeightSite, graph: ir.Graph, site_nodes: set[int]) -> bool:
     """Whether the site's output reaches a graph output without passing another weight site (``site_nodes``:
     ids of the weight sites' nodes) within :data:`_MAX_HOPS` nodes: the lm_head, also behind a Cast or a softcap."""
     outputs = {id(v) for v in graph.outputs}
@@ -256,3 +257,11 @@ def reaches_graph_output(site: WeightSite, graph: ir.Graph, site_nodes: set[int]
             return False
         frontier = following
     return False
+
+
+def lm_head_site(sites: Sequence[WeightSite], graph: ir.Graph) -> WeightSite | None:
+    """The lm_head among ``sites`` (in graph order): the last one whose output reaches a graph output
+    without passing another of them, also behind a Cast or a softcap; None when none does. The last,
+    because q/k/v reach a KV-cache model's ``present`` outputs too, through attention."""
+    site_nodes = {id(site.node) for site in sites}
+    return next((site for site in reversed(sites) if _reaches_graph_output(site, graph, site_nodes)), None)

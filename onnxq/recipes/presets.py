@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from onnxq.config import QuantConfig
 from onnxq.errors import OnnxqError
-from onnxq.graph.sites import reaches_graph_output
+from onnxq.graph.sites import lm_head_site
 from onnxq.passes.quantize_weights import plan_sites
 
 __all__ = ["PRESETS", "layer_index", "preset_overrides", "upgraded_layers"]
@@ -57,11 +57,10 @@ def preset_overrides(model: ir.Model, config: QuantConfig, presets: Sequence[str
     sites = [p.site for p in planned if p.site.node.graph is model.graph]
     chosen: list[str] = []
     if "lm_head8" in presets:
-        site_nodes = {id(s.node) for s in sites}
-        last = [s for s in sites if reaches_graph_output(s, model.graph, site_nodes)]
-        if not last:
+        head = lm_head_site(sites, model.graph)
+        if head is None:
             raise OnnxqError("preset lm_head8: no quantized MatMul reaches a graph output")
-        chosen.append(last[-1].name)
+        chosen.append(head.name)
     if "mixed_layers8" in presets:
         layers = {s.name: layer_index(s.name) for s in sites}
         numbered = [i for i in layers.values() if i is not None]
