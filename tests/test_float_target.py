@@ -246,6 +246,8 @@ def test_exporters_kv_models_fit_qkv_and_up_gate(form, tmp_path, caplog):
     through attention, yet they are norm-fed and fitted; the lm_head (tied) is not."""
     import logging
 
+    from onnxq.calibration import tokenize
+    from onnxq.eval.metrics import decode_check
     from tests.test_kv_models import KV, TEXT
 
     (tmp_path / "calib.txt").write_text(TEXT)
@@ -256,3 +258,6 @@ def test_exporters_kv_models_fit_qkv_and_up_gate(form, tmp_path, caplog):
     norm = "Mul_1_output_0" if form == "optimum" else "output_0"
     assert fitted == [f"/model/layers.{i}/{n}/{norm}" for i in range(2)
                       for n in ("input_layernorm", "post_attention_layernorm")]
+    # the written folder runs in onnxruntime, KV-cache decode and full forward agreeing
+    check = decode_check(tmp_path / "out" / "model.onnx", tokenize(TEXT[-3000:], KV / form)[:48], steps=8)
+    assert check.top1_agreement >= 7 / 9 and check.relative_diff < 5e-2, check
