@@ -112,7 +112,7 @@ def test_gptq_algorithm_passes_float32_factor_to_the_solver():
     group = SiblingGroup("x", ("fc2",), [w], [WeightSettings(bits=3, block_size=128, symmetric=True)], np.float32)
     codes = {}
     for fast in (False, True):
-        config = GPTQConfig(hessian_shrink=0.25, act_order=False, float32_factor=fast)
+        config = GPTQConfig(hessian_shrink=0.25, act_order=False, float32_factor=fast, refine=0)
         solution = get_algorithm("gptq").solve(group, {"hessian": h}, config)
         direct = gptq_solve(w, h, 3, 128, True, hessian_shrink=0.25, float32_factor=fast)
         np.testing.assert_array_equal(solution.qweights[0].codes, direct.qweight.codes)
@@ -138,7 +138,7 @@ def test_cli_gptq_clip(tmp_path, capsys):
         for flag in ([], ["--gptq-clip"]):
             out = tmp_path / f"{algo}{len(flag)}.onnx"
             assert main(["quantize", str(model), str(out), "--algo", algo, "--calib-data", str(calib),
-                         "--seq-len", "64", *flag]) == 0
+                         "--seq-len", "64", "--gptq-refine", "0", *flag]) == 0
             settings = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("onnxq:"))
             assert ("GPTQ clip search" in settings) == bool(flag)
             graph = onnx.load(out).graph

@@ -110,7 +110,7 @@ def test_gptq_with_the_cap_fits_ordinary_tokens_better():
 
 
 def _gptq(ratio):
-    return QuantConfig.from_dict({"bits": 4, "block_size": 32, "algorithm": "gptq",
+    return QuantConfig.from_dict({"bits": 4, "block_size": 32, "algorithm": "gptq", "gptq": {"refine": 0},
                                   "calibration": {"outlier_token_ratio": ratio}})
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from onnxq.algorithms.awq import AWQThen
 from onnxq.algorithms.float_target import float_target_weight
-from onnxq.algorithms.gptq import gptq_quantize_weight
+from onnxq.algorithms.gptq import gptq_with_options
 from onnxq.algorithms.registry import register_algorithm
 from onnxq.core import QuantizedWeight
 
@@ -44,9 +44,4 @@ class AWQThenGPTQ(AWQThen):
         hessian = stats["hessian"] * inv[:, None] * inv[None, :]
         if "cross" in stats:
             weight = float_target_weight(weight, hessian, stats["cross"] * inv[:, None] * inv[None, :], options.percdamp)
-        return gptq_quantize_weight(weight, hessian, settings.bits, settings.block_size, settings.symmetric,
-                                    percdamp=options.percdamp, lazy_batch=options.lazy_batch,
-                                    act_order=options.act_order, static_groups=options.static_groups,
-                                    mse_clip=settings.mse_clip, scale_dtype=scale_dtype,
-                                    hessian_shrink=options.hessian_shrink, float32_factor=options.float32_factor,
-                                    clip_search=options.clip_search)
+        return gptq_with_options(weight, hessian, settings, options, scale_dtype)

@@ -101,6 +101,7 @@ def config_from(args: argparse.Namespace, defaults: Mapping[str, Any] | None = N
                  "hessian_shrink": getattr(args, "hessian_shrink", None),
                  "float32_factor": getattr(args, "float32_factor", None),
                  "clip_search": getattr(args, "gptq_clip", None),
+                 "refine": getattr(args, "gptq_refine", None),
                  "float_target": getattr(args, "float_target", None)},
         "awq": {"grid": getattr(args, "awq_grid", None), "float_target": getattr(args, "float_target", None),
                 "clip": False if getattr(args, "no_awq_clip", None) else None},

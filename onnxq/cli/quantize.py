@@ -87,6 +87,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="GPTQ: each block's clip ratio chosen on its output error through the Hessian before "
                             "the solve (AWQ's clip search; off by default: it lowered SmolLM2's KL by 15%% but raised "
                             "Gemma 3's perplexity, docs/INT4_RESULTS.md)")
+    calib.add_argument("--gptq-refine", type=int, metavar="PASSES",
+                       help="GPTQ, awq+gptq: passes of coordinate descent on GPTQ's objective after the solve, each "
+                            "with a least-squares refit of the block scales (QuantEase; default 2: lower perplexity "
+                            "and KL on both real LMs, docs/INT4_RESULTS.md; 0: GPTQ alone)")
     calib.add_argument("--float-target", action="store_true", default=None,
                        help="GPTQ, AWQ, awq+gptq: fit the weights that read a norm (q/k/v, up/gate) to the float "
                             "model's outputs, not to their own on the quantized model's inputs (GPTAQ's asymmetric "
@@ -229,6 +233,8 @@ def _describe(config: QuantConfig, calibrated: bool, samples: int | None) -> str
             extras += ", GPTQ float32 factor"
         if "gptq" in config.algorithm and config.gptq.clip_search:
             extras += ", GPTQ clip search"
+        if "gptq" in config.algorithm and config.gptq.refine:
+            extras += f", GPTQ refine {config.gptq.refine}"
         algorithm = get_algorithm(config.algorithm)
         if algorithm.float_target(algorithm.options_of(config)):
             extras += ", float target"
