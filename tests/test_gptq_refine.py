@@ -97,7 +97,8 @@ def test_the_scale_refit_is_the_least_squares_fit():
     used = _used_hessian(h, 0.0, 0.01)
     levels = np.random.default_rng(7).integers(-8, 8, (64, 6)).astype(np.float32)
     scales = np.ones((4, 6), np.float32)
-    got = gptq_refine._refit_scales(w, used.astype(np.float32), levels, scales, 16, np.float32)
+    h32 = used.astype(np.float32)
+    got = gptq_refine._refit_scales(h32 @ w, h32, levels, scales, 16, np.float32)
     chol = np.linalg.cholesky(used)
     for n in range(6):
         design = np.zeros((64, 4))

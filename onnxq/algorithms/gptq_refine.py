@@ -41,26 +41,31 @@ def _shrunk_hessian(hessian: np.ndarray, shrink: float, damp: float) -> tuple[np
 def gptq_objective(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> np.ndarray:
     """float64 ``[N]``: ``(W - Q)[:, n]^T H (W - Q)[:, n]`` for ``weight``, ``dequantized: [K, N]``, ``hessian: [K, K]``."""
     diff = np.asarray(weight, dtype=np.float32) - dequantized
-    return np.einsum("kn,kn->n", diff, np.asarray(hessian, dtype=np.float32) @ diff, dtype=np.float64)
+    return _column_dots(diff, np.asarray(hessian, dtype=np.float32) @ diff)
 
 
-def _sweep(target: np.ndarray, hessian: np.ndarray, levels: np.ndarray, scales: np.ndarray, low: np.ndarray,
-           high: np.ndarray, row_block: np.ndarray, order: np.ndarray) -> None:
-    """One coordinate-descent pass over the rows in ``order``, in place on ``levels`` (``code - zero point``,
-    float32 ``[K, N]``); ``scales`` / ``low`` / ``high``: ``[k_blocks, N]`` (the levels' clip bounds).
+def _column_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 ``[N]``: ``sum_k a[k, n] b[k, n]`` (summed in float32: numpy's float64 einsum of float32
+    operands converts them first, several times slower)."""
+    return np.einsum("kn,kn->n", a, b).astype(np.float64)
 
-    ``G = H (W - Q)`` is exact for every row at the start of a lazy batch; inside it, a panel's rows get the
+
+def _sweep(hessian: np.ndarray, levels: np.ndarray, dequantized: np.ndarray, gradient: np.ndarray,
+           scales: np.ndarray, low: np.ndarray, high: np.ndarray, row_block: np.ndarray, order: np.ndarray) -> None:
+    """One coordinate-descent pass over the rows in ``order``, in place on ``levels`` (``code - zero point``),
+    ``dequantized`` (``levels * scale``) and ``gradient`` (``H (W - Q)``), all float32 ``[K, N]``;
+    ``scales`` / ``low`` / ``high``: ``[k_blocks, N]`` (the levels' clip bounds).
+
+    ``gradient`` is exact for every row at the start of a lazy batch; inside it, a panel's rows get the
     batch's earlier changes by one GEMM, a row the changes of its own panel by one matrix-vector product,
-    and the rows outside the batch get the batch's changes by one GEMM at its end."""
+    and every row gets the batch's changes by one GEMM at its end."""
     recips = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=scales != 0)
-    dequantized = levels * scales[row_block]
-    gradient = hessian @ (target - dequantized)
     inv_diag = np.float32(1) / np.diag(hessian)
-    half = np.full(target.shape[1], 0.5, dtype=np.float32)
+    half = np.full(levels.shape[1], 0.5, dtype=np.float32)
     for b1 in range(0, len(order), _SWEEP_BATCH):
         rows = order[b1:b1 + _SWEEP_BATCH]
         h_batch = hessian[np.ix_(rows, rows)]
-        deltas = np.empty((len(rows), target.shape[1]), dtype=np.float32)
+        deltas = np.empty((len(rows), levels.shape[1]), dtype=np.float32)
         for p1 in range(0, len(rows), _SWEEP_PANEL):
             p2 = min(p1 + _SWEEP_PANEL, len(rows))
             local = gradient[rows[p1:p2]]
@@ -85,21 +90,20 @@ def _sweep(target: np.ndarray, hessian: np.ndarray, levels: np.ndarray, scales: 
         gradient -= hessian[:, rows] @ deltas
 
 
-def _refit_scales(target: np.ndarray, hessian: np.ndarray, levels: np.ndarray, scales: np.ndarray,
+def _refit_scales(h_target: np.ndarray, hessian: np.ndarray, levels: np.ndarray, scales: np.ndarray,
                   block_size: int, scale_dtype) -> np.ndarray:
     """Per output column, the block scales ``[k_blocks, N]`` minimizing the objective for fixed ``levels``:
     ``q = sum_b s_b v_b`` (``v_b`` the levels of block ``b``) gives the normal equations
-    ``(v_a^T H v_b) s = v_a^T H w``, one ``k_blocks x k_blocks`` system per column."""
-    k, n = target.shape
+    ``(v_a^T H v_b) s = v_a^T H w``, one ``k_blocks x k_blocks`` system per column (``h_target = H w``)."""
+    k, n = levels.shape
     k_blocks = scales.shape[0]
     bounds = [(b * block_size, min((b + 1) * block_size, k)) for b in range(k_blocks)]
     system = np.zeros((n, k_blocks, k_blocks))
-    h_target = hessian @ target
-    rhs = np.stack([np.einsum("kn,kn->n", levels[a:z], h_target[a:z], dtype=np.float64) for a, z in bounds], axis=1)
+    rhs = np.stack([_column_dots(levels[a:z], h_target[a:z]) for a, z in bounds], axis=1)
     for b, (a, z) in enumerate(bounds):
         h_level = hessian[:, a:z] @ levels[a:z]  # H v_b, [K, N]
         for c, (c1, c2) in enumerate(bounds[:b + 1]):
-            system[:, c, b] = system[:, b, c] = np.einsum("kn,kn->n", levels[c1:c2], h_level[c1:c2], dtype=np.float64)
+            system[:, c, b] = system[:, b, c] = _column_dots(levels[c1:c2], h_level[c1:c2])
     # a block whose levels are all zero has no say in the output: keep its scale
     column, block = np.nonzero(np.diagonal(system, axis1=1, axis2=2) == 0)
     system[column, block, :] = 0.0
@@ -147,23 +151,32 @@ def refine_quantized_weight(weight: np.ndarray, hessian: np.ndarray, qweight: Qu
         columns = slice(c1, min(c1 + _COLUMN_CHUNK, n))
         target = np.array(np.asarray(weight)[:, columns], dtype=np.float32)
         target[dead] = 0.0
+        h_target = h_used @ target
         zero_points = qweight.effective_zero_points()[columns].T.astype(np.float32)  # [k_blocks, chunk]
         chunk_codes = codes[columns].reshape(target.shape[1], -1)[:, :k]  # [chunk, K]
         levels = chunk_codes.T.astype(np.float32) - zero_points[row_block]
         scales = qweight.scales[columns].T.astype(np.float32)
-        start = gptq_objective(target, levels * scales[row_block], h_used)
+        dequantized = levels * scales[row_block]
+        gradient = h_target - h_used @ dequantized  # H (W - Q)
+        start = _column_dots(target - dequantized, gradient)
+        current = start
         for _ in range(passes):
-            _sweep(target, h_used, levels, scales, -zero_points, maxq - zero_points, row_block, order)
+            _sweep(h_used, levels, dequantized, gradient, scales, -zero_points, maxq - zero_points, row_block, order)
+            current = _column_dots(target - dequantized, gradient)
             if refit_scales:
-                before = gptq_objective(target, levels * scales[row_block], h_used)
-                refit = _refit_scales(target, h_used, levels, scales, bs, scale_dtype)
-                better = gptq_objective(target, levels * refit[row_block], h_used) < before
+                refit = _refit_scales(h_target, h_used, levels, scales, bs, scale_dtype)
+                refit_dequantized = levels * refit[row_block]
+                refit_gradient = h_target - h_used @ refit_dequantized
+                refit_objective = _column_dots(target - refit_dequantized, refit_gradient)
+                better = refit_objective < current
                 scales[:, better] = refit[:, better]
-        final = gptq_objective(target, levels * scales[row_block], h_used)
-        keep = final < start  # a column the refinement did not improve keeps its input
+                dequantized[:, better] = refit_dequantized[:, better]
+                gradient[:, better] = refit_gradient[:, better]
+                current = np.where(better, refit_objective, current)
+        keep = current < start  # a column the refinement did not improve keeps its input
         chunk_codes[keep] = (levels + zero_points[row_block]).T[keep].astype(np.uint8)
         codes[columns].reshape(target.shape[1], -1)[:, :k] = chunk_codes
         scales_out[columns][keep] = scales.T[keep]
-        objective[columns] = np.where(keep, final, start)
+        objective[columns] = np.where(keep, current, start)
     refined = QuantizedWeight(codes, scales_out, qweight.zero_points, qweight.bits, bs, qweight.k)
     return refined, objective
