@@ -187,3 +187,32 @@ def test_cli_gptq_refine(tmp_path, capsys):
                  "--gptq-refine", "-1"]) == 2
     assert "gptq.refine" in capsys.readouterr().err
     assert not bad.exists()
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq+gptq"])
+def test_both_gptq_algorithms_refine_every_weight_as_configured(algorithm, tmp_path, monkeypatch):
+    """gptq and awq+gptq refine each weight they solve, with the configured passes, and not at all with 0."""
+    import onnx
+
+    import onnxq.algorithms.gptq as gptq_module
+    from onnxq.cli import main
+
+    calls = []
+    real = gptq_module.refine_quantized_weight
+
+    def spy(weight, hessian, qweight, **kwargs):
+        calls.append(kwargs["passes"])
+        return real(weight, hessian, qweight, **kwargs)
+
+    monkeypatch.setattr(gptq_module, "refine_quantized_weight", spy)
+    model = Path(__file__).parents[1] / "models" / "example.onnx"
+    calib = tmp_path / "ids.npy"
+    np.save(calib, np.random.default_rng(0).integers(0, 512, 8 * 32).astype(np.int64))
+    for passes in (3, 0):
+        calls.clear()
+        out = tmp_path / f"{passes}.onnx"
+        assert main(["quantize", str(model), str(out), "--algo", algorithm, "--quiet",
+                     "--calib-data", str(calib), "--seq-len", "32", "--gptq-refine", str(passes)]) == 0
+        quantized = sum(node.op_type == "MatMulNBits" for node in onnx.load(out).graph.node)
+        assert quantized > 0
+        assert calls == [passes] * quantized if passes else calls == []

@@ -147,8 +147,9 @@ class GPTQConfig:
             a least-squares refit of the block scales (QuantEase, arXiv 2309.01885;
             :func:`~onnxq.algorithms.gptq_refine.refine_quantized_weight`); 0 = GPTQ alone. 2 by default:
             on both real LMs it lowered perplexity and KL against GPTQ alone, paired on the same windows
-            (SmolLM2 49.80 -> 48.82, KL 0.204 -> 0.189; Gemma 3 57.95 -> 56.65, KL 0.215 -> 0.196;
-            docs/INT4_RESULTS.md, seventh session).
+            (self-generated calibration, Shakespeare: SmolLM2 49.80 -> 48.74, KL 0.204 -> 0.188; Gemma 3
+            57.95 -> 56.67, KL 0.215 -> 0.201; docs/INT4_RESULTS.md, seventh session). It costs about half
+            of GPTQ's time again (SmolLM2: 72.8 s -> 108.5 s whole process).
     """
 
     percdamp: float = 0.01
@@ -604,7 +605,8 @@ def gptq_with_options(weight: np.ndarray, hessian: np.ndarray, settings: Any, op
 
 @register_algorithm
 class GPTQ(Algorithm):
-    """GPTQ (arXiv 2210.17323) on each weight of the group, from its input's Hessian."""
+    """GPTQ (arXiv 2210.17323) on each weight of the group, from its input's Hessian, then ``refine`` passes of
+    coordinate descent (:func:`gptq_with_options`)."""
 
     separable = True
 

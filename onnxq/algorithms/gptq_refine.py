@@ -153,7 +153,7 @@ def refine_quantized_weight(weight: np.ndarray, hessian: np.ndarray, qweight: Qu
         target[dead] = 0.0
         h_target = h_used @ target
         zero_points = qweight.effective_zero_points()[columns].T.astype(np.float32)  # [k_blocks, chunk]
-        chunk_codes = codes[columns].reshape(target.shape[1], -1)[:, :k]  # [chunk, K]
+        chunk_codes = codes[columns].reshape(target.shape[1], -1)[:, :k]  # [chunk, K], a view of codes
         levels = chunk_codes.T.astype(np.float32) - zero_points[row_block]
         scales = qweight.scales[columns].T.astype(np.float32)
         dequantized = levels * scales[row_block]
@@ -175,7 +175,6 @@ def refine_quantized_weight(weight: np.ndarray, hessian: np.ndarray, qweight: Qu
                 current = np.where(better, refit_objective, current)
         keep = current < start  # a column the refinement did not improve keeps its input
         chunk_codes[keep] = (levels + zero_points[row_block]).T[keep].astype(np.uint8)
-        codes[columns].reshape(target.shape[1], -1)[:, :k] = chunk_codes
         scales_out[columns][keep] = scales.T[keep]
         objective[columns] = np.where(keep, current, start)
     refined = QuantizedWeight(codes, scales_out, qweight.zero_points, qweight.bits, bs, qweight.k)
