@@ -22,7 +22,7 @@ from onnxq.core import QuantizedWeight
 __all__ = ["refine_quantized_weight", "gptq_objective"]
 
 _SWEEP_BATCH = 128  # rows per lazy batch of a sweep: the rows outside it are updated by one GEMM per batch
-_SWEEP_PANEL = 16  # rows of a batch whose mutual updates are matrix-vector products
+_SWEEP_PANEL = 16  # rows of a batch whose mutual updates are elementwise; the rest of the batch is GEMMs
 _COLUMN_CHUNK = 4096  # output columns refined together (they are independent): bounds the [K, chunk] buffers
 
 
@@ -57,8 +57,8 @@ def _sweep(hessian: np.ndarray, levels: np.ndarray, dequantized: np.ndarray, gra
     ``scales`` / ``low`` / ``high``: ``[k_blocks, N]`` (the levels' clip bounds).
 
     ``gradient`` is exact for every row at the start of a lazy batch; inside it, a panel's rows get the
-    batch's earlier changes by one GEMM, a row the changes of its own panel by one matrix-vector product,
-    and every row gets the batch's changes by one GEMM at its end."""
+    batch's earlier changes by one GEMM, the panel's later rows each row's change by one elementwise
+    update, and every row gets the batch's changes by one GEMM at its end."""
     recips = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=scales != 0)
     inv_diag = np.float32(1) / np.diag(hessian)
     half = np.full(levels.shape[1], 0.5, dtype=np.float32)
@@ -73,9 +73,7 @@ def _sweep(hessian: np.ndarray, levels: np.ndarray, dequantized: np.ndarray, gra
                 local -= h_batch[p1:p2, :p1] @ deltas[:p1]
             for j in range(p1, p2):
                 k, block = rows[j], row_block[rows[j]]
-                best = local[j - p1]
-                if j > p1:
-                    best -= h_batch[j, p1:j] @ deltas[p1:j]
+                best = local[j - p1]  # holds the changes of the panel's earlier rows (below)
                 best *= inv_diag[k]
                 best += dequantized[k]  # the row's best unconstrained value, the others held
                 level = np.multiply(best, recips[block], out=best)
@@ -87,6 +85,8 @@ def _sweep(hessian: np.ndarray, levels: np.ndarray, dequantized: np.ndarray, gra
                 new = np.multiply(level, scales[block], out=level)
                 np.subtract(new, dequantized[k], out=deltas[j])
                 dequantized[k] = new
+                if j + 1 < p2:  # elementwise, not a BLAS call per row: a threaded BLAS waits on a busy core
+                    local[j + 1 - p1:] -= h_batch[j + 1:p2, j, None] * deltas[j]
         gradient -= hessian[:, rows] @ deltas
 
 
