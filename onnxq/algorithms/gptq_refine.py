@@ -145,14 +145,16 @@ def refine_quantized_weight(weight: np.ndarray, hessian: np.ndarray, qweight: Qu
     maxq = np.float32((1 << qweight.bits) - 1)
     row_block = np.arange(k) // bs
     order = np.arange(k) if order is None else np.asarray(order)[np.asarray(order) < k]
+    weight = np.asarray(weight)
+    all_zero_points = qweight.effective_zero_points()  # [N, k_blocks]
     codes, scales_out = qweight.codes.copy(), qweight.scales.copy()
     objective = np.empty(n)
     for c1 in range(0, n, _COLUMN_CHUNK):
         columns = slice(c1, min(c1 + _COLUMN_CHUNK, n))
-        target = np.array(np.asarray(weight)[:, columns], dtype=np.float32)
+        target = np.array(weight[:, columns], dtype=np.float32)
         target[dead] = 0.0
         h_target = h_used @ target
-        zero_points = qweight.effective_zero_points()[columns].T.astype(np.float32)  # [k_blocks, chunk]
+        zero_points = all_zero_points[columns].T.astype(np.float32)  # [k_blocks, chunk]
         chunk_codes = codes[columns].reshape(target.shape[1], -1)[:, :k]  # [chunk, K], a view of codes
         levels = chunk_codes.T.astype(np.float32) - zero_points[row_block]
         scales = qweight.scales[columns].T.astype(np.float32)
