@@ -50,6 +50,16 @@ def _column_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("kn,kn->n", a, b).astype(np.float64)
 
 
+def _block_sums(a: np.ndarray, b: np.ndarray, block_size: int, buffer: np.ndarray) -> np.ndarray:
+    """float64 ``[K / block_size, N]``: ``sum_k a[k, n] b[k, n]`` over each block of ``block_size`` rows
+    (``K`` a multiple of it), summed in float32 like :func:`_column_dots`: one product (into ``buffer``,
+    float32 with at least ``K`` rows) and one reduction over the middle axis of ``[blocks, block_size, N]``,
+    which numpy runs along contiguous rows, instead of one strided dot product per block."""
+    k, n = a.shape
+    product = np.multiply(a, b, out=buffer[:k])
+    return product.reshape(k // block_size, block_size, n).sum(axis=1).astype(np.float64)
+
+
 def _sweep(hessian: np.ndarray, levels: np.ndarray, dequantized: np.ndarray, gradient: np.ndarray,
            scales: np.ndarray, low: np.ndarray, high: np.ndarray, row_block: np.ndarray, order: np.ndarray) -> None:
     """One coordinate-descent pass over the rows in ``order``, in place on ``levels`` (``code - zero point``),
@@ -97,13 +107,20 @@ def _refit_scales(h_target: np.ndarray, hessian: np.ndarray, levels: np.ndarray,
     ``(v_a^T H v_b) s = v_a^T H w``, one ``k_blocks x k_blocks`` system per column (``h_target = H w``)."""
     k, n = levels.shape
     k_blocks = scales.shape[0]
-    bounds = [(b * block_size, min((b + 1) * block_size, k)) for b in range(k_blocks)]
-    system = np.zeros((n, k_blocks, k_blocks))
-    rhs = np.stack([_column_dots(levels[a:z], h_target[a:z]) for a, z in bounds], axis=1)
-    for b, (a, z) in enumerate(bounds):
-        h_level = hessian[:, a:z] @ levels[a:z]  # H v_b, [K, N]
-        for c, (c1, c2) in enumerate(bounds[:b + 1]):
-            system[:, c, b] = system[:, b, c] = _column_dots(levels[c1:c2], h_level[c1:c2])
+    padded = k_blocks * block_size
+    if padded != k:  # zero rows complete the last block: they add nothing to any sum
+        levels = np.concatenate([levels, np.zeros((padded - k, n), np.float32)])
+        h_target = np.concatenate([h_target, np.zeros((padded - k, n), np.float32)])
+        hessian = np.pad(hessian, ((0, padded - k), (0, padded - k)))
+    system = np.empty((n, k_blocks, k_blocks))
+    buffer, h_level = np.empty((2, padded, n), np.float32)  # reused: no fresh pages per block
+    rhs = _block_sums(levels, h_target, block_size, buffer).T  # [N, k_blocks]
+    for b in range(k_blocks):
+        a, z = b * block_size, (b + 1) * block_size
+        np.matmul(hessian[:z, a:z], levels[a:z], out=h_level[:z])  # the rows of H v_b that blocks 0..b read
+        dots = _block_sums(levels[:z], h_level[:z], block_size, buffer).T  # v_c^T H v_b for c <= b, [N, b + 1]
+        system[:, :b + 1, b] = dots
+        system[:, b, :b + 1] = dots
     # a block whose levels are all zero has no say in the output: keep its scale
     column, block = np.nonzero(np.diagonal(system, axis1=1, axis2=2) == 0)
     system[column, block, :] = 0.0
@@ -156,7 +173,8 @@ def refine_quantized_weight(weight: np.ndarray, hessian: np.ndarray, qweight: Qu
         h_target = h_used @ target
         zero_points = all_zero_points[columns].T.astype(np.float32)  # [k_blocks, chunk]
         chunk_codes = codes[columns].reshape(target.shape[1], -1)[:, :k]  # [chunk, K], a view of codes
-        levels = chunk_codes.T.astype(np.float32) - zero_points[row_block]
+        levels = chunk_codes.T.astype(np.float32, order="C")  # rows contiguous: the sweep writes one row at a time
+        levels -= zero_points[row_block]
         scales = qweight.scales[columns].T.astype(np.float32)
         dequantized = levels * scales[row_block]
         gradient = h_target - h_used @ dequantized  # H (W - Q)
@@ -171,12 +189,15 @@ def refine_quantized_weight(weight: np.ndarray, hessian: np.ndarray, qweight: Qu
                 refit_gradient = h_target - h_used @ refit_dequantized
                 refit_objective = _column_dots(target - refit_dequantized, refit_gradient)
                 better = refit_objective < current
-                scales[:, better] = refit[:, better]
-                dequantized[:, better] = refit_dequantized[:, better]
-                gradient[:, better] = refit_gradient[:, better]
+                if better.all():  # usually: take the refit's arrays as they are
+                    scales, dequantized, gradient = refit, refit_dequantized, refit_gradient
+                else:  # per column, a contiguous masked copy (a boolean column index would gather)
+                    for kept, refitted in ((scales, refit), (dequantized, refit_dequantized),
+                                           (gradient, refit_gradient)):
+                        np.copyto(kept, refitted, where=better)
                 current = np.where(better, refit_objective, current)
         keep = current < start  # a column the refinement did not improve keeps its input
-        chunk_codes[keep] = (levels + zero_points[row_block]).T[keep].astype(np.uint8)
+        np.copyto(chunk_codes, (levels + zero_points[row_block]).T.astype(np.uint8), where=keep[:, None])
         scales_out[columns][keep] = scales.T[keep]
         objective[columns] = np.where(keep, current, start)
     refined = QuantizedWeight(codes, scales_out, qweight.zero_points, qweight.bits, bs, qweight.k)
