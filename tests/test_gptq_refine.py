@@ -91,17 +91,18 @@ def test_a_sweep_is_cyclic_coordinate_descent():
     np.testing.assert_array_equal(refined.scales, qw.scales)
 
 
-def test_the_scale_refit_is_the_least_squares_fit():
+@pytest.mark.parametrize("k", [64, 56])  # 56: the last of the 4 blocks has 8 rows
+def test_the_scale_refit_is_the_least_squares_fit(k):
     """For fixed levels, each column's block scales solve min ||L^T (w - V s)|| (H = L L^T): lstsq."""
-    w, h = _problem(k=64, n=6, seed=5)
+    w, h = _problem(k=k, n=6, seed=5)
     used = _used_hessian(h, 0.0, 0.01)
-    levels = np.random.default_rng(7).integers(-8, 8, (64, 6)).astype(np.float32)
+    levels = np.random.default_rng(7).integers(-8, 8, (k, 6)).astype(np.float32)
     scales = np.ones((4, 6), np.float32)
     h32 = used.astype(np.float32)
     got = gptq_refine._refit_scales(h32 @ w, h32, levels, scales, 16, np.float32)
     chol = np.linalg.cholesky(used)
     for n in range(6):
-        design = np.zeros((64, 4))
+        design = np.zeros((k, 4))
         for b in range(4):
             design[b * 16:(b + 1) * 16, b] = levels[b * 16:(b + 1) * 16, n]
         want = np.linalg.lstsq(chol.T @ design, chol.T @ w[:, n].astype(np.float64), rcond=None)[0]
