@@ -138,6 +138,10 @@ RUNS: dict[str, tuple[str, list]] = {
     **{f"onnxq {algo}, mixed 4.8 effective bits, int4 block 32" + SELF: ("onnxq", [
         "--block-size", "32", "--accuracy-level", "0", "--algo", algo, "--effective-bits", "4.8",
         "--candidates", "int4_b32,int8_b128", "--mp-samples", "2", GEN]) for algo in ("gptq", "awq+k_quant", "awq+gptq")},
+    # the same plan with asymmetric int4 (and int8): ModelOpt's counting prices it at 4 bits as well
+    "onnxq gptq, mixed 4.8 effective bits, int4 block 32 asym" + SELF: ("onnxq", [
+        "--block-size", "32", "--asym", "--accuracy-level", "0", "--algo", "gptq", "--effective-bits", "4.8",
+        "--candidates", "int4_b32,int8_b128", "--mp-samples", "2", GEN]),
     # the builder's int4 file stores 5.0 bits per weight (block 32, float32 scales): a plan no larger than it
     "onnxq gptq, mixed at the builder's size (4.99 stored bits)" + SELF: ("onnxq", [
         "--block-size", "64", "--accuracy-level", "0", "--algo", "gptq", "--stored-bits", "4.99",
