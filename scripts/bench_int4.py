@@ -43,8 +43,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -303,7 +301,7 @@ def _recovered(rows: dict, name: str) -> float | None:
 def _recovered_interval(rows: dict, name: str) -> tuple[float, float] | None:
     """95% paired bootstrap interval over the eval windows of the gap a row recovers (the row, onnxq rtn and
     fp32 on the same resampled windows), when both rows carry per-window sums of the same windows."""
-    from onnxq.eval.metrics import percentile_interval, resampled_sums
+    from onnxq.eval.metrics import gap_recovered_interval
 
     row, rtn = rows.get(name), rows.get("onnxq rtn")
     if _recovered(rows, name) is None or name == "onnxq rtn" or any(key not in r for r in (row, rtn)
@@ -311,10 +309,8 @@ def _recovered_interval(rows: dict, name: str) -> tuple[float, float] | None:
         return None
     if row["window_tokens"] != rtn["window_tokens"] or row["window_nll_float"] != rtn["window_nll_float"]:
         return None
-    tokens = resampled_sums(row["window_tokens"])
-    ppl_float, ppl_rtn, ppl_row = (np.exp(resampled_sums(r[key]) / tokens) for r, key in (
-        (row, "window_nll_float"), (rtn, "window_nll_quant"), (row, "window_nll_quant")))
-    return percentile_interval((ppl_rtn - ppl_row) / (ppl_rtn - ppl_float))
+    return gap_recovered_interval(row["window_tokens"], row["window_nll_float"], rtn["window_nll_quant"],
+                                  row["window_nll_quant"])
 
 
 def _gap_cell(rows: dict, name: str) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnxq.eval.metrics import percentile_interval, resampled_sums  # noqa: E402
+from onnxq.eval.metrics import gap_recovered_interval, percentile_interval, resampled_sums  # noqa: E402
 
 _SUMS = ("window_tokens", "window_nll_float", "window_nll_quant", "window_kl")
 
@@ -44,15 +44,15 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{path}: not the same windows (or float model) as {args.rtn}")
     tokens = resampled_sums(rtn["window_tokens"])
 
-    def ppl(result: dict, key: str = "window_nll_quant") -> np.ndarray:
-        return np.exp(resampled_sums(result[key]) / tokens)
+    def ppl(result: dict) -> np.ndarray:
+        return np.exp(resampled_sums(result["window_nll_quant"]) / tokens)
 
-    float_ppl, rtn_ppl = ppl(rtn, "window_nll_float"), ppl(rtn)
     gap = rtn["ppl_quant"] - rtn["ppl_float"]
     print(f"{len(rtn['window_tokens'])} windows, {sum(rtn['window_tokens'])} tokens; float {rtn['ppl_float']:.3f}, "
           f"rtn {rtn['ppl_quant']:.3f}")
     for label, result in (("base", base), ("new", new)):
-        low, high = percentile_interval((rtn_ppl - ppl(result)) / (rtn_ppl - float_ppl))
+        low, high = gap_recovered_interval(rtn["window_tokens"], rtn["window_nll_float"], rtn["window_nll_quant"],
+                                           result["window_nll_quant"])
         print(f"{label:4s} ppl {result['ppl_quant']:.3f}  gap recovered {100 * (rtn['ppl_quant'] - result['ppl_quant']) / gap:.0f}% "
               f"({100 * low:.0f}..{100 * high:.0f}%)  KL {result['kl_mean']:.4f}  top-1 {100 * result['top1_agreement']:.1f}%")
     low, high = percentile_interval(ppl(new) - ppl(base))

@@ -23,6 +23,7 @@ from onnxq.eval.metrics import (
     compare_embeddings,
     compare_lm,
     compare_lms,
+    gap_recovered_interval,
     lm_windows,
     log_softmax,
     percentile_interval,
@@ -189,6 +190,25 @@ def test_perplexity_increase_interval(models):
     assert low <= narrow[0] < narrow[1] <= high
     with pytest.raises(OnnxqError, match="no per-window sums"):
         perplexity_increase_interval(dataclasses.replace(result, window_tokens=()))
+
+
+def test_gap_recovered_interval_is_paired_over_windows():
+    """The reference itself recovers 0% and the float model 100% on every resample (paired windows); a model
+    halfway in NLL lands inside its interval, which is a resampling of the explicit formula."""
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(200, 256, 40).astype(np.float64)
+    nll_float = tokens * rng.uniform(3.0, 4.0, 40)
+    nll_reference = nll_float + tokens * rng.uniform(0.1, 0.3, 40)
+    assert gap_recovered_interval(tokens, nll_float, nll_reference, nll_reference) == (0.0, 0.0)
+    assert gap_recovered_interval(tokens, nll_float, nll_reference, nll_float) == pytest.approx((1.0, 1.0))
+    halfway = (nll_float + nll_reference) / 2
+    low, high = gap_recovered_interval(tokens, nll_float, nll_reference, halfway)
+    ppl = [np.exp(v.sum() / tokens.sum()) for v in (nll_float, nll_reference, halfway)]
+    assert low < (ppl[1] - ppl[2]) / (ppl[1] - ppl[0]) < high and low < high
+    resampled = [np.exp(resampled_sums(v, seed=4) / resampled_sums(tokens, seed=4))
+                 for v in (nll_float, nll_reference, halfway)]
+    expected = percentile_interval((resampled[1] - resampled[2]) / (resampled[1] - resampled[0]), 0.9)
+    assert gap_recovered_interval(tokens, nll_float, nll_reference, halfway, 0.9, seed=4) == pytest.approx(expected)
 
 
 def test_chunks_of_positions_give_the_same_metrics(models, monkeypatch):

@@ -7,7 +7,8 @@
   ``KL(p_float || p_quant)`` (nats) and the top-1 agreement of the next-token
   predictions. Windows are streamed: at most one batch of logits per model is held.
 * :func:`compare_embeddings`: cosine similarity of an encoder's output vectors.
-* :func:`resampled_sums`, :func:`percentile_interval`, :func:`perplexity_increase_interval`:
+* :func:`resampled_sums`, :func:`percentile_interval`, :func:`perplexity_increase_interval`,
+  :func:`gap_recovered_interval`:
   how sure a comparison is, by a paired bootstrap over its windows (the per-window sums that
   :class:`LMComparison` keeps).
 
@@ -59,6 +60,7 @@ __all__ = [
     "lm_windows",
     "log_softmax",
     "make_session",
+    "gap_recovered_interval",
     "percentile_interval",
     "perplexity",
     "perplexity_increase_interval",
@@ -346,6 +348,22 @@ def perplexity_increase_interval(result: LMComparison, level: float = 0.95, *, r
     nll_float = resampled_sums(result.window_nll_float, resamples=resamples, seed=seed)
     nll_quant = resampled_sums(result.window_nll_quant, resamples=resamples, seed=seed)
     return percentile_interval(np.expm1((nll_quant - nll_float) / tokens), level)
+
+
+def gap_recovered_interval(window_tokens: Sequence[float], window_nll_float: Sequence[float],
+                           window_nll_reference: Sequence[float], window_nll_quant: Sequence[float],
+                           level: float = 0.95, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Interval over windows of the share of a reference model's perplexity gap to the float model that a
+    quantized model recovers, ``(ppl_reference - ppl_quant) / (ppl_reference - ppl_float)``: the three
+    perplexities on the same resampled windows (paired, :func:`resampled_sums`). Each argument is ``[W]``
+    per-window sums (tokens, or one model's NLL) over the same windows, e.g. a reference RTN model's
+    ``onnxq eval --json`` sums beside the row's.
+    """
+    tokens = resampled_sums(window_tokens, resamples=resamples, seed=seed)
+    ppl_float, ppl_reference, ppl_quant = (
+        np.exp(resampled_sums(nll, resamples=resamples, seed=seed) / tokens)
+        for nll in (window_nll_float, window_nll_reference, window_nll_quant))
+    return percentile_interval((ppl_reference - ppl_quant) / (ppl_reference - ppl_float), level)
 
 
 class _Tally:
