@@ -148,8 +148,8 @@ class GPTQConfig:
             :func:`~onnxq.algorithms.gptq_refine.refine_quantized_weight`); 0 = GPTQ alone. 2 by default:
             on both real LMs it lowered perplexity and KL against GPTQ alone, paired on the same windows
             (self-generated calibration, Shakespeare: SmolLM2 49.91 -> 48.74, KL 0.205 -> 0.188; Gemma 3
-            57.95 -> 56.67, KL 0.215 -> 0.201; docs/INT4_RESULTS.md, seventh session). It costs about half
-            of GPTQ's time again (SmolLM2: 72.8 s -> 108.5 s whole process).
+            57.95 -> 56.67, KL 0.215 -> 0.201; docs/INT4_RESULTS.md, seventh session). It costs about 21 s
+            of SmolLM2's whole process (78.4 s -> 99.9 s; docs/SPEED.md, eighth session).
     """
 
     percdamp: float = 0.01
